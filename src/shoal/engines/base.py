@@ -1,0 +1,78 @@
+"""The engine interface every backend implements, and the weight-source contract it reads.
+
+An engine runs the layers [start, end) of one model for many requests, each with its own KV cache.
+Data crosses this boundary as numpy arrays so that stages of different engines (and machines)
+can feed each other: token ids go into the first stage, hidden states between stages, logits
+come out of the last.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from shoal.types.ids import RequestId
+from shoal.types.model_config import ModelConfig
+from shoal.types.shard import Shard
+
+ProgressFn = Callable[[int, int], None]  # (done, total) while loading
+
+
+class WeightSource(Protocol):
+    """Weights of one model on this machine (a GGUF file, a safetensors directory, ...)."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    def tensors(self, shard: Shard) -> dict[str, np.ndarray]:
+        """Tensors of the shard only, under Hugging Face names with global layer indices.
+
+        Layers [start, end) as `model.layers.{i}.…`; `model.embed_tokens.weight` on the first
+        shard; `model.norm.weight` and `lm_head.weight` on the last (the embedding matrix under
+        the head's name when embeddings are tied). Float arrays, dequantized.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One request's slice of a forward pass.
+
+    data: int token ids [T] on the first stage, float hidden states [T, hidden] after it.
+    start: absolute position of data[0]; the request's cache holds exactly `start` positions.
+    """
+
+    request_id: RequestId
+    data: np.ndarray
+    start: int
+
+    @property
+    def length(self) -> int:
+        return int(self.data.shape[0])
+
+
+class Engine(Protocol):
+    """One shard of one model, serving many requests. Not thread-safe: one caller at a time."""
+
+    name: str
+
+    def load(self, shard: Shard, source: WeightSource, progress: ProgressFn | None = None) -> None:
+        """Read the shard's tensors from source and get ready to run."""
+        ...
+
+    def forward(self, batch: Sequence[StepInput], *, all_logits: bool = False) -> list[np.ndarray]:
+        """Run each item through the shard, appending to its cache; one output per item.
+
+        Not the last shard: float32 hidden states [T, hidden].
+        The last shard: float32 logits [vocab] of the last position, or [T, vocab] if all_logits.
+        """
+        ...
+
+    def free(self, request_id: RequestId) -> None:
+        """Drop the request's cache; unknown ids are ignored."""
+        ...
+
+    def close(self) -> None:
+        """Release every cache and the weights."""
+        ...

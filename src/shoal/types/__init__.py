@@ -1,0 +1,1 @@
+"""Frozen, pure data types shared by every layer. Imports nothing from the rest of shoal."""
