@@ -1,0 +1,1 @@
+"""Model metadata: the builtin TOML cards and the catalog that reads them."""
