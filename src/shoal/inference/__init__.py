@@ -1,0 +1,1 @@
+"""Generation: one internal request type, sampling, stop handling, the decode scheduler."""

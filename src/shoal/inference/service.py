@@ -1,0 +1,59 @@
+"""What the API needs from the node: model cards, availability, and a handle to generate with."""
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from shoal.inference.request import GenerationEvent, GenerationRequest
+from shoal.types.model_card import ModelCard
+
+
+class ChatTokenizer(Protocol):
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]: ...
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
+
+
+class ModelHandle(Protocol):
+    """A ready instance of one model."""
+
+    @property
+    def card(self) -> ModelCard: ...
+
+    @property
+    def tokenizer(self) -> ChatTokenizer: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
+
+
+Availability = Literal["ready", "loading", "available", "unavailable", "failed"]
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """Whether this node can run a model now, and if not, why."""
+
+    status: Availability
+    reason: str | None = None
+    progress: tuple[int, int] | None = None  # (done, total) while loading
+
+    @property
+    def runnable(self) -> bool:
+        return self.status in ("ready", "loading", "available")
+
+
+class InferenceService(Protocol):
+    def cards(self) -> list[ModelCard]: ...
+
+    def card(self, model_id: str) -> ModelCard: ...
+
+    def status(self, card: ModelCard) -> ModelStatus: ...
+
+    async def acquire(self, model_id: str) -> ModelHandle:
+        """A ready handle for the model, loading it first if needed and allowed."""
+        ...

@@ -1,0 +1,120 @@
+"""The decode scheduler over the fake engine: batching, stops, limits, cancellation."""
+
+import asyncio
+import contextlib
+
+import pytest
+
+from shoal.inference.request import Finished, GenerationRequest, SamplingParams, TextDelta
+from shoal.inference.scheduler import Scheduler
+from shoal.types.ids import ModelId, RequestId
+from tests.helpers.fakes import ByteTokenizer, fake_engine, fake_scheduler
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def request(rid: str, prompt: str, **sampling: object) -> GenerationRequest:
+    tokens = ByteTokenizer().encode(prompt, add_special_tokens=True)
+    params = SamplingParams(**{"temperature": 0.0, "max_tokens": 12, **sampling})  # type: ignore[arg-type]
+    return GenerationRequest(RequestId(rid), ModelId("fake"), tuple(tokens), params)
+
+
+async def run(scheduler: Scheduler, req: GenerationRequest) -> tuple[list[int], str, Finished]:
+    ids: list[int] = []
+    text = ""
+    async for event in scheduler.generate(req):
+        if isinstance(event, TextDelta):
+            ids.extend(event.token_ids)
+            text += event.text
+        else:
+            return ids, text, event
+    raise AssertionError("no Finished event")
+
+
+@contextlib.asynccontextmanager
+async def running(scheduler: Scheduler):  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(scheduler.run())
+    try:
+        yield scheduler
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_greedy_is_deterministic_and_stops_at_max_tokens() -> None:
+    async with running(fake_scheduler()) as s:
+        first = await run(s, request("a", "hello"))
+        second = await run(s, request("b", "hello"))
+    assert first[0] == second[0] and len(first[0]) == 12
+    assert first[2].reason == "length" and first[2].completion_tokens == 12
+    assert first[2].prompt_tokens == 6
+
+
+async def test_concurrent_requests_equal_each_alone() -> None:
+    prompts = ["one", "two two", "three three three", "four!"]
+    async with running(fake_scheduler(prefill_chunk=4)) as s:
+        alone = [await run(s, request(f"alone-{i}", p)) for i, p in enumerate(prompts)]
+        together = await asyncio.gather(*(run(s, request(f"t-{i}", p)) for i, p in enumerate(prompts)))
+    assert [t[0] for t in together] == [a[0] for a in alone]
+
+
+async def test_more_requests_than_the_batch_queue_and_all_finish() -> None:
+    async with running(fake_scheduler(max_batch=2)) as s:
+        results = await asyncio.gather(*(run(s, request(f"r{i}", "q")) for i in range(5)))
+    assert all(r[2].completion_tokens == 12 for r in results)
+
+
+async def test_eos_ends_with_stop() -> None:
+    async with running(fake_scheduler()) as s:
+        ids, _, _ = await run(s, request("a", "hello"))
+    eos = ids[3]
+    first = ids.index(eos)
+    async with running(fake_scheduler(tokenizer=ByteTokenizer(frozenset({eos})))) as s:
+        ids2, _, done = await run(s, request("a", "hello"))
+    assert done.reason == "stop" and ids2 == ids[:first]
+
+
+async def test_stop_string_cuts_the_text() -> None:
+    async with running(fake_scheduler()) as s:
+        _, text, _ = await run(s, request("a", "hello", max_tokens=40))
+    stop = text[5:7]
+    assert stop and stop not in text[:5]
+    async with running(fake_scheduler()) as s:
+        _, cut, done = await run(s, request("a", "hello", max_tokens=40, stop=(stop,)))
+    assert done.reason == "stop" and cut == text[: text.index(stop)]
+
+
+async def test_context_full_finishes_with_length() -> None:
+    async with running(fake_scheduler(context_length=10)) as s:
+        _, _, done = await run(s, request("a", "abc", max_tokens=None))
+    assert done.reason == "length" and done.prompt_tokens + done.completion_tokens == 10
+
+
+async def test_closing_the_stream_cancels_and_frees_the_cache() -> None:
+    engine = fake_engine(delay_s=0.005)
+    async with running(fake_scheduler(engine)) as s:
+        stream = s.generate(request("gone", "hello", max_tokens=400))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(100):
+            if s.load == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert s.load == 0
+        assert "gone" not in engine._states  # the cache is freed
+        ids, _, _ = await run(s, request("next", "hello"))  # and the next request is served
+    assert len(ids) == 12
+
+
+async def test_engine_failure_fails_the_request_not_the_scheduler() -> None:
+    engine = fake_engine()
+    async with running(fake_scheduler(engine)) as s:
+        broken = request("bad", "hello")
+        engine.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="boom"):
+            await run(s, broken)
+        del engine.forward
+        ids, _, _ = await run(s, request("ok", "hello"))
+    assert len(ids) == 12
