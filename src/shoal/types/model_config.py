@@ -32,8 +32,13 @@ class ModelConfig(BaseModel):
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        """Build from a Hugging Face config.json dict."""
+        """Build from a Hugging Face config.json dict (v4 keys, or v5 `rope_parameters`)."""
         arch = cfg.get("model_type", "llama")
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        scaling = cfg.get("rope_scaling")
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = rope
         heads = cfg["num_attention_heads"]
         return cls(
             architecture=arch,
@@ -46,8 +51,8 @@ class ModelConfig(BaseModel):
             vocab_size=cfg["vocab_size"],
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=theta,
+            rope_scaling=scaling,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", arch == "qwen2"),
             qk_norm=arch == "qwen3",

@@ -6,7 +6,7 @@ from shoal.types.ids import ModelId
 
 
 class Shard(BaseModel):
-    """Layers [start, end) of a model with n_layers; the first holds embeddings, the last the head."""
+    """Layers [start, end) of n_layers; the first shard holds embeddings, the last the head."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -1,0 +1,1 @@
+"""The torch engine: Llama-family model files, a chunked KV cache, the Engine adapter."""

@@ -1,0 +1,195 @@
+"""TorchEngine: runs one shard of a Llama-family model with torch on CPU, CUDA or MPS."""
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from shoal.engines.base import ProgressFn, StepInput, WeightSource
+from shoal.engines.torch.cache import CacheStore
+from shoal.engines.torch.llama import Context, Model, attention_mask, build_model
+from shoal.errors import BadRequest, UnsupportedModel
+from shoal.types.ids import RequestId
+from shoal.types.shard import Shard
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_device() -> str:
+    """cuda if available, else mps if available, else cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class TorchEngine:
+    """The Engine protocol over the torch model files; weights in `dtype`, I/O in float32."""
+
+    name = "torch"
+
+    def __init__(self, device: str | None = None, dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise BadRequest(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", param="dtype")
+        self.device = torch.device(device or default_device())
+        self.dtype = DTYPES[dtype]
+        self._model: Model | None = None
+        self._caches: CacheStore | None = None
+
+    def load(self, shard: Shard, source: WeightSource, progress: ProgressFn | None = None) -> None:
+        """Build the shard's modules without memory, then fill them from source, strictly."""
+        with torch.device("meta"):
+            model = build_model(source.config, shard)
+        tensors = source.tensors(shard)
+        expected = dict(model.named_parameters())
+        missing = sorted(expected.keys() - tensors.keys())
+        unexpected = sorted(tensors.keys() - expected.keys())
+        if missing or unexpected:
+            raise UnsupportedModel(
+                f"weights do not fit {source.config.architecture} shard {shard}: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        layers = [f"model.layers.{i}." for i in range(shard.start, shard.end)]
+        total = len(layers)
+        if progress is not None:
+            progress(0, total)
+        for name in expected:
+            if not name.startswith("model.layers."):
+                _assign(model, name, tensors[name], expected[name].shape, self.device, self.dtype)
+        for done, prefix in enumerate(layers, start=1):
+            for name in (n for n in expected if n.startswith(prefix)):
+                _assign(model, name, tensors[name], expected[name].shape, self.device, self.dtype)
+            if progress is not None:
+                progress(done, total)
+        if model.args.tie_word_embeddings and shard.is_whole:
+            assert model.lm_head is not None and model.model.embed_tokens is not None
+            model.lm_head.weight = model.model.embed_tokens.weight  # one copy, not two
+        self._model = model.to(self.device).eval()  # moves the rope buffer; weights are there
+        args = model.args
+        self._caches = CacheStore(
+            shard.end - shard.start,
+            args.num_key_value_heads,
+            args.head_dim,
+            self.dtype,
+            self.device,
+        )
+        log.info("loaded %s on %s (%s)", shard, self.device, str(self.dtype).removeprefix("torch."))
+
+    def forward(self, batch: Sequence[StepInput], *, all_logits: bool = False) -> list[np.ndarray]:
+        """Run each item after its cached prefix; items of equal length run as one batch."""
+        model, caches = self._loaded()
+        self._check(batch)
+        outputs: list[np.ndarray] = [np.empty(0)] * len(batch)
+        groups: dict[int, list[int]] = {}
+        for i, item in enumerate(batch):
+            groups.setdefault(item.length, []).append(i)
+        squeeze = model.shard.is_last and not all_logits  # logits [vocab] of the last position
+        with torch.inference_mode():
+            for t, indices in groups.items():
+                items = [batch[i] for i in indices]
+                out = self._run(model, caches, items, t, all_logits)  # [B, T or 1, width]
+                for i, row in zip(indices, out, strict=True):
+                    outputs[i] = row[0] if squeeze else row
+        return outputs
+
+    def free(self, request_id: RequestId) -> None:
+        """Drop the request's cache; unknown ids are ignored."""
+        if self._caches is not None:
+            self._caches.free(request_id)
+
+    def close(self) -> None:
+        """Release every cache and the weights."""
+        self._model = None
+        self._caches = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def cache_length(self, request_id: RequestId) -> int:
+        """Positions cached for the request (0 if none)."""
+        return self._caches.length(request_id) if self._caches is not None else 0
+
+    def _loaded(self) -> tuple[Model, CacheStore]:
+        if self._model is None or self._caches is None:
+            raise RuntimeError("TorchEngine.forward before load()")
+        return self._model, self._caches
+
+    def _check(self, batch: Sequence[StepInput]) -> None:
+        """Refuse a batch that cannot run, before any cache changes."""
+        model, caches = self._loaded()
+        args, first = model.args, model.shard.is_first
+        seen: set[RequestId] = set()
+        for item in batch:
+            rid, data = item.request_id, item.data
+            if rid in seen:
+                raise ValueError(f"request {rid} appears twice in one batch")
+            seen.add(rid)
+            # Positions must continue the cache exactly: a gap or an overlap would make the new
+            # keys sit at the wrong positions, silently corrupting every later token.
+            cached = caches.length(rid)
+            if item.start != cached:
+                raise ValueError(
+                    f"request {rid}: step starts at {item.start} but its cache holds {cached} "
+                    "positions; free() it to start again"
+                )
+            if first:
+                if data.ndim != 1 or data.dtype.kind not in "iu":
+                    raise ValueError(f"request {rid}: the first shard takes int token ids [T]")
+            elif data.ndim != 2 or data.shape[1] != args.hidden_size or data.dtype.kind != "f":
+                raise ValueError(
+                    f"request {rid}: this shard takes float hidden states [T, {args.hidden_size}]"
+                )
+            if data.shape[0] == 0:
+                raise ValueError(f"request {rid}: empty step")
+            if first and (data.min() < 0 or data.max() >= args.vocab_size):
+                raise ValueError(f"request {rid}: token id outside [0, {args.vocab_size})")
+
+    def _run(
+        self,
+        model: Model,
+        caches: CacheStore,
+        items: Sequence[StepInput],
+        t: int,
+        all_logits: bool,
+    ) -> np.ndarray:
+        """One batched pass over items of the same length t; commits their caches."""
+        first = model.shard.is_first
+        stacked = np.stack([item.data for item in items])  # [B, T] or [B, T, hidden]
+        x = torch.from_numpy(stacked.astype(np.int64 if first else np.float32))
+        x = x.to(self.device) if first else x.to(self.device, self.dtype)
+        starts = [item.start for item in items]
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(
+            t, device=self.device
+        )  # [B, T]
+        kv = [caches.get(item.request_id) for item in items]
+        for cache in kv:
+            cache.reserve(cache.length + t)
+        masks = [attention_mask(s, t, self.device) for s in starts]
+        ctx = Context(kv, [m for m, _ in masks], [c for _, c in masks])
+        out = model(x, positions, ctx, all_logits=all_logits)  # [B, T or 1, width]
+        result = out.float().cpu().numpy()
+        for cache in kv:
+            cache.advance(t)
+        return result
+
+
+def _assign(
+    model: nn.Module,
+    name: str,
+    array: np.ndarray,
+    shape: torch.Size,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Put one checkpoint array in place of the meta parameter of the same name."""
+    if tuple(array.shape) != tuple(shape):
+        raise UnsupportedModel(f"{name}: shape {tuple(array.shape)}, expected {tuple(shape)}")
+    # A read-only array (a memory map) is copied: torch tensors must be writable.
+    tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+    tensor = tensor.to(device=device, dtype=dtype)
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, nn.Parameter(tensor, requires_grad=False))

@@ -1,0 +1,270 @@
+"""The Llama-family decoder (llama, mistral, qwen2, qwen3) for one pipeline shard.
+
+Module names match Hugging Face checkpoint keys, so `model.layers.12.self_attn.q_proj.weight`
+is the parameter of that name here and loading is a dict walk. A shard builds only its layers,
+keyed by their global index; the embedding lives on the first shard, norm and head on the last.
+qwen2 differs by a bias on q/k/v, qwen3 by an RMSNorm on each head of q and k; mistral is llama.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shoal.engines.torch.cache import KVCache
+from shoal.errors import UnsupportedModel
+from shoal.types.model_config import ModelConfig
+from shoal.types.shard import Shard
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Hyperparameters of the decoder, as the model file uses them."""
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "ModelArgs":
+        return cls(
+            model_type=cfg.architecture,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            intermediate_size=cfg.intermediate_size,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            vocab_size=cfg.vocab_size,
+            rms_norm_eps=cfg.rms_norm_eps,
+            rope_theta=cfg.rope_theta,
+            rope_scaling=cfg.rope_scaling,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            attention_bias=cfg.attention_bias,
+            qk_norm=cfg.qk_norm,
+        )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim, computed in float32 as the checkpoints expect."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> Tensor:
+    """Inverse frequencies [head_dim / 2] of the rotary embedding, with rope_scaling applied."""
+    dim = args.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)  # [D/2]
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, scaling)
+    raise UnsupportedModel(f"rope_scaling type {kind!r} is not implemented (llama3, linear)")
+
+
+def _llama3_frequencies(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
+    """Llama 3.1: slow down long wavelengths by `factor`, keep short ones, blend in between."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq  # [D/2]
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)  # [D/2]
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, heads, T, D] by cos, sin [B, T, D] (halves layout, as in HF checkpoints)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+@dataclass
+class Context:
+    """What every layer needs about the batch: each item's cache and attention mask."""
+
+    caches: Sequence[KVCache]
+    masks: list[Tensor | None]  # [T, start+T] bool, True = attend; None = no mask needed
+    causal: list[bool]  # the item starts at 0: plain causal attention, no mask tensor
+
+
+def attention_mask(start: int, t: int, device: torch.device) -> tuple[Tensor | None, bool]:
+    """Mask of a chunk of t queries at positions start.. against start+t keys: (mask, is_causal)."""
+    if t == 1:
+        return None, False  # one query sees the whole prefix
+    if start == 0:
+        return None, True
+    rows = torch.arange(start, start + t, device=device)  # [T]
+    cols = torch.arange(start + t, device=device)  # [S]
+    return cols[None, :] <= rows[:, None], False  # [T, S]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over the request's cached prefix plus the new chunk."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = d = args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * d, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * d, args.hidden_size, bias=False)
+        self.q_norm: RMSNorm | None = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
+        self.k_norm: RMSNorm | None = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, KV, D]
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, KV, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rotate(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = rotate(k.transpose(1, 2), cos, sin)  # [B, KV, T, D]
+        v = v.transpose(1, 2)  # [B, KV, T, D]
+        # Projections run batched; attention runs per item, since each has its own prefix length.
+        out = torch.cat(
+            [self._attend(q[i : i + 1], k[i], v[i], ctx, layer, i) for i in range(b)]
+        )  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # [B, T, hidden]
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, layer: int, i: int) -> Tensor:
+        keys, values = ctx.caches[i].update(layer, k, v)  # [KV, S, D] with S = start + T
+        return F.scaled_dot_product_attention(
+            q,  # [1, H, T, D]
+            keys[None],  # [1, KV, S, D]
+            values[None],  # [1, KV, S, D]
+            attn_mask=ctx.masks[i],
+            is_causal=ctx.causal[i],
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        )  # [1, H, T, D]
+
+
+class MLP(nn.Module):
+    """SiLU-gated feed-forward."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, hidden]
+
+
+class Block(nn.Module):
+    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, layer)  # [B, T, hidden]
+        return h + self.mlp(self.post_attention_layernorm(h))  # [B, T, hidden]
+
+
+class LlamaModel(nn.Module):
+    """The `model.` part of the checkpoint: embedding, the shard's layers, final norm."""
+
+    def __init__(self, args: ModelArgs, shard: Shard) -> None:
+        super().__init__()
+        self.embed_tokens: nn.Embedding | None = (
+            nn.Embedding(args.vocab_size, args.hidden_size) if shard.is_first else None
+        )
+        # Keyed by global index: `model.layers.12.…` on a shard [10, 20) is layers["12"].
+        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(shard.start, shard.end)})
+        self.norm: RMSNorm | None = (
+            RMSNorm(args.hidden_size, args.rms_norm_eps) if shard.is_last else None
+        )
+
+
+class Model(nn.Module):
+    """The shard of a causal LM: token ids or hidden states in, hidden states or logits out."""
+
+    def __init__(self, args: ModelArgs, shard: Shard) -> None:
+        super().__init__()
+        self.args = args
+        self.shard = shard
+        self.model = LlamaModel(args, shard)
+        self.lm_head: nn.Linear | None = (
+            nn.Linear(args.hidden_size, args.vocab_size, bias=False) if shard.is_last else None
+        )
+        # Built on the CPU even under a meta-device context; the engine moves it with the model.
+        self.inv_freq: Tensor
+        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+
+    def forward(
+        self, x: Tensor, positions: Tensor, ctx: Context, *, all_logits: bool = True
+    ) -> Tensor:
+        """ids [B, T] or hidden [B, T, hidden] → hidden, or logits [B, T or 1, vocab] if last."""
+        # Writes each item's keys and values into ctx.caches[i]; the caller commits them.
+        inner = self.model
+        h = inner.embed_tokens(x) if inner.embed_tokens is not None else x  # [B, T, hidden]
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+        cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)  # [B, T, D]
+        for layer, block in enumerate(inner.layers.values()):
+            h = block(h, cos, sin, ctx, layer)  # [B, T, hidden]
+        if inner.norm is None or self.lm_head is None:
+            return h
+        if not all_logits:
+            h = h[:, -1:]  # [B, 1, hidden]
+        return self.lm_head(inner.norm(h))  # [B, T or 1, vocab]
+
+
+ARCHITECTURES: dict[str, type[Model]] = {
+    "llama": Model,
+    "mistral": Model,
+    "qwen2": Model,  # q/k/v bias: ModelConfig.attention_bias
+    "qwen3": Model,  # per-head q/k RMSNorm: ModelConfig.qk_norm
+}
+
+
+def build_model(cfg: ModelConfig, shard: Shard) -> Model:
+    """The model file for cfg.architecture, holding only the shard's modules."""
+    cls = ARCHITECTURES.get(cfg.architecture)
+    if cls is None:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedModel(f"architecture {cfg.architecture!r} is not implemented ({known})")
+    if shard.n_layers != cfg.num_hidden_layers:
+        raise ValueError(f"shard {shard} does not match a model of {cfg.num_hidden_layers} layers")
+    return cls(ModelArgs.from_config(cfg), shard)
