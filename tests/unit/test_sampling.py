@@ -39,12 +39,21 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p() -> None:
 
 def test_same_seed_same_tokens_different_seed_differs() -> None:
     logits = np.zeros(1000, dtype=np.float32)
-    a = [sample(logits, SamplingParams(seed=7), rng) for rng in [make_rng(SamplingParams(seed=7))]
-         for _ in range(20)]
-    b = [sample(logits, SamplingParams(seed=7), rng) for rng in [make_rng(SamplingParams(seed=7))]
-         for _ in range(20)]
-    c = [sample(logits, SamplingParams(seed=8), rng) for rng in [make_rng(SamplingParams(seed=8))]
-         for _ in range(20)]
+    a = [
+        sample(logits, SamplingParams(seed=7), rng)
+        for rng in [make_rng(SamplingParams(seed=7))]
+        for _ in range(20)
+    ]
+    b = [
+        sample(logits, SamplingParams(seed=7), rng)
+        for rng in [make_rng(SamplingParams(seed=7))]
+        for _ in range(20)
+    ]
+    c = [
+        sample(logits, SamplingParams(seed=8), rng)
+        for rng in [make_rng(SamplingParams(seed=8))]
+        for _ in range(20)
+    ]
     assert a == b
     assert a != c
 
@@ -60,7 +69,9 @@ def test_same_seed_same_tokens_different_seed_differs() -> None:
         (("Paris",), ["The capital is Par", "is."], "The capital is ", True),
     ],
 )
-def test_stop_matcher(stops: tuple[str, ...], pieces: list[str], emitted: str, stopped: bool) -> None:
+def test_stop_matcher(
+    stops: tuple[str, ...], pieces: list[str], emitted: str, stopped: bool
+) -> None:
     matcher = StopMatcher(stops)
     out, hit = "", False
     for piece in pieces:

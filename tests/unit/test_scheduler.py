@@ -55,7 +55,9 @@ async def test_concurrent_requests_equal_each_alone() -> None:
     prompts = ["one", "two two", "three three three", "four!"]
     async with running(fake_scheduler(prefill_chunk=4)) as s:
         alone = [await run(s, request(f"alone-{i}", p)) for i, p in enumerate(prompts)]
-        together = await asyncio.gather(*(run(s, request(f"t-{i}", p)) for i, p in enumerate(prompts)))
+        together = await asyncio.gather(
+            *(run(s, request(f"t-{i}", p)) for i, p in enumerate(prompts))
+        )
     assert [t[0] for t in together] == [a[0] for a in alone]
 
 

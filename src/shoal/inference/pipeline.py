@@ -32,7 +32,9 @@ def run_stages(engines: Sequence[Engine], batch: Sequence[StepInput]) -> list[np
     outputs: list[np.ndarray] = []
     for engine in engines:
         outputs = engine.forward(items)
-        items = [StepInput(it.request_id, out, it.start) for it, out in zip(items, outputs, strict=True)]
+        items = [
+            StepInput(it.request_id, out, it.start) for it, out in zip(items, outputs, strict=True)
+        ]
     return outputs
 
 

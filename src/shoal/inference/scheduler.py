@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,8 +18,8 @@ import numpy as np
 from shoal.engines.base import StepInput
 from shoal.inference.pipeline import Pipeline
 from shoal.inference.request import (
-    FinishReason,
     Finished,
+    FinishReason,
     GenerationEvent,
     GenerationRequest,
     TextDelta,
@@ -94,7 +94,7 @@ class Scheduler:
         """Requests running or queued here."""
         return len(self._active) + len(self._waiting)
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Queue the request and yield its events until Finished; closing early cancels it."""
         seq = _Sequence(
             req=req,
@@ -191,12 +191,19 @@ class Scheduler:
         first = seq.first_token_at or time.perf_counter()
         decode_s = time.perf_counter() - first
         rate = (seq.generated - 1) / decode_s if seq.generated > 1 and decode_s > 0 else 0.0
-        done = Finished(reason, len(seq.req.prompt_tokens), seq.generated, first - seq.started, rate)
+        done = Finished(
+            reason, len(seq.req.prompt_tokens), seq.generated, first - seq.started, rate
+        )
         seq.queue.put_nowait(done)
         seq.finished = True  # retired after this step
         log.info(
             "request %s: %d prompt tokens, TTFT %.0f ms, %d tokens at %.1f tok/s, %s",
-            seq.rid, done.prompt_tokens, done.ttft_s * 1000, done.completion_tokens, rate, reason,
+            seq.rid,
+            done.prompt_tokens,
+            done.ttft_s * 1000,
+            done.completion_tokens,
+            rate,
+            reason,
         )
 
     async def _retire(self, seq: _Sequence) -> None:

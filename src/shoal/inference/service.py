@@ -1,6 +1,6 @@
 """What the API needs from the node: model cards, availability, and a handle to generate with."""
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -28,7 +28,7 @@ class ModelHandle(Protocol):
     @property
     def context_length(self) -> int: ...
 
-    def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
+    def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]: ...
 
 
 Availability = Literal["ready", "loading", "available", "unavailable", "failed"]
@@ -53,6 +53,10 @@ class InferenceService(Protocol):
     def card(self, model_id: str) -> ModelCard: ...
 
     def status(self, card: ModelCard) -> ModelStatus: ...
+
+    def active_requests(self) -> int:
+        """Requests generating or queued on this node now."""
+        ...
 
     async def acquire(self, model_id: str) -> ModelHandle:
         """A ready handle for the model, loading it first if needed and allowed."""

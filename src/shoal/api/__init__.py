@@ -1,0 +1,1 @@
+"""The HTTP API: a thin adapter from OpenAI's dialect to one internal GenerationRequest."""

@@ -1,0 +1,50 @@
+"""GET /v1/models and /v1/models/{id}: every card, in OpenAI's list shape, with availability."""
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from shoal.inference.service import InferenceService
+from shoal.types.model_card import ModelCard
+
+router = APIRouter()
+
+# Cards are data shipped with the release: one fixed "created" stamp (2025-01-01) for all of them.
+CARDS_CREATED = 1735689600
+
+
+def model_object(card: ModelCard, service: InferenceService) -> dict[str, Any]:
+    """OpenAI's model object plus the fields exo's clients read, plus whether it runs here now."""
+    status = service.status(card)
+    return {
+        "id": card.id,
+        "object": "model",
+        "created": CARDS_CREATED,
+        "owned_by": card.hf_repo.split("/")[0],
+        "name": card.name,
+        "description": card.description,
+        "family": card.family,
+        "architecture": card.architecture,
+        "hugging_face_id": card.hf_repo,
+        "context_length": card.context_length,
+        "layers": card.layers,
+        "hidden_size": card.hidden_size,
+        "storage_size_megabytes": round(card.storage_bytes / 2**20),
+        "quantization": card.quantization,
+        "license": card.license,
+        "runnable": status.runnable,
+        "status": status.status,
+        "reason": status.reason,
+    }
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    service: InferenceService = request.app.state.service
+    return {"object": "list", "data": [model_object(c, service) for c in service.cards()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    service: InferenceService = request.app.state.service
+    return model_object(service.card(model_id), service)

@@ -1,0 +1,138 @@
+"""One decode benchmark, three implementations: shoal's engine, transformers, llama-cpp-python.
+
+Each runner gets the same prompt token ids (all read the same GGUF, so the vocabulary is the
+same), decodes greedily, and reports time to first token and decode speed. Runners import their
+framework lazily; a peer that is not installed is reported as skipped, never as zero.
+"""
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One timed generation."""
+
+    prompt_tokens: int
+    generated: int
+    ttft_s: float  # prompt in → first token out
+    decode_s: float  # first token → last token
+
+    @property
+    def prompt_tok_s(self) -> float:
+        return self.prompt_tokens / self.ttft_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.generated - 1) / self.decode_s if self.decode_s > 0 else 0.0
+
+
+Runner = Callable[[Sequence[int], int], Sample]  # (prompt ids, tokens to generate) → Sample
+
+
+def shoal_runner(gguf: Path, threads: int, engine: str = "torch") -> Runner:
+    """shoal's engine behind its own scheduler (the path a request takes, minus HTTP)."""
+    import torch
+
+    from shoal.engines.registry import create_engine
+    from shoal.inference.pipeline import LocalPipeline
+    from shoal.inference.request import Finished, GenerationRequest, SamplingParams, TextDelta
+    from shoal.inference.scheduler import Scheduler
+    from shoal.models.source import open_weights
+    from shoal.types.ids import ModelId, RequestId
+    from shoal.types.shard import Shard
+
+    torch.set_num_threads(threads)
+    source = open_weights(gguf)
+    tokenizer = source.tokenizer()
+    eng = create_engine(engine)
+    eng.load(Shard.whole(ModelId("bench"), source.config.num_hidden_layers), source)
+    never_stop = type("NoEos", (), {"eos_token_ids": frozenset(), "stream": tokenizer.stream})()
+
+    async def one(prompt: Sequence[int], n: int) -> Sample:
+        scheduler = Scheduler(LocalPipeline([eng]), never_stop, context_length=1 << 20)
+        task = asyncio.create_task(scheduler.run())
+        params = SamplingParams(temperature=0.0, max_tokens=n)
+        req = GenerationRequest(
+            RequestId(f"b{time.monotonic_ns()}"), ModelId("bench"), tuple(prompt), params
+        )
+        start = time.perf_counter()
+        first = last = start
+        count = 0
+        async for event in scheduler.generate(req):
+            if isinstance(event, TextDelta) and event.token_ids:
+                last = time.perf_counter()
+                first = last if count == 0 else first
+                count += len(event.token_ids)
+            elif isinstance(event, Finished):
+                count = event.completion_tokens
+        task.cancel()
+        return Sample(len(prompt), count, first - start, last - first)
+
+    return lambda prompt, n: asyncio.run(one(prompt, n))
+
+
+def transformers_runner(gguf: Path, threads: int) -> Runner:
+    """Hugging Face transformers, float32, a greedy loop with its KV cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32
+    ).eval()
+
+    @torch.inference_mode()
+    def run(prompt: Sequence[int], n: int) -> Sample:
+        ids = torch.tensor([list(prompt)])
+        start = time.perf_counter()
+        out = model(ids, use_cache=True)
+        token = out.logits[0, -1].argmax()
+        first = time.perf_counter()
+        past = out.past_key_values
+        for _ in range(n - 1):
+            out = model(token.view(1, 1), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = out.logits[0, -1].argmax()
+        return Sample(len(prompt), n, first - start, time.perf_counter() - first)
+
+    return run
+
+
+def llamacpp_runner(gguf: Path, threads: int) -> Runner:
+    """llama-cpp-python on the same GGUF, greedy."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=threads, n_batch=512, verbose=False)
+
+    def run(prompt: Sequence[int], n: int) -> Sample:
+        llm.reset()
+        start = time.perf_counter()
+        first = start
+        count = 0
+        for _ in llm.generate(list(prompt), top_k=1, temp=0.0, reset=True):
+            count += 1
+            if count == 1:
+                first = time.perf_counter()
+            if count == n:
+                break
+        return Sample(len(prompt), count, first - start, time.perf_counter() - first)
+
+    return run
+
+
+PEERS: dict[str, Callable[[Path, int], Runner]] = {
+    "shoal": shoal_runner,
+    "transformers": transformers_runner,
+    "llamacpp": llamacpp_runner,
+}
+PEER_MODULES = {"shoal": "torch", "transformers": "transformers", "llamacpp": "llama_cpp"}
+
+
+def median(values: Sequence[float]) -> float:
+    return float(np.median(values)) if values else float("nan")

@@ -1,0 +1,52 @@
+"""Runs one peer's benchmark in its own process and prints its samples as JSON on stdout.
+
+A process per peer keeps their thread pools, allocators and imports from disturbing each other.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from shoal.bench.peers import PEERS
+
+TEXT = (
+    "The history of the city is long and full of change. Merchants came by river and by road, "
+    "and each century left its mark on the streets, the markets and the language of the people. "
+)
+
+
+def prompt_ids(gguf: Path, n: int) -> list[int]:
+    """Exactly n token ids of ordinary English, from shoal's tokenizer of the same GGUF."""
+    from shoal.models.source import open_weights
+
+    tokenizer = open_weights(gguf).tokenizer()
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(TEXT)
+    return ids[:n]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--peer", choices=sorted(PEERS), required=True)
+    p.add_argument("--gguf", type=Path, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--prompt-tokens", type=int, nargs="+", required=True)
+    p.add_argument("--gen-tokens", type=int, required=True)
+    p.add_argument("--runs", type=int, required=True)
+    args = p.parse_args()
+    runner = PEERS[args.peer](args.gguf, args.threads)
+    runner(prompt_ids(args.gguf, 8), 4)  # warm-up: first-call allocations and lazy inits
+    out = []
+    for n in args.prompt_tokens:
+        prompt = prompt_ids(args.gguf, n)
+        for run in range(args.runs):
+            sample = runner(prompt, args.gen_tokens)
+            out.append({"prompt_tokens": n, "run": run, **asdict(sample)})
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The `shoal` command: node, chat, models (and bench). Errors are one readable line, exit != 0."""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from shoal import __version__
+from shoal.bench.cli import add_bench
+from shoal.errors import ShoalError
+
+DEFAULT_API = "http://127.0.0.1:52415"
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class CliError(Exception):
+    """Ends the command with one line on stderr and exit status 1."""
+
+
+# --- shoal node ----------------------------------------------------------------------------------
+
+
+def _add_node(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("node", help="run a node: serve the OpenAI API and models")
+    p.add_argument("--host", help="address to listen on (default 0.0.0.0; SHOAL_HOST)")
+    p.add_argument("--port", type=int, help="HTTP port (default 52415; SHOAL_PORT)")
+    p.add_argument("--data-dir", type=Path, help="where the node keeps its files (SHOAL_DATA_DIR)")
+    p.add_argument("--model", help="model id to load at start, e.g. smollm2-135m (SHOAL_MODEL)")
+    p.add_argument("--model-path", type=Path, help="serve a GGUF file or safetensors directory")
+    p.add_argument("--engine", help="engine to run models with (default torch; SHOAL_ENGINE)")
+    p.add_argument("--device", help="torch device: cpu, cuda, mps (default: best available)")
+    p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    p.add_argument("--max-batch", type=int, help="requests decoded together (default 8)")
+    p.add_argument(
+        "--no-auto-load",
+        dest="auto_load",
+        action="store_const",
+        const=False,
+        help="answer 503 for models not loaded instead of loading them",
+    )
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    p.set_defaults(func=_node)
+
+
+def _node(args: argparse.Namespace) -> None:
+    from shoal import log
+    from shoal.node import serve
+    from shoal.settings import load_settings
+
+    try:
+        settings = load_settings(vars(args))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CliError(f"bad setting {first['loc'][0]}: {first['msg']}") from exc
+    log.configure(settings.log_level)
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
+
+
+# --- client commands ---------------------------------------------------------------------------
+
+
+def _get(api: str, path: str) -> Any:
+    try:
+        response = httpx.get(f"{api.rstrip('/')}{path}", timeout=30)
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach a shoal node at {api}: {exc}") from exc
+    return _checked(response)
+
+
+def _checked(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        raise CliError(f"HTTP {response.status_code}: {message}")
+    return response.json()
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the models a node knows, and whether it can run them")
+    p.add_argument("--api", default=DEFAULT_API, help=f"node to ask (default {DEFAULT_API})")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=_models)
+
+
+def _models(args: argparse.Namespace) -> None:
+    data = _get(args.api, "/v1/models")["data"]
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"models at {args.api}")
+    for column in ("id", "family", "layers", "size", "quant", "context", "status"):
+        table.add_column(column)
+    for m in data:
+        size = f"{m['storage_size_megabytes']:,} MB"
+        status = m["status"] + (f": {m['reason']}" if m.get("reason") else "")
+        table.add_row(
+            m["id"],
+            m["family"],
+            str(m["layers"]),
+            size,
+            m["quantization"],
+            str(m["context_length"]),
+            status,
+        )
+    Console().print(table)
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="ask a running node and stream the answer")
+    p.add_argument("prompt", help="what to ask")
+    p.add_argument("--api", default=DEFAULT_API, help=f"node to ask (default {DEFAULT_API})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model id (default {DEFAULT_MODEL})")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_chat)
+
+
+def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        yield json.loads(payload)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    body = {
+        "model": args.model,
+        "messages": messages,
+        "stream": True,
+        "temperature": args.temperature,
+        "max_tokens": args.max_tokens,
+        "seed": args.seed,
+    }
+    url = f"{args.api.rstrip('/')}/v1/chat/completions"
+    try:
+        with httpx.stream("POST", url, json=body, timeout=httpx.Timeout(600, connect=10)) as r:
+            if r.status_code >= 400:
+                r.read()
+                _checked(r)
+            for chunk in _sse_data(r.iter_lines()):
+                if "error" in chunk:
+                    raise CliError(chunk["error"]["message"])
+                for choice in chunk.get("choices", []):
+                    print(choice["delta"].get("content") or "", end="", flush=True)
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach a shoal node at {args.api}: {exc}") from exc
+    print()
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shoal", description=__doc__)
+    p.add_argument("--version", action="version", version=f"shoal {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_node(sub)
+    _add_chat(sub)
+    _add_models(sub)
+    add_bench(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CliError, ShoalError) as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""One frozen Settings: command-line flags first, SHOAL_* environment variables as fallback.
+
+Every environment variable shoal reads is listed here (ENV) and nowhere else.
+"""
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.paths import default_data_dir
+
+# field name -> environment variable
+ENV: dict[str, str] = {
+    "host": "SHOAL_HOST",
+    "port": "SHOAL_PORT",
+    "data_dir": "SHOAL_DATA_DIR",
+    "model": "SHOAL_MODEL",
+    "model_path": "SHOAL_MODEL_PATH",
+    "engine": "SHOAL_ENGINE",
+    "device": "SHOAL_DEVICE",
+    "threads": "SHOAL_THREADS",
+    "max_batch": "SHOAL_MAX_BATCH",
+    "max_body_bytes": "SHOAL_MAX_BODY_BYTES",
+    "auto_load": "SHOAL_AUTO_LOAD",
+    "log_level": "SHOAL_LOG_LEVEL",
+}
+
+
+class Settings(BaseModel):
+    """Everything a node is configured with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=52415, ge=0, le=65535)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    model: str | None = None  # preload this model id at start
+    model_path: Path | None = None  # a GGUF file or safetensors directory to serve
+    engine: str = "torch"
+    device: str | None = None  # torch device; None = best available
+    threads: int | None = Field(default=None, ge=1)  # compute threads; None = all cores
+    max_batch: int = Field(default=8, ge=1)  # requests decoded together per step
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    auto_load: bool = True  # a request for a model not loaded loads it
+    log_level: str = "INFO"
+
+
+def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags that were given win; else the SHOAL_* variable; else the default."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        flag = flags.get(name)
+        if flag is not None:
+            values[name] = flag
+        elif (var := ENV.get(name)) and var in env:
+            values[name] = env[var]
+    return Settings.model_validate(values)

@@ -1,0 +1,1 @@
+"""Runs models on this node: loading, the decode scheduler, and (later) stage runners."""
