@@ -37,7 +37,9 @@ class LocalWeights(_Frozen):
     path: str
 
 
-WeightsLocation = Annotated[PackagedWeights | HubWeights | LocalWeights, Field(discriminator="kind")]
+WeightsLocation = Annotated[
+    PackagedWeights | HubWeights | LocalWeights, Field(discriminator="kind")
+]
 
 
 class ModelCard(_Frozen):
