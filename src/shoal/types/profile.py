@@ -1,0 +1,42 @@
+"""What a node is and can do: hardware, engines, measured speed, where to reach it."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.types.ids import NodeId
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class GpuInfo(_Frozen):
+    """One accelerator; memory in bytes (unified memory on Apple Silicon)."""
+
+    vendor: Literal["nvidia", "apple", "amd", "other"]
+    name: str
+    memory_total: int = Field(ge=0)
+    memory_free: int = Field(ge=0)
+    backend: Literal["cuda", "metal", "rocm", "other"]
+
+
+class NodeProfile(_Frozen):
+    """A node's self-description, refreshed every few seconds."""
+
+    node_id: NodeId
+    hostname: str
+    os: str  # "Linux", "Darwin", ...
+    os_version: str
+    arch: str  # "x86_64", "arm64", "ppc64le", ...
+    cpu_model: str
+    cpu_cores: int = Field(ge=1)  # logical
+    ram_total: int = Field(ge=0)  # bytes
+    ram_available: int = Field(ge=0)
+    gpus: tuple[GpuInfo, ...] = ()
+    engines: tuple[str, ...] = ()  # engines this node can run, best first
+    memory_bandwidth_gbs: float | None = None  # measured once, cached on disk
+    matmul_gflops: float | None = None  # measured once, cached on disk
+    api_url: str = ""  # http://host:port of this node's API
+    data_addr: str = ""  # host:port of its data plane
+    version: str = ""
