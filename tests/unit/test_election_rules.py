@@ -11,11 +11,9 @@ def s(
     last_term: int = 1,
     last_index: int = 10,
     started_at: float = 100.0,
-    term: int | None = None,
+    claims: bool = False,
 ) -> Standing:
-    return Standing(
-        NodeId(node), term if term is not None else last_term, last_term, last_index, started_at
-    )
+    return Standing(NodeId(node), last_term, last_term, last_index, started_at, claims)
 
 
 @pytest.mark.parametrize(
@@ -24,13 +22,9 @@ def s(
         ([], None),
         ([s("a")], "a"),
         ([s("a", last_index=9), s("b", last_index=10)], "b"),  # longest log
-        (
-            [s("a", last_term=2, last_index=5), s("b", last_term=1, last_index=50)],
-            "a",
-        ),  # term first
+        ([s("a", last_term=2, last_index=5), s("b", last_term=1, last_index=50)], "a"),  # term
         ([s("a", started_at=200), s("b", started_at=100)], "b"),  # seniority
         ([s("b"), s("a")], "a"),  # then node id
-        ([s("c", last_index=0, started_at=1), s("d", last_index=0, started_at=2)], "c"),
     ],
 )
 def test_best(candidates: list[Standing], winner: str | None) -> None:
@@ -39,26 +33,30 @@ def test_best(candidates: list[Standing], winner: str | None) -> None:
 
 
 @pytest.mark.parametrize(
-    ("current", "live", "expected"),
+    ("live", "expected"),
     [
-        (None, [s("a"), s("b", started_at=50)], "b"),
-        # a live master is kept even when a follower's view of the index is fresher
-        ("a", [s("a", last_index=10, started_at=300), s("b", last_index=11)], "a"),
-        # the master is gone: the best remaining candidate
-        ("gone", [s("a", last_index=10), s("b", last_index=12)], "b"),
-        # partition healed: the side with the later term wins, its master kept
-        ("a", [s("a", last_term=3), s("b", last_term=5)], "b"),
-        ("b", [s("a", last_term=3), s("b", last_term=5)], "b"),
-        (None, [], None),
+        ([], None),
+        # a fresh cluster: empty logs, the most senior node
+        ([s("a", 0, 0, 300), s("b", 0, 0, 100), s("c", 0, 0, 200)], "b"),
+        # a sitting master is kept even when a follower's index looks fresher
+        ([s("a", last_index=10, started_at=300, claims=True), s("b", last_index=11)], "a"),
+        # the master is gone: the best remaining log
+        ([s("a", last_index=10), s("b", last_index=12)], "b"),
+        # a healed partition: the claimant with the later term wins
+        ([s("a", last_term=3, claims=True), s("b", last_term=5, claims=True)], "b"),
+        # two claimants of one term (a start-up race): the ranking settles it
+        ([s("a", last_index=3, claims=True), s("b", last_index=4, claims=True)], "b"),
+        # a claimant whose log is from an older term than someone else's is not kept
+        ([s("a", last_term=2, claims=True), s("b", last_term=3)], "b"),
     ],
 )
-def test_decide(current: str | None, live: list[Standing], expected: str | None) -> None:
-    assert decide(NodeId(current) if current else None, live) == expected
+def test_decide(live: list[Standing], expected: str | None) -> None:
+    assert decide(live) == expected
 
 
-def test_every_view_of_the_same_standings_agrees() -> None:
+def test_every_order_of_the_same_standings_agrees() -> None:
     standings = [s(n, last_index=i % 3, started_at=float(i)) for i, n in enumerate("edcba")]
-    winners = {decide(None, standings[i:] + standings[:i]) for i in range(len(standings))}
+    winners = {decide(standings[i:] + standings[:i]) for i in range(len(standings))}
     assert len(winners) == 1
 
 

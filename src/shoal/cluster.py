@@ -1,0 +1,105 @@
+"""The control-plane actors of one node, assembled over a transport and a state store.
+
+Used by node.py (over zenoh) and by tests (many nodes over the memory transport in one process).
+`coroutines()` are the long-running loops; the caller runs them in its TaskGroup.
+"""
+
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from shoal.election.actor import Election
+from shoal.master import Master
+from shoal.net.codec import Decoder
+from shoal.net.dispatch import Dispatcher
+from shoal.net.transport import PeerEvent, Transport
+from shoal.reporter import Reporter
+from shoal.state.model import State
+from shoal.state.replica import Replica
+from shoal.state.store import StateStore
+from shoal.types.events import Event
+from shoal.types.ids import NodeId
+from shoal.types.wire import Campaign, CommandMessage, GlobalEvent, LocalEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Control-plane timing; tests shorten it."""
+
+    heartbeat_s: float = 0.5
+    settle_s: float = 0.3
+    join_grace_s: float = 1.5
+    repair_interval_s: float = 0.2
+    request_timeout_s: float = 3.0
+
+
+class ClusterNode:
+    """Replica + election + master + reporter, wired to one transport."""
+
+    def __init__(
+        self, transport: Transport, store: StateStore, cluster: str, timing: Timing = Timing()
+    ) -> None:
+        self.transport = transport
+        self.store = store
+        self.cluster = cluster
+        self.replica = Replica(
+            store, transport, repair_interval_s=timing.repair_interval_s,
+            request_timeout_s=timing.request_timeout_s,
+        )
+        self.master = Master(store, transport, cluster, self.replica.applied)
+        self.election = Election(
+            transport, store, cluster, self._master_changed, heartbeat_s=timing.heartbeat_s,
+            settle_s=timing.settle_s, join_grace_s=timing.join_grace_s,
+        )
+        self.reporter = Reporter(transport, cluster, self.master.on_local)
+        dispatch = Dispatcher(transport, Decoder(cluster))
+        dispatch.on(GlobalEvent, self._on_global)
+        dispatch.on(LocalEvent, lambda _sender, body: self.master.on_local(body))
+        dispatch.on(CommandMessage, lambda _sender, body: self.master.on_command(body))
+        dispatch.on(Campaign, self._on_campaign)
+        transport.on_peer(self._on_peer)
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.transport.node_id
+
+    @property
+    def state(self) -> State:
+        return self.store.state
+
+    @property
+    def master_id(self) -> NodeId | None:
+        return self.election.master
+
+    def coroutines(self) -> list[Coroutine[Any, Any, None]]:
+        return [self.replica.run(), self.master.run(), self.election.run()]
+
+    async def report(self, event: Event) -> None:
+        """A fact about this node, for the log."""
+        await self.reporter.report(event)
+
+    # --- wiring ----------------------------------------------------------------------------
+
+    def _on_global(self, sender: NodeId, body: GlobalEvent) -> None:
+        if body.entry.term > self.election.term and sender != self.election.master:
+            self.election.observed_term(body.entry.term)
+        self.replica.on_entry(sender, body.entry)
+
+    def _on_campaign(self, sender: NodeId, body: Campaign) -> None:
+        if body.node_id == sender:
+            self.election.on_campaign(body)
+
+    def _on_peer(self, change: PeerEvent) -> None:
+        self.election.on_peer(change)
+        self.master.on_peer(change)
+
+    async def _master_changed(self, master: NodeId | None, term: int) -> None:
+        if master == self.node_id:
+            self.master.become(term)
+        else:
+            self.master.step_down()
+        await self.replica.follow(master)
+        await self.reporter.master_changed(master)

@@ -1,0 +1,56 @@
+"""Local events on their way to the master: sent at once, re-sent to each new master.
+
+A node's facts about itself (today: its profile) reach the log only through the master. The
+latest fact of each kind is kept and handed again to every new master, so a master change
+never loses one; the master drops exact repeats by (origin, seq).
+"""
+
+import logging
+import time
+from collections.abc import Callable
+
+from shoal.net.codec import encode
+from shoal.net.transport import Transport
+from shoal.types.events import Event
+from shoal.types.ids import NodeId
+from shoal.types.wire import PROTOCOL_VERSION, Envelope, LocalEvent
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Delivers this node's local events to whoever is master."""
+
+    def __init__(
+        self, transport: Transport, cluster: str, deliver_locally: Callable[[LocalEvent], None]
+    ) -> None:
+        self._transport = transport
+        self._cluster = cluster
+        self._deliver_locally = deliver_locally  # the Master, when this node is master
+        self._seq = time.time_ns()  # unique across restarts, so dedup never eats a new event
+        self._latest: dict[str, LocalEvent] = {}
+        self.master: NodeId | None = None
+
+    async def report(self, event: Event) -> None:
+        """Send event to the master now (or when one is elected)."""
+        self._seq += 1
+        message = LocalEvent(origin=self._transport.node_id, seq=self._seq, event=event)
+        self._latest[event.kind] = message
+        await self._send(message)
+
+    async def master_changed(self, master: NodeId | None) -> None:
+        """Hand the latest of each kind to the new master."""
+        self.master = master
+        for message in list(self._latest.values()):
+            await self._send(message)
+
+    async def _send(self, message: LocalEvent) -> None:
+        if self.master is None:
+            return
+        if self.master == self._transport.node_id:
+            self._deliver_locally(message)
+            return
+        envelope = Envelope(
+            v=PROTOCOL_VERSION, cluster=self._cluster, sender=self._transport.node_id, body=message
+        )
+        await self._transport.publish("local_events", encode(envelope))

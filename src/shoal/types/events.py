@@ -1,0 +1,73 @@
+"""Events: past-tense facts the master orders into the replicated log.
+
+Every node applies the same IndexedEvents in the same order with one pure `apply`, so every node
+holds the same State.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.types.ids import NodeId
+from shoal.types.profile import NodeProfile
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class NodeJoined(_Event):
+    """A node became reachable (its liveliness token appeared)."""
+
+    kind: Literal["node_joined"] = "node_joined"
+    node_id: NodeId
+
+
+class NodeLost(_Event):
+    """A node stopped being reachable: closed, crashed, hung past its lease or cut off."""
+
+    kind: Literal["node_lost"] = "node_lost"
+    node_id: NodeId
+    reason: str
+
+
+class NodeProfiled(_Event):
+    """A node's fresh profile."""
+
+    kind: Literal["node_profiled"] = "node_profiled"
+    profile: NodeProfile
+
+
+class NodeForgotten(_Event):
+    """A lost node removed from the state on request."""
+
+    kind: Literal["node_forgotten"] = "node_forgotten"
+    node_id: NodeId
+
+
+class MasterElected(_Event):
+    """The node that orders the log from this term on."""
+
+    kind: Literal["master_elected"] = "master_elected"
+    node_id: NodeId
+    term: int = Field(ge=1)
+
+
+Event = Annotated[
+    NodeJoined | NodeLost | NodeProfiled | NodeForgotten | MasterElected,
+    Field(discriminator="kind"),
+]
+
+
+class IndexedEvent(BaseModel):
+    """One entry of the log: position (from 1), the master's term when it was appended, the fact."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    index: int = Field(ge=1)
+    term: int = Field(ge=1)
+    # Term of the entry at index - 1 in the master's log (0 before the first entry). A replica
+    # appends only where its own last term matches, so two logs that hold the same (index, term)
+    # hold the same entries up to it (Raft's log matching); StateStore.append_as_master sets it.
+    prev_term: int = Field(default=0, ge=0)
+    event: Event

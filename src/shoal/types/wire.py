@@ -1,0 +1,89 @@
+"""What crosses the control plane: one versioned envelope per message, a tagged body per topic.
+
+Topics (under shoal/<cluster>/): global_events (master → all: IndexedEvent), local_events (node →
+master: LocalEvent), commands (any → master: CommandMessage), election_messages (all ↔ all:
+Campaign). A peer speaking another protocol version is refused and logged once.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.types.commands import Command
+from shoal.types.events import Event, IndexedEvent
+from shoal.types.ids import NodeId
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20  # larger messages are dropped (and logged once)
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class GlobalEvent(_Wire):
+    """An entry of the log, as the master publishes it."""
+
+    kind: Literal["global_event"] = "global_event"
+    entry: IndexedEvent
+
+
+class LocalEvent(_Wire):
+    """A fact a node reports to the master; (origin, seq) lets the master drop duplicates."""
+
+    kind: Literal["local_event"] = "local_event"
+    origin: NodeId
+    seq: int = Field(ge=0)
+    event: Event
+
+
+class CommandMessage(_Wire):
+    """A command for the master; the id makes retries idempotent."""
+
+    kind: Literal["command"] = "command"
+    command_id: str
+    command: Command
+
+
+class Campaign(_Wire):
+    """A node's election standing, sent when it changes and as a heartbeat.
+
+    Candidates rank by (last_term, last_index) of their log, then seniority (earlier
+    started_at), then node id: the node with the most complete log leads and keeps its log.
+    """
+
+    kind: Literal["campaign"] = "campaign"
+    node_id: NodeId
+    term: int = Field(ge=0)  # the highest term this node has seen
+    last_index: int = Field(ge=0)
+    last_term: int = Field(ge=0)
+    started_at: float  # seconds since the epoch when the node joined; lower = more senior
+    master: NodeId | None = None  # whom it follows now
+
+
+Body = Annotated[GlobalEvent | LocalEvent | CommandMessage | Campaign, Field(discriminator="kind")]
+
+
+class Envelope(_Wire):
+    """Every control-plane message: protocol version, cluster, sender, body."""
+
+    v: int
+    cluster: str
+    sender: NodeId
+    body: Body
+
+
+class LogRequest(_Wire):
+    """Ask a node for log entries [start, end) (end None: to its last); for gap repair."""
+
+    start: int = Field(ge=1)
+    end: int | None = None
+    limit: int = Field(default=2000, ge=1)
+
+
+class LogReply(_Wire):
+    """Entries from the answering node's journal, or its snapshot when they were compacted away."""
+
+    entries: tuple[IndexedEvent, ...] = ()
+    last_index: int = Field(ge=0)
+    snapshot_json: str | None = None  # the State at the compaction point, as JSON
