@@ -48,6 +48,30 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         help="answer 503 for models not loaded instead of loading them",
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument(
+        "--cluster", help="cluster name; separates clusters on one LAN (default: default)"
+    )
+    p.add_argument("--control-port", type=int, help="control-plane port (default 52416)")
+    p.add_argument("--peers", help="static peers HOST:CONTROL_PORT,... (always work, no multicast)")
+    p.add_argument(
+        "--discovery",
+        choices=["static", "multicast"],
+        help="multicast: also find peers by zenoh scouting on the LAN",
+    )
+    p.add_argument("--lease-ms", type=int, help="a hung peer is dropped after this (default 2000)")
+    p.add_argument(
+        "--profile-interval",
+        dest="profile_interval_s",
+        type=float,
+        help="seconds between profile refreshes (default 5)",
+    )
+    p.add_argument(
+        "--no-microbench",
+        dest="microbench",
+        action="store_const",
+        const=False,
+        help="skip measuring memory bandwidth and matmul speed",
+    )
     p.set_defaults(func=_node)
 
 
@@ -121,6 +145,43 @@ def _models(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="the cluster as a table: nodes, hardware, engines, master")
+    p.add_argument("--api", default=DEFAULT_API, help=f"node to ask (default {DEFAULT_API})")
+    p.set_defaults(func=_status)
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.1f}"
+
+
+def _status(args: argparse.Namespace) -> None:
+    data = _get(args.api, "/v1/nodes")
+    table = Table(title=f"cluster at {args.api} (log index {data['index']})")
+    for column in ("", "node", "OS/arch", "RAM free/total GiB", "GPUs", "engines", "seen"):
+        table.add_column(column)
+    for n in data["nodes"]:
+        gpus = ", ".join(f"{g['name']} {_gib(g['memory_total'])} GiB" for g in n.get("gpus", []))
+        ago = n["last_seen_s_ago"]
+        seen = (
+            "lost: " + (n["lost_reason"] or "")
+            if not n["connected"]
+            else (
+                "now" if ago is not None and ago < 2 else f"{ago}s ago" if ago is not None else "?"
+            )
+        )
+        table.add_row(
+            "★" if n["is_master"] else "",
+            n["id"],
+            f"{n.get('os', '?')}/{n.get('arch', '?')}",
+            f"{_gib(n.get('ram_available'))}/{_gib(n.get('ram_total'))}",
+            gpus or "-",
+            ", ".join(n.get("engines", [])) or "-",
+            seen,
+        )
+    Console().print(table)
+
+
 def _add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="ask a running node and stream the answer")
     p.add_argument("prompt", help="what to ask")
@@ -180,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
     _add_node(sub)
     _add_chat(sub)
     _add_models(sub)
+    _add_status(sub)
     add_bench(sub)
     return p
 

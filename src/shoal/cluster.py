@@ -46,13 +46,20 @@ class ClusterNode:
         self.store = store
         self.cluster = cluster
         self.replica = Replica(
-            store, transport, repair_interval_s=timing.repair_interval_s,
+            store,
+            transport,
+            repair_interval_s=timing.repair_interval_s,
             request_timeout_s=timing.request_timeout_s,
         )
         self.master = Master(store, transport, cluster, self.replica.applied)
         self.election = Election(
-            transport, store, cluster, self._master_changed, heartbeat_s=timing.heartbeat_s,
-            settle_s=timing.settle_s, join_grace_s=timing.join_grace_s,
+            transport,
+            store,
+            cluster,
+            self._master_changed,
+            heartbeat_s=timing.heartbeat_s,
+            settle_s=timing.settle_s,
+            join_grace_s=timing.join_grace_s,
         )
         self.reporter = Reporter(transport, cluster, self.master.on_local)
         dispatch = Dispatcher(transport, Decoder(cluster))

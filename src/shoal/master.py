@@ -67,8 +67,8 @@ class Master:
             if record.connected and node_id not in live:
                 events.append(NodeLost(node_id=node_id, reason=f"not reachable at term {term}"))
         for node_id in sorted(live):
-            record = state.nodes.get(node_id)
-            if record is None or not record.connected:
+            known = state.nodes.get(node_id)
+            if known is None or not known.connected:
                 events.append(NodeJoined(node_id=node_id))
         self.append(events)
 
@@ -93,7 +93,9 @@ class Master:
         while True:
             entry = await self._outbox.get()
             envelope = Envelope(
-                v=PROTOCOL_VERSION, cluster=self._cluster, sender=self.me,
+                v=PROTOCOL_VERSION,
+                cluster=self._cluster,
+                sender=self.me,
                 body=GlobalEvent(entry=entry),
             )
             await self._transport.publish("global_events", encode(envelope))
@@ -114,8 +116,9 @@ class Master:
             return
         event = message.event
         if isinstance(event, NodeProfiled) and event.profile.node_id != message.origin:
-            log.warning("node %s sent a profile for %s: dropped", message.origin,
-                        event.profile.node_id)
+            log.warning(
+                "node %s sent a profile for %s: dropped", message.origin, event.profile.node_id
+            )
             return
         self.append([event])
 

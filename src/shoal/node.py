@@ -2,9 +2,11 @@
 
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import uvicorn
 from rich.progress import (
@@ -16,21 +18,28 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from shoal import __version__
 from shoal.api.app import create_app
+from shoal.cluster import ClusterNode
 from shoal.errors import ShoalError
 from shoal.models.catalog import Catalog
 from shoal.models.local_card import card_for_path
+from shoal.net.identity import Identity
+from shoal.net.transport import DuplicateNodeId
+from shoal.net.zenoh_transport import ZenohTransport
 from shoal.paths import user_cards_dir
+from shoal.profile.actor import Profiler
 from shoal.settings import Settings
+from shoal.state.store import StateStore
+from shoal.types.events import NodeProfiled
 from shoal.types.ids import ModelId
+from shoal.types.profile import NodeProfile
 from shoal.worker.local import LocalModels
 
 log = logging.getLogger(__name__)
 
 
-def _progress_reporter() -> tuple[
-    AbstractContextManager[object], Callable[[ModelId, int, int], None]
-]:
+def _progress_reporter() -> tuple[AbstractContextManager[Any], Callable[[ModelId, int, int], None]]:
     """A rich progress bar on a terminal; otherwise a log line at every quarter."""
     if sys.stderr.isatty():
         bar = Progress(
@@ -56,6 +65,22 @@ def _progress_reporter() -> tuple[
     return nullcontext(), log_quarters
 
 
+def _advertised_host(host: str) -> str:
+    """The address others should use to reach a node listening on host."""
+    return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+
+
+def _transport(settings: Settings, identity: Identity) -> ZenohTransport:
+    return ZenohTransport(
+        identity.node_id,
+        settings.cluster,
+        listen=[f"tcp/{settings.host}:{settings.control_port}"],
+        connect=[f"tcp/{peer}" for peer in settings.peers],
+        multicast=settings.discovery == "multicast",
+        lease_ms=settings.lease_ms,
+    )
+
+
 async def serve(settings: Settings) -> None:
     """Run a node until it is told to stop (SIGINT/SIGTERM)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +92,14 @@ async def serve(settings: Settings) -> None:
         preload = card.id
     if preload is not None:
         catalog.get(preload)  # an unknown --model fails now, with suggestions
+    identity = Identity.load_or_create(settings.data_dir)
+    transport = _transport(settings, identity)
+    try:
+        await transport.start()
+    except DuplicateNodeId as exc:
+        raise ShoalError(str(exc)) from exc
+    store = StateStore.open(settings.data_dir / "state.db")
+    cluster = ClusterNode(transport, store, settings.cluster)
     display, on_progress = _progress_reporter()
     service = LocalModels(
         catalog,
@@ -76,7 +109,7 @@ async def serve(settings: Settings) -> None:
         auto_load=settings.auto_load,
         on_progress=on_progress,
     )
-    app = create_app(service, max_body_bytes=settings.max_body_bytes)
+    app = create_app(service, cluster=cluster, max_body_bytes=settings.max_body_bytes)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -86,20 +119,58 @@ async def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
+    host = _advertised_host(settings.host)
+
+    async def publish_profile(profile: NodeProfile) -> None:
+        await cluster.report(NodeProfiled(profile=profile))
+
+    profiler = Profiler(
+        identity.node_id,
+        settings.data_dir,
+        f"http://{host}:{settings.port}",
+        "",  # the data plane arrives with distributed inference
+        __version__,
+        emit=publish_profile,
+        interval_s=settings.profile_interval_s,
+        bench=settings.microbench,
+    )
     log.info(
-        "shoal node on http://%s:%d (data in %s)", settings.host, settings.port, settings.data_dir
+        "shoal node %s on http://%s:%d, control port %d, cluster %r (data in %s)",
+        identity.node_id,
+        settings.host,
+        settings.port,
+        settings.control_port,
+        settings.cluster,
+        settings.data_dir,
     )
     try:
         with display:
             async with asyncio.TaskGroup() as group:
-                group.create_task(server.serve(), name="http")
+                group.create_task(_until_stopped(server, group), name="http")
+                for coroutine in cluster.coroutines():
+                    group.create_task(coroutine)
+                group.create_task(profiler.run(), name="profiler")
                 if preload is not None:
-                    group.create_task(_preload(service, preload, server), name="preload")
+                    group.create_task(_preload(service, preload), name="preload")
+    except* _Stopped:
+        pass
     finally:
+        await transport.close()  # peers see us leave at once
+        store.close()
         await service.close()
+        log.info("node %s stopped", identity.node_id)
 
 
-async def _preload(service: LocalModels, model_id: str, server: uvicorn.Server) -> None:
+class _Stopped(Exception):
+    """The HTTP server returned: tear down every other task of the node."""
+
+
+async def _until_stopped(server: uvicorn.Server, group: asyncio.TaskGroup) -> None:
+    await server.serve()
+    raise _Stopped
+
+
+async def _preload(service: LocalModels, model_id: str) -> None:
     """Load the --model at start; a failure is logged and the node serves on."""
     try:
         await service.load(model_id)

@@ -6,9 +6,9 @@ Every environment variable shoal reads is listed here (ENV) and nowhere else.
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shoal.paths import default_data_dir
 
@@ -26,6 +26,13 @@ ENV: dict[str, str] = {
     "max_body_bytes": "SHOAL_MAX_BODY_BYTES",
     "auto_load": "SHOAL_AUTO_LOAD",
     "log_level": "SHOAL_LOG_LEVEL",
+    "cluster": "SHOAL_CLUSTER",
+    "control_port": "SHOAL_CONTROL_PORT",
+    "peers": "SHOAL_PEERS",
+    "discovery": "SHOAL_DISCOVERY",
+    "lease_ms": "SHOAL_LEASE_MS",
+    "profile_interval_s": "SHOAL_PROFILE_INTERVAL_S",
+    "microbench": "SHOAL_MICROBENCH",
 }
 
 
@@ -46,6 +53,29 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     auto_load: bool = True  # a request for a model not loaded loads it
     log_level: str = "INFO"
+    cluster: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    control_port: int = Field(default=52416, ge=0, le=65535)  # zenoh listens here
+    peers: tuple[str, ...] = ()  # other nodes' HOST:CONTROL_PORT, always tried
+    discovery: Literal["static", "multicast"] = "static"  # multicast: zenoh scouting on the LAN
+    lease_ms: int = Field(default=2000, ge=100)  # a hung peer is dropped after this
+    profile_interval_s: float = Field(default=5.0, gt=0)
+    microbench: bool = True  # measure bandwidth and matmul speed once (cached)
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _split_peers(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(p.strip() for p in v.split(",") if p.strip())
+        return v
+
+    @field_validator("peers")
+    @classmethod
+    def _host_port(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for peer in v:
+            host, _, port = peer.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"peer {peer!r} is not HOST:PORT")
+        return v
 
 
 def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:

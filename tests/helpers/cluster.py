@@ -11,8 +11,9 @@ from shoal.net.memory import MemoryNetwork, MemoryTransport
 from shoal.state.store import StateStore
 from shoal.types.ids import NodeId
 
-FAST = Timing(heartbeat_s=0.05, settle_s=0.05, join_grace_s=0.2, repair_interval_s=0.02,
-              request_timeout_s=0.5)
+FAST = Timing(
+    heartbeat_s=0.05, settle_s=0.05, join_grace_s=0.2, repair_interval_s=0.02, request_timeout_s=0.5
+)
 
 
 @dataclass
@@ -57,12 +58,18 @@ class MemoryCluster:
         """One master that every node follows and all states byte-identical."""
         states = {n.state.model_dump_json() for n in self.nodes.values()}
         masters = self.masters()
-        return (len(masters) == 1 and None not in masters and self.claimants() == masters
-                and len(states) == 1)
+        return (
+            len(masters) == 1
+            and None not in masters
+            and self.claimants() == masters
+            and len(states) == 1
+        )
 
-    async def until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not condition():
+    async def until(self, condition: Callable[[], bool], within_s: float = 10.0) -> None:
+        async with asyncio.timeout(within_s):
+            while True:
+                if condition():
+                    return
                 await asyncio.sleep(0.02)
 
     async def close(self) -> None:

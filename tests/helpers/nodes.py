@@ -7,8 +7,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -22,20 +23,64 @@ def free_port() -> int:
 
 @dataclass
 class NodeProcess:
-    """One `shoal node` subprocess and where it answers."""
+    """One `shoal node` subprocess: where it answers, its data dir, how to start it again."""
 
-    proc: subprocess.Popen[bytes]
+    data: Path
     port: int
-    log_path: Path
+    args: Sequence[str]
+    control_port: int = 0
+    threads: int = 1
+    proc: subprocess.Popen[bytes] = field(init=False)
+    _node_id: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        self.start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def log_path(self) -> Path:
+        return self.data / "node.log"
+
+    def start(self) -> None:
+        """(Re)start the process with the same ports, flags and data dir."""
+        self.data.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "shoal.cli",
+            "node",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data),
+            "--threads",
+            str(self.threads),
+            *(["--control-port", str(self.control_port)] if self.control_port else []),
+            *self.args,
+        ]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def node_id(self) -> str:
+        """The node's id (asked once; stays the same across restarts of the same data dir)."""
+        if not self._node_id:
+            self._node_id = str(self.get("/node_id"))
+        return self._node_id
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, model: str | None, timeout: float = 120.0) -> None:
+    def get(self, path: str) -> Any:
+        return httpx.get(f"{self.url}{path}", timeout=10).json()
+
+    def wait_ready(self, model: str | None = None, timeout: float = 120.0) -> None:
         """Until /healthz answers (and the model is loaded, if given); fails with the node's log."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -66,29 +111,24 @@ class NodeProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
 
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
 
 def start_node(tmp: Path, args: Sequence[str] = (), *, threads: int = 1) -> NodeProcess:
-    """Start `shoal node` on a free port with its own data dir under tmp."""
+    """A standalone node on a free port with its own data dir under tmp."""
     port = free_port()
-    data = tmp / f"node-{port}"
-    data.mkdir(parents=True)
-    log_path = data / "node.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "shoal.cli",
-        "node",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data),
-        "--threads",
-        str(threads),
-        *args,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return NodeProcess(proc, port, log_path)
+    return NodeProcess(tmp / f"node-{port}", port, list(args), free_port(), threads)
+
+
+CLUSTER_FLAGS = ["--no-microbench", "--profile-interval", "1", "--lease-ms", "1000"]
+
+
+def start_cluster_node(
+    tmp: Path, peers: Sequence[NodeProcess] = (), args: Sequence[str] = ()
+) -> NodeProcess:
+    """A node that knows `peers` statically (multicast stays off), with fast test timings."""
+    peer_arg = ",".join(f"127.0.0.1:{p.control_port}" for p in peers)
+    extra = [*CLUSTER_FLAGS, *(["--peers", peer_arg] if peer_arg else []), *args]
+    return start_node(tmp, extra)

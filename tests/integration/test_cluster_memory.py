@@ -75,7 +75,7 @@ async def test_partition_heals_to_one_master_and_one_log(tmp_path: Path) -> None
         for node in c.nodes.values():
             await node.report(NodeProfiled(profile=profile(node.node_id, hostname="split")))
         c.network.heal()
-        await c.until(c.converged, timeout=20)
+        await c.until(c.converged, within_s=20)
         logs = {
             tuple(n.store.entries(n.store.first_index, n.store.last_index + 1))
             for n in c.nodes.values()

@@ -4,16 +4,24 @@ from fastapi import FastAPI
 
 from shoal import __version__
 from shoal.api import chat, completions, errors, health, models
+from shoal.api import cluster as cluster_routes
 from shoal.api.limits import BodyLimit
+from shoal.cluster import ClusterNode
 from shoal.inference.service import InferenceService
 
 
-def create_app(service: InferenceService, *, max_body_bytes: int = 4 * 1024 * 1024) -> FastAPI:
-    """An app serving `service`; the caller runs it (uvicorn) and owns the service's lifetime."""
+def create_app(
+    service: InferenceService,
+    *,
+    cluster: ClusterNode | None = None,
+    max_body_bytes: int = 4 * 1024 * 1024,
+) -> FastAPI:
+    """An app serving `service` (and `cluster`); the caller runs it and owns their lifetimes."""
     app = FastAPI(title="shoal", version=__version__)
     app.state.service = service
+    app.state.cluster = cluster
     errors.install(app)
-    for module in (models, chat, completions, health):
+    for module in (models, chat, completions, health, cluster_routes):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app

@@ -67,8 +67,10 @@ class Election:
         known = self._campaigns.get(campaign.node_id)
         self._campaigns[campaign.node_id] = (campaign, time.monotonic())
         self.term = max(self.term, campaign.term)
-        if known is None or known[0].last_term != campaign.last_term or (
-            known[0].master != campaign.master
+        if (
+            known is None
+            or known[0].last_term != campaign.last_term
+            or (known[0].master != campaign.master)
         ):
             self._wake.set()
 
@@ -126,18 +128,29 @@ class Election:
         await self._send()
 
     def _standing(self) -> Standing:
-        return Standing(self.me, self.term, self._store.last_term, self._store.last_index,
-                        self.started_at, claims=self.master == self.me)
+        return Standing(
+            self.me,
+            self.term,
+            self._store.last_term,
+            self._store.last_index,
+            self.started_at,
+            claims=self.master == self.me,
+        )
 
     async def _send(self) -> None:
         body = Campaign(
-            node_id=self.me, term=self.term, last_index=self._store.last_index,
-            last_term=self._store.last_term, started_at=self.started_at, master=self.master,
+            node_id=self.me,
+            term=self.term,
+            last_index=self._store.last_index,
+            last_term=self._store.last_term,
+            started_at=self.started_at,
+            master=self.master,
         )
         envelope = Envelope(v=PROTOCOL_VERSION, cluster=self._cluster, sender=self.me, body=body)
         await self._transport.publish("election_messages", encode(envelope))
 
 
 def _standing(c: Campaign) -> Standing:
-    return Standing(c.node_id, c.term, c.last_term, c.last_index, c.started_at,
-                    claims=c.master == c.node_id)
+    return Standing(
+        c.node_id, c.term, c.last_term, c.last_index, c.started_at, claims=c.master == c.node_id
+    )

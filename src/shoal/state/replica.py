@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from shoal.net.transport import Transport
 from shoal.state.model import State
-from shoal.state.store import Compacted, StateStore
+from shoal.state.store import Compacted, Diverged, StateStore
 from shoal.types.events import IndexedEvent
 from shoal.types.ids import NodeId
 from shoal.types.wire import LogReply, LogRequest
@@ -42,8 +42,8 @@ class Replica:
         self._window = reconcile_window
         self.master: NodeId | None = None
         self._repair = asyncio.Event()
+        self._resync = False  # our log differs from the master's inside our snapshot
         self._watchers: set[asyncio.Queue[IndexedEvent | None]] = set()
-        self._changed = asyncio.Condition()
         transport.serve(LOG_RPC, self._serve_log)
 
     @property
@@ -57,8 +57,11 @@ class Replica:
         if sender != self.master:
             log.debug("entry %d from %s, who is not our master: ignored", entry.index, sender)
             return
-        self.applied(self.store.accept(entry))
-        if self.store.gap() is not None:
+        try:
+            self.applied(self.store.accept(entry))
+        except Diverged:
+            self._resync = True
+        if self._resync or self.store.gap() is not None:
             self._repair.set()
 
     def applied(self, entries: list[IndexedEvent]) -> None:
@@ -72,21 +75,6 @@ class Replica:
                     while not queue.empty():
                         queue.get_nowait()
                     queue.put_nowait(None)
-        if entries:
-            asyncio.get_running_loop().create_task(self._notify())
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def wait_for_index(self, index: int, timeout: float) -> bool:
-        """Until the state reaches index (True) or the timeout passes (False)."""
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                await self._changed.wait_for(lambda: self.store.last_index >= index)
-        except TimeoutError:
-            return False
-        return True
 
     async def watch(self, maxsize: int = 10_000) -> AsyncIterator[IndexedEvent]:
         """Every entry applied from now on (a slow reader is cut off rather than buffered)."""
@@ -116,11 +104,14 @@ class Replica:
         cut = next((e.index for e in reply.entries if e.index in mine and mine[e.index] != e), None)
         if cut is None and self.store.last_index > reply.last_index:
             cut = reply.last_index + 1  # entries past the master's log are from a deposed master
-        if cut is not None:
-            log.warning("log diverged from master %s at index %d: truncating", master, cut)
-            self.store.truncate_from(cut)
-        self.applied([a for e in reply.entries for a in self.store.accept(e)])
-        if self.store.last_index < reply.last_index:
+        try:
+            if cut is not None:
+                log.warning("log diverged from master %s at index %d: truncating", master, cut)
+                self.store.truncate_from(cut)
+            self._take(reply.entries)
+        except Diverged:
+            self._resync = True
+        if self._resync or self.store.last_index < reply.last_index:
             self._repair.set()
 
     async def run(self) -> None:
@@ -137,22 +128,30 @@ class Replica:
             return
         gap = self.store.gap()
         start = self.store.last_index + 1
-        reply = await self._ask(master, LogRequest(start=start, end=gap[1] if gap else None))
+        ask = LogRequest(start=start, end=gap[1] if gap else None, snapshot=self._resync)
+        reply = await self._ask(master, ask)
         if reply is None or self.master != master:
             self._repair.set()  # try again after the interval
             return
-        if reply.snapshot_json is not None and not reply.entries:
-            self._install(reply)
-        else:
-            self.applied([a for e in reply.entries for a in self.store.accept(e)])
-        if self.store.gap() is not None or self.store.last_index < reply.last_index:
+        try:
+            if reply.snapshot_json is not None and not reply.entries:
+                self._install(reply)
+            else:
+                self._take(reply.entries)
+        except Diverged:
+            self._resync = True
+        if self._resync or self.store.gap() is not None or self.store.last_index < reply.last_index:
             self._repair.set()
+
+    def _take(self, entries: tuple[IndexedEvent, ...]) -> None:
+        self.applied([a for e in entries for a in self.store.accept(e)])
 
     def _install(self, reply: LogReply) -> None:
         assert reply.snapshot_json is not None
         state = State.model_validate_json(reply.snapshot_json)
-        log.info("far behind the master: installing its snapshot at index %d", state.index)
+        log.info("installing the master's snapshot at index %d", state.index)
         self.store.install_snapshot(state)
+        self._resync = False
 
     async def _ask(self, node: NodeId, req: LogRequest) -> LogReply | None:
         try:
@@ -173,6 +172,8 @@ class Replica:
         last = self.store.last_index
         end = min(req.end if req.end is not None else last + 1, req.start + req.limit, last + 1)
         try:
+            if req.snapshot:
+                raise Compacted("a snapshot was asked for")
             entries = tuple(self.store.entries(req.start, end)) if req.start <= last else ()
         except Compacted:
             snapshot = self.store.snapshot().model_dump_json()

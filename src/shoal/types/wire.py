@@ -79,6 +79,7 @@ class LogRequest(_Wire):
     start: int = Field(ge=1)
     end: int | None = None
     limit: int = Field(default=2000, ge=1)
+    snapshot: bool = False  # send the whole state instead (our log diverged inside a snapshot)
 
 
 class LogReply(_Wire):

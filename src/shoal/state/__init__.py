@@ -1,0 +1,1 @@
+"""The replicated cluster state: State, pure apply, ordered buffer, journal and store."""

@@ -1,0 +1,52 @@
+"""The replicated cluster State: what every node knows after applying the same log entries.
+
+Two nodes that applied the same entries hold byte-identical `model_dump_json()`: nothing here reads
+a clock, and every mapping is kept sorted by key (later issues add instances and runners the same
+way: one more sorted dict field each).
+"""
+
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shoal.types.ids import NodeId
+from shoal.types.profile import NodeProfile
+
+K = TypeVar("K", bound=str)
+V = TypeVar("V")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class NodeRecord(_Frozen):
+    """One node as the cluster knows it: its latest profile and whether it is reachable now."""
+
+    node_id: NodeId
+    profile: NodeProfile | None = None
+    connected: bool = True
+    lost_reason: str | None = None  # why it was lost; None while connected
+    joined_index: int = Field(ge=0)  # log index of the entry that last made it connected
+
+
+class State(_Frozen):
+    """The cluster as of log entry `index` (0: nothing applied yet), ordered by master `term`."""
+
+    index: int = Field(default=0, ge=0)
+    term: int = Field(default=0, ge=0)
+    master: NodeId | None = None
+    nodes: dict[NodeId, NodeRecord] = Field(default_factory=dict)
+
+    @field_validator("nodes")
+    @classmethod
+    def _sorted_nodes(cls, nodes: dict[NodeId, NodeRecord]) -> dict[NodeId, NodeRecord]:
+        for key, record in nodes.items():
+            if key != record.node_id:
+                raise ValueError(f"nodes[{key!r}] holds the record of {record.node_id!r}")
+        return sorted_by_key(nodes)
+
+
+def sorted_by_key(mapping: dict[K, V]) -> dict[K, V]:
+    """A copy of `mapping` in key order, so the JSON of equal states is equal byte for byte."""
+    return dict(sorted(mapping.items()))

@@ -1,0 +1,125 @@
+"""Real `shoal node` processes on loopback, joined by --peers: converge, fail over, catch up."""
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.nodes import NodeProcess, start_cluster_node
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll until condition holds; returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if condition():
+                return time.monotonic() - start
+        except Exception:  # a node still starting or just killed
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def converged(nodes: list[NodeProcess]) -> bool:
+    states = [n.get("/state") for n in nodes]
+    return (
+        len({str(s) for s in states}) == 1
+        and states[0]["master"] is not None
+        and len(states[0]["nodes"]) == len(nodes)
+        and all(r["connected"] and r["profile"] for r in states[0]["nodes"].values())
+    )
+
+
+@pytest.fixture
+def trio(tmp_path: Path) -> Iterator[list[NodeProcess]]:
+    nodes: list[NodeProcess] = []
+    try:
+        first = start_cluster_node(tmp_path)
+        nodes.append(first)
+        nodes += [start_cluster_node(tmp_path, [first]) for _ in range(2)]
+        for node in nodes:
+            node.wait_ready()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_three_nodes_converge_and_survive_a_master_kill(trio: list[NodeProcess]) -> None:
+    until(lambda: converged(trio), 30, "three nodes to converge")
+    ids = {n.node_id: n for n in trio}
+    assert all(i.startswith("12D3KooW") for i in ids)
+    assert len({n.get("/v1/models")["data"].__repr__() for n in trio}) == 1
+    nodes_view = trio[1].get("/v1/nodes")
+    assert sum(r["is_master"] for r in nodes_view["nodes"]) == 1
+
+    master = ids[trio[0].get("/state")["master"]]
+    survivors = [n for n in trio if n is not master]
+    before = master.get("/log")["entries"]
+    master.kill9()
+    took = until(
+        lambda: (
+            all(s.get("/state")["master"] not in (None, master.node_id) for s in survivors)
+            and survivors[0].get("/state")["master"] == survivors[1].get("/state")["master"]
+        ),
+        10,
+        "a new master",
+    )
+    assert took <= 3.0, f"new master after {took:.2f} s"
+    until(lambda: converged_without(survivors, master), 10, "survivors to agree")
+    after = survivors[0].get("/log")["entries"]
+    assert after[: len(before)] == before  # no event lost or rewritten
+    state = survivors[0].get("/state")
+    assert state["nodes"][master.node_id]["connected"] is False
+
+    master.start()  # same data dir, same ports: catches up from its journal and the master
+    master.wait_ready()
+    until(lambda: converged(trio), 30, "the restarted node to catch up")
+    assert trio[0].get("/log")["entries"] == trio[2].get("/log")["entries"]
+
+
+def converged_without(nodes: list[NodeProcess], gone: NodeProcess) -> bool:
+    states = [n.get("/state") for n in nodes]
+    return len({str(s) for s in states}) == 1 and states[0]["master"] != gone.node_id
+
+
+def test_bad_messages_are_dropped_and_logged_once(tmp_path: Path) -> None:
+    import json
+
+    import zenoh
+
+    node = start_cluster_node(tmp_path)
+    try:
+        node.wait_ready()
+        until(lambda: node.get("/state")["master"] is not None, 10, "a cluster of one")
+        config = zenoh.Config()
+        config.insert_json5("mode", '"peer"')
+        config.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{node.control_port}"]))
+        config.insert_json5("listen/endpoints", json.dumps([]))
+        config.insert_json5("scouting/multicast/enabled", "false")
+        good = {"v": 1, "cluster": "default", "sender": "12D3KooWEvil", "body": {}}
+        payloads = [
+            b"\x00\xff not json",
+            b"x" * (2 << 20),
+            json.dumps({**good, "v": 99}).encode(),
+            json.dumps({**good, "body": {"kind": "campaign", "node_id": 5}}).encode(),
+        ]
+        with zenoh.open(config) as session:
+            time.sleep(1.0)  # let the session connect
+            for topic in ("global_events", "local_events", "commands", "election_messages"):
+                for payload in payloads * 3:
+                    session.put(f"shoal/default/{topic}", payload)
+            time.sleep(1.0)
+        assert node.get("/healthz")["status"] == "ok"
+        log = node.log()
+        assert log.count("not JSON") == 1
+        assert log.count("1048576") == 1  # the oversized one, with the limit
+        assert log.count("protocol v99") == 1
+        assert log.count("invalid message") == 1
+        assert node.get("/state")["master"] == node.node_id
+    finally:
+        node.stop()
