@@ -44,6 +44,17 @@ class Watch:
         async with self._changed:
             self._changed.notify_all()
 
+    def sees(self, peers: set[NodeId]) -> Callable[[], bool]:
+        """A predicate: the peer events so far leave exactly these peers up."""
+
+        def check() -> bool:
+            up: set[NodeId] = set()
+            for e in self.events:
+                (up.add if e.up else up.discard)(e.node_id)
+            return up == peers
+
+        return check
+
     async def until(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
         async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(predicate)
@@ -112,7 +123,7 @@ async def test_gossip_membership_pubsub_and_liveliness(
 ) -> None:
     watch = {n: Watch(t) for n, t in trio.items()}
     for n, w in watch.items():  # B and C know only A: they meet through gossip
-        await w.until(lambda n=n, w=w: {e.node_id for e in w.events if e.up} == {A, B, C} - {n})
+        await w.until(w.sees({A, B, C} - {n}))
         assert trio[n].peers() == {A, B, C} - {n}
     await asyncio.sleep(0.1)
     for w in watch.values():
@@ -129,7 +140,7 @@ async def test_gossip_membership_pubsub_and_liveliness(
     closed_at = time.monotonic()
     await trio[B].close()
     for n in (A, C):
-        await watch[n].until(lambda n=n: B not in trio[n].peers(), within=1.0)
+        await watch[n].until(watch[n].sees({A, B, C} - {n, B}), within=1.0)
         assert watch[n].events[-1] == PeerEvent(node_id=B, up=False)
     assert time.monotonic() - closed_at < 1.0
 

@@ -1,5 +1,6 @@
 """Real hosts in network namespaces: multicast discovery, static peers, a pulled cable (root)."""
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,10 +44,11 @@ def lan(tmp_path: Path) -> Iterator[Lan]:
     network = Lan()
     try:
         yield network
+    except BaseException:
+        for host in network.hosts:  # the nodes' own words, in the failure report
+            logging.getLogger(__name__).error("%s log:\n%s", host.ns, host.log()[-3000:])
+        raise
     finally:
-        for host in network.hosts:
-            if host.proc is not None and host.proc.poll() is not None:
-                print(f"--- {host.ns} log ---\n{host.log()[-3000:]}")
         network.close()
 
 

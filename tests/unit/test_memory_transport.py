@@ -182,7 +182,12 @@ async def test_injected_delay_keeps_order(network: MemoryNetwork) -> None:
     a, b = MemoryTransport(network, A), MemoryTransport(network, B)
     rec = Recorder(b)
     all_in = asyncio.Event()
-    b.subscribe("global_events", lambda _: len(rec.messages) == 20 and all_in.set())
+
+    def count(_: bytes) -> None:
+        if len(rec.messages) == 20:
+            all_in.set()
+
+    b.subscribe("global_events", count)
     await a.start()
     await b.start()
     loop = asyncio.get_running_loop()
