@@ -123,3 +123,46 @@ def test_bad_messages_are_dropped_and_logged_once(tmp_path: Path) -> None:
         assert node.get("/state")["master"] == node.node_id
     finally:
         node.stop()
+
+
+def test_a_copied_data_dir_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.helpers.nodes import CLUSTER_FLAGS, free_port
+
+    node = start_cluster_node(tmp_path)
+    try:
+        node.wait_ready()
+        until(lambda: node.get("/state")["master"] is not None, 10, "a cluster of one")
+        copy = tmp_path / "copy"
+        shutil.copytree(node.data, copy, ignore=shutil.ignore_patterns("node.log", "state.db*"))
+        twin = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shoal.cli",
+                "node",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--control-port",
+                str(free_port()),
+                "--data-dir",
+                str(copy),
+                "--peers",
+                f"127.0.0.1:{node.control_port}",
+                *CLUSTER_FLAGS,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert twin.returncode == 1
+        last = twin.stderr.strip().splitlines()[-1]
+        assert last.startswith("shoal: another node with id") and node.node_id in last
+        assert node.get("/healthz")["status"] == "ok"
+    finally:
+        node.stop()
