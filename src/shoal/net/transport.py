@@ -63,7 +63,13 @@ class Transport(Protocol):
         """Answer requests sent to this node under `name` (e.g. "log")."""
         ...
 
-    async def request(self, node: NodeId, name: str, payload: bytes, timeout: float) -> bytes:
+    async def request(
+        self,
+        node: NodeId,
+        name: str,
+        payload: bytes,
+        timeout: float,  # noqa: ASYNC109 - a per-request deadline is part of the contract
+    ) -> bytes:
         """Ask one node; raises TimeoutError when no reply comes in time."""
         ...
 

@@ -47,36 +47,30 @@ def zenoh_config(
     multicast_interface: str | None = None,
 ) -> zenoh.Config:
     """Peer-mode zenoh config: static peers retried forever, the given lease, scouting as asked."""
-    config = zenoh.Config()
-
-    def put(key: str, value: Any) -> None:
-        config.insert_json5(key, json.dumps(value))
-
-    put("mode", "peer")
-    put("listen/endpoints", listen)
-    put("listen/exit_on_failure", True)  # a taken control port is a startup error
-    put("connect/endpoints", connect)
-    # Peers that are down now are retried in the background, forever: open() does not fail and
-    # a peer started later (or restarted) is still reached.
-    put("connect/timeout_ms", -1)
-    put("connect/exit_on_failure", False)
-    put(
-        "connect/retry",
-        {
-            "period_init_ms": CONNECT_RETRY_INIT_MS,
-            "period_max_ms": CONNECT_RETRY_MAX_MS,
-            "period_increase_factor": 2,
-        },
-    )
-    put("scouting/multicast/enabled", multicast)
-    put("scouting/multicast/listen", multicast)
+    retry = {"period_init_ms": CONNECT_RETRY_INIT_MS, "period_max_ms": CONNECT_RETRY_MAX_MS}
+    settings: dict[str, Any] = {
+        "mode": "peer",
+        "listen/endpoints": listen,
+        "listen/exit_on_failure": True,  # a taken control port is a startup error
+        "connect/endpoints": connect,
+        # Static peers that are down are retried in the background, forever: open() does not
+        # fail, and a peer started (or restarted) later is still reached.
+        "connect/timeout_ms": -1,
+        "connect/exit_on_failure": False,
+        "connect/retry": retry | {"period_increase_factor": 2},
+        "scouting/multicast/enabled": multicast,
+        "scouting/multicast/listen": multicast,
+        "scouting/gossip/enabled": gossip,  # a node that knows one peer learns the others
+        # A peer silent for a lease is dropped, its liveliness tokens with it; 4 keep-alives
+        # per lease tolerate a lost one (zenoh's own ratio).
+        "transport/link/tx/lease": lease_ms,
+        "transport/link/tx/keep_alive": 4,
+    }
     if multicast_interface is not None:
-        put("scouting/multicast/interface", multicast_interface)
-    put("scouting/gossip/enabled", gossip)
-    # A peer silent for a lease is dropped (its liveliness tokens with it); 4 keep-alives per
-    # lease tolerate a lost one, as zenoh's own default does.
-    put("transport/link/tx/lease", lease_ms)
-    put("transport/link/tx/keep_alive", 4)
+        settings["scouting/multicast/interface"] = multicast_interface
+    config = zenoh.Config()
+    for key, value in settings.items():
+        config.insert_json5(key, json.dumps(value))
     return config
 
 
