@@ -1,29 +1,57 @@
-"""A pipeline: the ordered stages of one model instance, seen by the scheduler as one forward.
+"""A pipeline: the ordered stages of one model instance, seen by the scheduler as one step.
 
-LocalPipeline runs every stage's engine in this process, on one worker thread, so a long
-forward pass never blocks the event loop. Stages on other nodes plug in behind the same
-interface.
+The last stage samples: a step sends token ids (or hidden states) in and gets token ids out, so
+logits never cross a network. LocalPipeline runs every stage's engine in this process, on one
+worker thread, so a long forward pass never blocks the event loop; remote stages plug in behind
+the same interface.
 """
 
 import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from shoal.engines.base import Engine, StepInput
+from shoal.inference.request import SamplingParams
+from shoal.inference.sampling import make_rng, sample
 from shoal.types.ids import RequestId
 
 
-class Pipeline(Protocol):
-    """Ordered stages of one model: token ids in, last-position logits out."""
+@dataclass(frozen=True)
+class Step:
+    """One request's part of a pipeline step; `sampling` None = no token wanted yet (prefill)."""
 
-    async def forward(self, batch: Sequence[StepInput]) -> list[np.ndarray]: ...
+    item: StepInput
+    sampling: SamplingParams | None
+
+
+class Pipeline(Protocol):
+    """Ordered stages of one model: token ids in, sampled token ids out."""
+
+    async def forward(self, steps: Sequence[Step]) -> list[int | None]: ...
 
     async def free(self, request_id: RequestId) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class Sampler:
+    """Per-request random state for the last stage, so a seeded request is reproducible."""
+
+    def __init__(self) -> None:
+        self._rngs: dict[RequestId, np.random.Generator] = {}
+
+    def __call__(self, rid: RequestId, logits: np.ndarray, params: SamplingParams) -> int:
+        rng = self._rngs.get(rid)
+        if rng is None:
+            rng = self._rngs[rid] = make_rng(params)
+        return sample(logits, params, rng)
+
+    def free(self, rid: RequestId) -> None:
+        self._rngs.pop(rid, None)
 
 
 def run_stages(engines: Sequence[Engine], batch: Sequence[StepInput]) -> list[np.ndarray]:
@@ -43,14 +71,23 @@ class LocalPipeline:
 
     def __init__(self, engines: Sequence[Engine]) -> None:
         self._engines = list(engines)
+        self._sampler = Sampler()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
-    async def forward(self, batch: Sequence[StepInput]) -> list[np.ndarray]:
+    def _step(self, steps: Sequence[Step]) -> list[int | None]:
+        logits = run_stages(self._engines, [s.item for s in steps])
+        return [
+            None if s.sampling is None else self._sampler(s.item.request_id, out, s.sampling)
+            for s, out in zip(steps, logits, strict=True)
+        ]
+
+    async def forward(self, steps: Sequence[Step]) -> list[int | None]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, run_stages, self._engines, batch)
+        return await loop.run_in_executor(self._executor, self._step, steps)
 
     async def free(self, request_id: RequestId) -> None:
         loop = asyncio.get_running_loop()
+        self._sampler.free(request_id)
         for engine in self._engines:
             await loop.run_in_executor(self._executor, engine.free, request_id)
 

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from shoal.engines.base import StepInput
-from shoal.inference.pipeline import Pipeline
+from shoal.inference.pipeline import Pipeline, Step
 from shoal.inference.request import (
     Finished,
     FinishReason,
@@ -24,7 +24,6 @@ from shoal.inference.request import (
     GenerationRequest,
     TextDelta,
 )
-from shoal.inference.sampling import make_rng, sample
 from shoal.inference.stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,6 @@ class _Sequence:
     req: GenerationRequest
     text: TextStream
     stops: StopMatcher
-    rng: np.random.Generator
     queue: asyncio.Queue[GenerationEvent | BaseException] = field(default_factory=asyncio.Queue)
     pending: list[int] = field(default_factory=list)  # tokens to feed next
     fed: int = 0  # positions in the pipeline's cache
@@ -100,7 +98,6 @@ class Scheduler:
             req=req,
             text=self._tokenizer.stream(),
             stops=StopMatcher(req.sampling.stop),
-            rng=make_rng(req.sampling),
             pending=list(req.prompt_tokens),
         )
         self._waiting.append(seq)
@@ -133,7 +130,7 @@ class Scheduler:
             self._wake.set()
 
     async def _step(self) -> None:
-        batch: list[tuple[_Sequence, StepInput]] = []
+        batch: list[tuple[_Sequence, Step]] = []
         prefill_budget = self._prefill_chunk
         for seq in self._active:
             if seq.fed and len(seq.pending) == 1:  # decoding
@@ -144,9 +141,14 @@ class Scheduler:
             else:
                 continue
             data = np.asarray(seq.pending[:take], dtype=np.int64)
-            batch.append((seq, StepInput(seq.req.request_id, data, seq.fed)))
+            wants_token = take == len(seq.pending)
+            step = Step(
+                StepInput(seq.req.request_id, data, seq.fed),
+                seq.req.sampling if wants_token else None,
+            )
+            batch.append((seq, step))
         try:
-            outputs = await self._pipeline.forward([item for _, item in batch])
+            tokens = await self._pipeline.forward([step for _, step in batch])
         except Exception as exc:  # an engine failure ends these requests, not the node
             log.exception("forward failed for %d request(s)", len(batch))
             for seq, _ in batch:
@@ -154,11 +156,11 @@ class Scheduler:
                 seq.finished = True
                 await self._retire(seq)
             return
-        for (seq, item), logits in zip(batch, outputs, strict=True):
-            seq.fed += item.length
-            del seq.pending[: item.length]
-            if not seq.pending and not seq.cancelled:
-                self._advance(seq, sample(logits, seq.req.sampling, seq.rng))
+        for (seq, step), token in zip(batch, tokens, strict=True):
+            seq.fed += step.item.length
+            del seq.pending[: step.item.length]
+            if token is not None and not seq.cancelled:
+                self._advance(seq, token)
         for seq in [s for s in self._active if s.cancelled or s.finished]:
             await self._retire(seq)
 
