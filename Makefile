@@ -24,8 +24,8 @@ run: $(STAMP)
 	$(BIN)/shoal node --port $(PORT) --model smollm2-135m
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
