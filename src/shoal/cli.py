@@ -180,6 +180,56 @@ def _status(args: argparse.Namespace) -> None:
             seen,
         )
     Console().print(table)
+    instances = _get(args.api, "/v1/instances")["data"]
+    if instances:
+        placed = Table(title="instances")
+        for column in ("instance", "model", "stages", "status"):
+            placed.add_column(column)
+        for inst in instances:
+            stages = ", ".join(
+                f"{s['node_id'][:14]}…[{s['start']},{s['end']})" for s in inst["stages"]
+            )
+            kinds = [r["status"]["kind"] for r in inst["runners"].values()]
+            status = "ready" if inst["ready"] else ("failed" if "failed" in kinds else "loading")
+            placed.add_row(inst["instance_id"], inst["model_id"], stages, status)
+        Console().print(placed)
+
+
+def _add_place(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("place", help="place an instance of a model on the cluster")
+    p.add_argument("model", help="model id, e.g. smollm2-135m")
+    p.add_argument(
+        "--policy",
+        choices=["latency", "throughput"],
+        default="latency",
+        help="latency: fewest, fastest nodes (default); throughput: balanced stages",
+    )
+    p.add_argument("--layers", help="manual split NODE:START-END,... (NODE: id or unique prefix)")
+    p.add_argument("--engine", help="force this engine on every stage")
+    p.add_argument("--api", default=DEFAULT_API, help=f"node to talk to (default {DEFAULT_API})")
+    p.set_defaults(func=_place)
+
+
+def _place(args: argparse.Namespace) -> None:
+    body = {
+        "model": args.model,
+        "policy": args.policy,
+        "layers": args.layers,
+        "engine": args.engine,
+    }
+    try:
+        r = httpx.post(f"{args.api.rstrip('/')}/instance", json=body, timeout=60)
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach a shoal node at {args.api}: {exc}") from exc
+    instance = _checked(r)
+    table = Table(title=f"{instance['instance_id']} ({instance['policy']})")
+    for column in ("stage", "node", "layers", "engine"):
+        table.add_column(column)
+    for i, s in enumerate(instance["stages"]):
+        table.add_row(str(i), s["node_id"], f"[{s['start']}, {s['end']})", s["engine"])
+    Console().print(table)
+    if instance.get("predicted_tok_s"):
+        print(f"predicted decode speed: {instance['predicted_tok_s']:.1f} tok/s")
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
@@ -242,6 +292,7 @@ def parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_models(sub)
     _add_status(sub)
+    _add_place(sub)
     add_bench(sub)
     return p
 

@@ -4,13 +4,15 @@ Used by node.py (over zenoh) and by tests (many nodes over the memory transport 
 `coroutines()` are the long-running loops; the caller runs them in its TaskGroup.
 """
 
+import asyncio
 import logging
+import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from shoal.election.actor import Election
-from shoal.master import Master
+from shoal.master import Master, Placer, no_placement
 from shoal.net.codec import Decoder
 from shoal.net.dispatch import Dispatcher
 from shoal.net.transport import PeerEvent, Transport
@@ -18,11 +20,14 @@ from shoal.reporter import Reporter
 from shoal.state.model import State
 from shoal.state.replica import Replica
 from shoal.state.store import StateStore
+from shoal.types.commands import Command, CommandResult
 from shoal.types.events import Event
 from shoal.types.ids import NodeId
 from shoal.types.wire import Campaign, CommandMessage, GlobalEvent, LocalEvent
 
 log = logging.getLogger(__name__)
+
+COMMAND_RPC = "command"
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,12 @@ class ClusterNode:
     """Replica + election + master + reporter, wired to one transport."""
 
     def __init__(
-        self, transport: Transport, store: StateStore, cluster: str, timing: Timing = Timing()
+        self,
+        transport: Transport,
+        store: StateStore,
+        cluster: str,
+        timing: Timing = Timing(),
+        placer: Placer = no_placement,
     ) -> None:
         self.transport = transport
         self.store = store
@@ -51,7 +61,8 @@ class ClusterNode:
             repair_interval_s=timing.repair_interval_s,
             request_timeout_s=timing.request_timeout_s,
         )
-        self.master = Master(store, transport, cluster, self.replica.applied)
+        self.master = Master(store, transport, cluster, self.replica.applied, placer)
+        transport.serve(COMMAND_RPC, self.master.serve_command)
         self.election = Election(
             transport,
             store,
@@ -65,7 +76,7 @@ class ClusterNode:
         dispatch = Dispatcher(transport, Decoder(cluster))
         dispatch.on(GlobalEvent, self._on_global)
         dispatch.on(LocalEvent, lambda _sender, body: self.master.on_local(body))
-        dispatch.on(CommandMessage, lambda _sender, body: self.master.on_command(body))
+        dispatch.on(CommandMessage, self._on_command)
         dispatch.on(Campaign, self._on_campaign)
         transport.on_peer(self._on_peer)
 
@@ -88,12 +99,44 @@ class ClusterNode:
         """A fact about this node, for the log."""
         await self.reporter.report(event)
 
+    async def command(self, command: Command, *, within_s: float = 10.0) -> CommandResult:
+        """Have the master carry out a command; returns once this node's state shows it."""
+        message = CommandMessage(command_id=uuid.uuid4().hex, command=command)
+        async with asyncio.timeout(within_s):
+            while True:
+                master = self.master_id
+                if master == self.node_id:
+                    result = self.master.on_command(message)
+                elif master is not None:
+                    try:
+                        raw = await self.transport.request(
+                            master, COMMAND_RPC, message.model_dump_json().encode(), within_s / 2
+                        )
+                        result = CommandResult.model_validate_json(raw)
+                    except TimeoutError:
+                        result = CommandResult(ok=False, message="this node is not the master")
+                else:
+                    result = CommandResult(ok=False, message="this node is not the master")
+                if result.message != "this node is not the master":
+                    break
+                await asyncio.sleep(0.1)  # no master yet, or it just changed: ask again
+            if result.ok:
+                await self.replica.reached(result.index)
+        return result
+
     # --- wiring ----------------------------------------------------------------------------
 
     def _on_global(self, sender: NodeId, body: GlobalEvent) -> None:
         if body.entry.term > self.election.term and sender != self.election.master:
             self.election.observed_term(body.entry.term)
         self.replica.on_entry(sender, body.entry)
+
+    def _on_command(self, sender: NodeId, body: CommandMessage) -> None:
+        result = self.master.on_command(body)
+        if not result.ok:
+            log.info(
+                "command %s from %s not carried out: %s", body.command.kind, sender, result.message
+            )
 
     def _on_campaign(self, sender: NodeId, body: Campaign) -> None:
         if body.node_id == sender:

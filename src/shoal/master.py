@@ -12,10 +12,14 @@ from collections.abc import Callable, Sequence
 
 from shoal.net.codec import encode
 from shoal.net.transport import PeerEvent, Transport
+from shoal.state.model import State
 from shoal.state.store import StateStore
+from shoal.types.commands import CommandResult, DeleteInstance, ForgetNode, PlaceModel
 from shoal.types.events import (
     Event,
     IndexedEvent,
+    InstanceDeleted,
+    InstancePlaced,
     MasterElected,
     NodeForgotten,
     NodeJoined,
@@ -23,11 +27,20 @@ from shoal.types.events import (
     NodeProfiled,
 )
 from shoal.types.ids import NodeId
+from shoal.types.instance import Instance
 from shoal.types.wire import PROTOCOL_VERSION, CommandMessage, Envelope, GlobalEvent, LocalEvent
 
 log = logging.getLogger(__name__)
 
 DEDUP_MEMORY = 4096  # (origin, seq) and command ids remembered to drop duplicates
+
+# Decides where a model goes: the instance, or why it cannot be placed (one line).
+Placer = Callable[[PlaceModel, State], Instance | str]
+
+
+def no_placement(command: PlaceModel, state: State) -> Instance | str:
+    """The placer of a node that cannot place models."""
+    return "this master cannot place models"
 
 
 class Master:
@@ -39,7 +52,9 @@ class Master:
         transport: Transport,
         cluster: str,
         on_applied: Callable[[list[IndexedEvent]], None],
+        placer: Placer = no_placement,
     ) -> None:
+        self._placer = placer
         self._store = store
         self._transport = transport
         self._cluster = cluster
@@ -122,13 +137,38 @@ class Master:
             return
         self.append([event])
 
-    def on_command(self, message: CommandMessage) -> None:
-        if not self.active or self._duplicate(("command", message.command_id)):
-            return
-        command = message.command
-        record = self._store.state.nodes.get(command.node_id)
-        if record is not None and not record.connected:
-            self.append([NodeForgotten(node_id=command.node_id)])
+    def on_command(self, message: CommandMessage) -> CommandResult:
+        """Carry out a command; the result says what happened (and at which log index)."""
+        if not self.active:
+            return CommandResult(ok=False, message="this node is not the master")
+        if self._duplicate(("command", message.command_id)):
+            return CommandResult(ok=True, message="already done", index=self._store.last_index)
+        state = self._store.state
+        match message.command:
+            case ForgetNode(node_id=node_id):
+                record = state.nodes.get(node_id)
+                if record is None or record.connected:
+                    return CommandResult(ok=False, message=f"node {node_id} is not a lost node")
+                self.append([NodeForgotten(node_id=node_id)])
+            case PlaceModel() as place:
+                if place.instance_id in state.instances:
+                    return CommandResult(ok=True, message="placed", index=self._store.last_index)
+                placed = self._placer(place, state)
+                if isinstance(placed, str):
+                    return CommandResult(ok=False, message=placed)
+                self.append([InstancePlaced(instance=placed)])
+                stages = ", ".join(f"{s.node_id[-6:]}:[{s.start},{s.end})" for s in placed.stages)
+                log.info("placed %s as %s on %s", place.model_id, place.instance_id, stages)
+            case DeleteInstance(instance_id=instance_id):
+                if instance_id not in state.instances:
+                    return CommandResult(ok=False, message=f"no instance {instance_id}")
+                self.append([InstanceDeleted(instance_id=instance_id, reason="deleted on request")])
+        return CommandResult(ok=True, index=self._store.last_index)
+
+    async def serve_command(self, payload: bytes) -> bytes:
+        """The "command" request: a CommandMessage in, a CommandResult out."""
+        message = CommandMessage.model_validate_json(payload)
+        return self.on_command(message).model_dump_json().encode()
 
     def _duplicate(self, key: tuple[str, int | str]) -> bool:
         if key in self._seen:

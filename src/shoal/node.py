@@ -3,66 +3,30 @@
 import asyncio
 import logging
 import socket
-import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from pathlib import Path
 
 import uvicorn
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from shoal import __version__
 from shoal.api.app import create_app
 from shoal.cluster import ClusterNode
 from shoal.errors import ShoalError
-from shoal.models.catalog import Catalog
+from shoal.models.catalog import Catalog, find_local_weights
 from shoal.models.local_card import card_for_path
 from shoal.net.identity import Identity
 from shoal.net.transport import DuplicateNodeId
 from shoal.net.zenoh_transport import ZenohTransport
 from shoal.paths import user_cards_dir
 from shoal.profile.actor import Profiler
+from shoal.serving import ClusterService, make_placer
 from shoal.settings import Settings
 from shoal.state.store import StateStore
 from shoal.types.events import NodeProfiled
 from shoal.types.ids import ModelId
 from shoal.types.profile import NodeProfile
-from shoal.worker.local import LocalModels
+from shoal.worker.worker import Worker
 
 log = logging.getLogger(__name__)
-
-
-def _progress_reporter() -> tuple[AbstractContextManager[Any], Callable[[ModelId, int, int], None]]:
-    """A rich progress bar on a terminal; otherwise a log line at every quarter."""
-    if sys.stderr.isatty():
-        bar = Progress(
-            TextColumn("loading {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            transient=True,
-        )
-        tasks: dict[str, TaskID] = {}
-
-        def show(model: ModelId, done: int, total: int) -> None:
-            if model not in tasks:
-                tasks[model] = bar.add_task(model, total=total)
-            bar.update(tasks[model], completed=done, total=total)
-
-        return bar, show
-
-    def log_quarters(model: ModelId, done: int, total: int) -> None:
-        if total and done * 4 // total != (done - 1) * 4 // total:
-            log.info("loading %s: %d/%d layers", model, done, total)
-
-    return nullcontext(), log_quarters
 
 
 def _advertised_host(host: str) -> str:
@@ -99,17 +63,27 @@ async def serve(settings: Settings) -> None:
     except DuplicateNodeId as exc:
         raise ShoalError(str(exc)) from exc
     store = StateStore.open(settings.data_dir / "state.db")
-    cluster = ClusterNode(transport, store, settings.cluster)
-    display, on_progress = _progress_reporter()
-    service = LocalModels(
-        catalog,
-        engine=settings.engine,
-        device=settings.device,
-        max_batch=settings.max_batch,
-        auto_load=settings.auto_load,
-        on_progress=on_progress,
+    cluster = ClusterNode(transport, store, settings.cluster, placer=make_placer(catalog))
+    service = ClusterService(
+        cluster, catalog, auto_place=settings.auto_load, max_batch=settings.max_batch
     )
     app = create_app(service, cluster=cluster, max_body_bytes=settings.max_body_bytes)
+
+    def locate(model_id: ModelId) -> Path | None:
+        found = find_local_weights(catalog.get(model_id))
+        return found[1] if found is not None else None
+
+    worker = Worker(
+        identity.node_id,
+        lambda: cluster.state,
+        cluster.replica.changed,
+        cluster.report,
+        locate,
+        host=settings.host,
+        advertise=_advertised_host(settings.host),
+        device=settings.device,
+        threads=settings.threads,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -144,20 +118,22 @@ async def serve(settings: Settings) -> None:
         settings.data_dir,
     )
     try:
-        with display:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(_until_stopped(server, group), name="http")
-                for coroutine in cluster.coroutines():
-                    group.create_task(coroutine)
-                group.create_task(profiler.run(), name="profiler")
-                if preload is not None:
-                    group.create_task(_preload(service, preload), name="preload")
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_until_stopped(server), name="http")
+            for coroutine in cluster.coroutines():
+                group.create_task(coroutine)
+            group.create_task(profiler.run(), name="profiler")
+            group.create_task(worker.run(), name="worker")
+            group.create_task(_prune(service, cluster), name="prune")
+            if preload is not None:
+                group.create_task(_preload(service, cluster, preload), name="preload")
     except* _Stopped:
         pass
     finally:
+        await service.close()
+        await worker.shutdown()
         await transport.close()  # peers see us leave at once
         store.close()
-        await service.close()
         log.info("node %s stopped", identity.node_id)
 
 
@@ -165,14 +141,25 @@ class _Stopped(Exception):
     """The HTTP server returned: tear down every other task of the node."""
 
 
-async def _until_stopped(server: uvicorn.Server, group: asyncio.TaskGroup) -> None:
+async def _until_stopped(server: uvicorn.Server) -> None:
     await server.serve()
     raise _Stopped
 
 
-async def _preload(service: LocalModels, model_id: str) -> None:
-    """Load the --model at start; a failure is logged and the node serves on."""
+async def _prune(service: ClusterService, cluster: ClusterNode) -> None:
+    """Let go of instances that are deleted or broken."""
+    while True:
+        await cluster.replica.changed()
+        await service.prune()
+
+
+async def _preload(service: ClusterService, cluster: ClusterNode, model_id: str) -> None:
+    """Make sure an instance of --model runs once this node is in the state; failures are logged."""
+    while cluster.state.nodes.get(cluster.node_id) is None or (
+        cluster.state.nodes[cluster.node_id].profile is None
+    ):
+        await cluster.replica.changed()
     try:
-        await service.load(model_id)
+        await service.acquire(model_id)
     except ShoalError as exc:
         log.error("%s", exc)

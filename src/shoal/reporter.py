@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from shoal.net.codec import encode
 from shoal.net.transport import Transport
-from shoal.types.events import Event
+from shoal.types.events import Event, RunnerStatusChanged
 from shoal.types.ids import NodeId
 from shoal.types.wire import PROTOCOL_VERSION, Envelope, LocalEvent
 
@@ -28,14 +28,14 @@ class Reporter:
         self._cluster = cluster
         self._deliver_locally = deliver_locally  # the Master, when this node is master
         self._seq = time.time_ns()  # unique across restarts, so dedup never eats a new event
-        self._latest: dict[str, LocalEvent] = {}
+        self._latest: dict[tuple[str, ...], LocalEvent] = {}
         self.master: NodeId | None = None
 
     async def report(self, event: Event) -> None:
         """Send event to the master now (or when one is elected)."""
         self._seq += 1
         message = LocalEvent(origin=self._transport.node_id, seq=self._seq, event=event)
-        self._latest[event.kind] = message
+        self._latest[_key(event)] = message
         await self._send(message)
 
     async def master_changed(self, master: NodeId | None) -> None:
@@ -54,3 +54,10 @@ class Reporter:
             v=PROTOCOL_VERSION, cluster=self._cluster, sender=self._transport.node_id, body=message
         )
         await self._transport.publish("local_events", encode(envelope))
+
+
+def _key(event: Event) -> tuple[str, ...]:
+    """Events that replace each other share a key: the latest one is all a new master needs."""
+    if isinstance(event, RunnerStatusChanged):
+        return (event.kind, event.instance_id, str(event.stage))
+    return (event.kind,)

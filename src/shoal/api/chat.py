@@ -45,6 +45,7 @@ async def chat_completions(
         "object": "chat.completion",
         "created": now(),
         "model": handle.card.id,
+        "system_fingerprint": handle.instance_id,
         "choices": [
             {
                 "index": 0,
@@ -69,6 +70,7 @@ async def _chunks(
             "object": "chat.completion.chunk",
             "created": created,
             "model": handle.card.id,
+            "system_fingerprint": handle.instance_id,
             "choices": [choice],
         }
 

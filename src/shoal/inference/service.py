@@ -28,6 +28,11 @@ class ModelHandle(Protocol):
     @property
     def context_length(self) -> int: ...
 
+    @property
+    def instance_id(self) -> str:
+        """The instance serving it (reported as OpenAI's system_fingerprint)."""
+        ...
+
     def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]: ...
 
 

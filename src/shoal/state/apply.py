@@ -7,15 +7,18 @@ index and term. No clock, no I/O: the same entries give the same State on every 
 from collections.abc import Iterable
 from typing import assert_never
 
-from shoal.state.model import NodeRecord, State, sorted_by_key
+from shoal.state.model import InstanceRecord, NodeRecord, RunnerRecord, State, sorted_by_key
 from shoal.types.events import (
     Event,
     IndexedEvent,
+    InstanceDeleted,
+    InstancePlaced,
     MasterElected,
     NodeForgotten,
     NodeJoined,
     NodeLost,
     NodeProfiled,
+    RunnerStatusChanged,
 )
 
 
@@ -66,6 +69,31 @@ def _master_elected(state: State, event: MasterElected) -> State:
     return state.model_copy(update={"master": event.node_id})
 
 
+def _instance_placed(state: State, event: InstancePlaced) -> State:
+    """Record a new instance (no runners yet)."""
+    record = InstanceRecord(instance=event.instance)
+    instances = sorted_by_key({**state.instances, event.instance.instance_id: record})
+    return state.model_copy(update={"instances": instances})
+
+
+def _instance_deleted(state: State, event: InstanceDeleted) -> State:
+    """Drop the instance and its runners."""
+    instances = {k: v for k, v in state.instances.items() if k != event.instance_id}
+    return state.model_copy(update={"instances": instances})
+
+
+def _runner_status(state: State, event: RunnerStatusChanged) -> State:
+    """Set one stage runner's status; reports for unknown instances or stages are ignored."""
+    record = state.instances.get(event.instance_id)
+    stages = record.instance.stages if record else ()
+    if record is None or event.stage >= len(stages) or stages[event.stage].node_id != event.node_id:
+        return state
+    runner = RunnerRecord(node_id=event.node_id, status=event.status, data_addr=event.data_addr)
+    runners = dict(sorted({**record.runners, event.stage: runner}.items()))
+    updated = record.model_copy(update={"runners": runners})
+    return state.model_copy(update={"instances": {**state.instances, event.instance_id: updated}})
+
+
 def _dispatch(state: State, event: Event, index: int) -> State:
     """The event's own change to the state."""
     match event:
@@ -79,6 +107,12 @@ def _dispatch(state: State, event: Event, index: int) -> State:
             return _node_forgotten(state, event)
         case MasterElected():
             return _master_elected(state, event)
+        case InstancePlaced():
+            return _instance_placed(state, event)
+        case InstanceDeleted():
+            return _instance_deleted(state, event)
+        case RunnerStatusChanged():
+            return _runner_status(state, event)
         case _:
             assert_never(event)
 

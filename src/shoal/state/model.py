@@ -9,8 +9,10 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shoal.types.ids import NodeId
+from shoal.types.ids import InstanceId, NodeId
+from shoal.types.instance import Instance
 from shoal.types.profile import NodeProfile
+from shoal.types.runner import RunnerStatus
 
 K = TypeVar("K", bound=str)
 V = TypeVar("V")
@@ -30,6 +32,31 @@ class NodeRecord(_Frozen):
     joined_index: int = Field(ge=0)  # log index of the entry that last made it connected
 
 
+class RunnerRecord(_Frozen):
+    """One stage runner of an instance: where it runs, how it is doing, where to send data."""
+
+    node_id: NodeId
+    status: RunnerStatus
+    data_addr: str | None = None
+
+
+class InstanceRecord(_Frozen):
+    """A placed instance and the latest status of each of its stages' runners."""
+
+    instance: Instance
+    runners: dict[int, RunnerRecord] = Field(default_factory=dict)  # by stage index
+
+    @property
+    def ready(self) -> bool:
+        """Every stage has a Ready runner with an address."""
+        return len(self.runners) == len(self.instance.stages) and all(
+            r.status.kind == "ready" and r.data_addr for r in self.runners.values()
+        )
+
+    def stage_addrs(self) -> list[str]:
+        return [self.runners[i].data_addr or "" for i in range(len(self.instance.stages))]
+
+
 class State(_Frozen):
     """The cluster as of log entry `index` (0: nothing applied yet), ordered by master `term`."""
 
@@ -37,6 +64,7 @@ class State(_Frozen):
     term: int = Field(default=0, ge=0)
     master: NodeId | None = None
     nodes: dict[NodeId, NodeRecord] = Field(default_factory=dict)
+    instances: dict[InstanceId, InstanceRecord] = Field(default_factory=dict)
 
     @field_validator("nodes")
     @classmethod
@@ -45,6 +73,13 @@ class State(_Frozen):
             if key != record.node_id:
                 raise ValueError(f"nodes[{key!r}] holds the record of {record.node_id!r}")
         return sorted_by_key(nodes)
+
+    @field_validator("instances")
+    @classmethod
+    def _sorted_instances(
+        cls, instances: dict[InstanceId, InstanceRecord]
+    ) -> dict[InstanceId, InstanceRecord]:
+        return sorted_by_key(instances)
 
 
 def sorted_by_key(mapping: dict[K, V]) -> dict[K, V]:

@@ -43,6 +43,7 @@ class Replica:
         self.master: NodeId | None = None
         self._repair = asyncio.Event()
         self._resync = False  # our log differs from the master's inside our snapshot
+        self._progress = asyncio.Event()  # set whenever entries are applied
         self._watchers: set[asyncio.Queue[IndexedEvent | None]] = set()
         transport.serve(LOG_RPC, self._serve_log)
 
@@ -64,8 +65,21 @@ class Replica:
         if self._resync or self.store.gap() is not None:
             self._repair.set()
 
+    async def reached(self, index: int) -> None:
+        """Until this node's state has applied entry `index` (wrap in a timeout)."""
+        while self.store.last_index < index:
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def changed(self) -> None:
+        """Until the next entries are applied."""
+        self._progress.clear()
+        await self._progress.wait()
+
     def applied(self, entries: list[IndexedEvent]) -> None:
         """Tell watchers about entries now in the state (the master calls this for its own)."""
+        if entries:
+            self._progress.set()
         for entry in entries:
             for queue in list(self._watchers):
                 try:
@@ -152,6 +166,7 @@ class Replica:
         log.info("installing the master's snapshot at index %d", state.index)
         self.store.install_snapshot(state)
         self._resync = False
+        self._progress.set()
 
     async def _ask(self, node: NodeId, req: LogRequest) -> LogReply | None:
         try:

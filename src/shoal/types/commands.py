@@ -1,10 +1,11 @@
 """Commands: imperative requests any node sends the master, which turns them into events."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from shoal.types.ids import NodeId
+from shoal.types.ids import InstanceId, ModelId, NodeId
+from shoal.types.instance import Policy
 
 
 class _Command(BaseModel):
@@ -18,5 +19,32 @@ class ForgetNode(_Command):
     node_id: NodeId
 
 
-# One command so far; with the next it becomes a discriminated union on `kind`.
-Command = ForgetNode
+class PlaceModel(_Command):
+    """Place an instance of a model (layers: manual override "NODE:START-END,...")."""
+
+    kind: Literal["place_model"] = "place_model"
+    instance_id: InstanceId
+    model_id: ModelId
+    policy: Policy = "latency"
+    layers: str | None = None
+    engine: str | None = None
+
+
+class DeleteInstance(_Command):
+    """Stop an instance and its runners."""
+
+    kind: Literal["delete_instance"] = "delete_instance"
+    instance_id: InstanceId
+
+
+Command = Annotated[ForgetNode | PlaceModel | DeleteInstance, Field(discriminator="kind")]
+
+
+class CommandResult(BaseModel):
+    """The master's answer to a command sent by request: done, or why not."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ok: bool
+    message: str = ""
+    index: int = 0  # the log index that records the outcome (wait for it to read the result)

@@ -8,8 +8,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shoal.types.ids import NodeId
+from shoal.types.ids import InstanceId, NodeId
+from shoal.types.instance import Instance
 from shoal.types.profile import NodeProfile
+from shoal.types.runner import RunnerStatus
 
 
 class _Event(BaseModel):
@@ -53,8 +55,41 @@ class MasterElected(_Event):
     term: int = Field(ge=1)
 
 
+class InstancePlaced(_Event):
+    """The master placed a model over stages; their nodes start runners for them."""
+
+    kind: Literal["instance_placed"] = "instance_placed"
+    instance: Instance
+
+
+class InstanceDeleted(_Event):
+    """An instance is gone; its runners stop."""
+
+    kind: Literal["instance_deleted"] = "instance_deleted"
+    instance_id: InstanceId
+    reason: str
+
+
+class RunnerStatusChanged(_Event):
+    """A stage runner's lifecycle: Loading(done, total) → Ready (with its data address) | Failed."""
+
+    kind: Literal["runner_status"] = "runner_status"
+    instance_id: InstanceId
+    stage: int = Field(ge=0)
+    node_id: NodeId
+    status: RunnerStatus
+    data_addr: str | None = None
+
+
 Event = Annotated[
-    NodeJoined | NodeLost | NodeProfiled | NodeForgotten | MasterElected,
+    NodeJoined
+    | NodeLost
+    | NodeProfiled
+    | NodeForgotten
+    | MasterElected
+    | InstancePlaced
+    | InstanceDeleted
+    | RunnerStatusChanged,
     Field(discriminator="kind"),
 ]
 

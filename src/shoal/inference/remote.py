@@ -1,0 +1,234 @@
+"""RemotePipeline: the stages of one instance as stage runners on the data plane.
+
+Two TCP connections per pipeline, each opened with a HELLO that the stage answers: a "client"
+connection to stage 0 carries FORWARD and FREE frames, and a "listener" connection to the last
+stage, registered under a random session id, brings back the RESULTs. Stages pass hidden states
+to each other directly. Errors come back on either connection. A stage that is gone (refused,
+reset, EOF, unreachable from its predecessor, or silent past the result timeout) raises
+StageLost; the pipeline is then dead and the caller re-places the instance.
+"""
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from shoal.errors import ShoalError
+from shoal.inference.pipeline import Step
+from shoal.net import frames
+from shoal.net.frames import Frame, FrameError, FrameReader, Kind, WireDType
+from shoal.types.ids import RequestId
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20
+
+
+class StageLost(ShoalError):
+    """A stage of the pipeline cannot be reached any more."""
+
+    def __init__(self, stage_addr: str, reason: str) -> None:
+        super().__init__(f"stage {stage_addr} lost: {reason}")
+        self.stage_addr = stage_addr
+        self.reason = reason
+
+
+class _Link:
+    """One open connection to a stage, after its HELLO."""
+
+    def __init__(self, addr: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.addr = addr
+        self.reader = reader
+        self.writer = writer
+        self.parser = FrameReader()
+        self.task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls, addr: str, role: Literal["client", "listener"], session: int, timeout_s: float
+    ) -> "_Link":
+        """Connect and shake hands within timeout_s; StageLost if the stage does not answer."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                host, port = frames.parse_addr(addr)
+                reader, writer = await asyncio.open_connection(host, port)
+                link = cls(addr, reader, writer)
+                await link.send(frames.hello(session, role))
+                reply = (await link.receive())[0]
+        except (OSError, TimeoutError, FrameError) as exc:
+            raise StageLost(addr, f"cannot connect as {role}: {str(exc) or 'timed out'}") from None
+        if reply.kind != Kind.HELLO:
+            writer.close()
+            raise StageLost(addr, f"answered HELLO with {reply.kind.name}")
+        return link
+
+    async def send(self, frame: Frame) -> None:
+        self.writer.write(frames.encode(frame))
+        await self.writer.drain()
+
+    async def receive(self) -> list[Frame]:
+        """The next frames; ConnectionError at EOF."""
+        while True:
+            chunk = await self.reader.read(READ_CHUNK)
+            if not chunk:
+                raise ConnectionError("connection closed by the stage")
+            received = self.parser.feed(chunk)
+            if received:
+                return received
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.writer.close()
+
+
+class RemotePipeline:
+    """The Pipeline protocol over stage runners at stage_addrs (stage 0 first)."""
+
+    def __init__(
+        self,
+        stage_addrs: Sequence[str],
+        *,
+        wire_dtype: WireDType = "float32",
+        connect_timeout_s: float = 5.0,
+        result_timeout_s: float = 300.0,
+    ) -> None:
+        if not stage_addrs:
+            raise ValueError("a pipeline needs at least one stage")
+        self.stage_addrs = list(stage_addrs)
+        self.wire_dtype = wire_dtype  # for hidden states fed to stage 0 (token ids go as int64)
+        self.connect_timeout_s = connect_timeout_s
+        self.result_timeout_s = result_timeout_s  # generous: a long prefill chunk on a slow node
+        self.session = secrets.randbits(64)
+        self._client: _Link | None = None
+        self._listener: _Link | None = None
+        self._pending: dict[int, asyncio.Future[list[int | None]]] = {}
+        self._step = 0
+        self._lock = asyncio.Lock()
+        self._lost: StageLost | None = None
+
+    async def connect(self) -> None:
+        """Open the listener (last stage) and client (stage 0) connections."""
+        self._listener = await _Link.open(
+            self.stage_addrs[-1], "listener", self.session, self.connect_timeout_s
+        )
+        try:
+            self._client = await _Link.open(
+                self.stage_addrs[0], "client", self.session, self.connect_timeout_s
+            )
+        except StageLost:
+            self._listener.close()
+            raise
+        for link in (self._listener, self._client):
+            link.task = asyncio.get_running_loop().create_task(self._watch(link))
+        log.debug("pipeline session %x connected to %s", self.session, self.stage_addrs)
+
+    async def forward(self, steps: Sequence[Step]) -> list[int | None]:
+        """Send one batch through every stage; the sampled token per step (None for prefill)."""
+        async with self._lock:
+            client = self._ready()
+            self._step += 1
+            frame = _forward_frame(self.session, self._step, steps, self.wire_dtype)
+            future = asyncio.get_running_loop().create_future()
+            self._pending[frame.step] = future
+            try:
+                await client.send(frame)
+                tokens = await asyncio.wait_for(future, self.result_timeout_s)
+            except ConnectionError as exc:
+                raise self._lose(StageLost(client.addr, f"send failed: {exc}")) from None
+            except TimeoutError:
+                why = f"no result in {self.result_timeout_s:g} s"
+                raise self._lose(StageLost(" -> ".join(self.stage_addrs), why)) from None
+            finally:
+                self._pending.pop(frame.step, None)
+        if len(tokens) != len(steps):
+            raise ShoalError(f"the last stage answered {len(tokens)} tokens for {len(steps)} items")
+        return tokens
+
+    async def free(self, request_id: RequestId) -> None:
+        """Drop the request's caches on every stage (fire and forget, in order with forwards)."""
+        async with self._lock:
+            client = self._ready()
+            try:
+                await client.send(frames.free(self.session, request_id))
+            except ConnectionError as exc:
+                raise self._lose(StageLost(client.addr, f"send failed: {exc}")) from None
+
+    async def close(self) -> None:
+        """Close both connections; pending forwards fail."""
+        self._lose(StageLost(" -> ".join(self.stage_addrs), "pipeline closed"), quiet=True)
+        for link in (self._client, self._listener):
+            if link is not None:
+                link.close()
+                with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                    if link.task is not None:
+                        await link.task
+                    await link.writer.wait_closed()
+
+    def _ready(self) -> _Link:
+        if self._lost is not None:
+            raise self._lost
+        if self._client is None:
+            raise RuntimeError("RemotePipeline.forward before connect()")
+        return self._client
+
+    async def _watch(self, link: _Link) -> None:
+        """Deliver what a stage sends; any end of the connection loses the pipeline."""
+        try:
+            while True:
+                for frame in await link.receive():
+                    self._on_frame(link, frame)
+        except (ConnectionError, FrameError) as exc:
+            self._lose(StageLost(link.addr, str(exc)))
+
+    def _on_frame(self, link: _Link, frame: Frame) -> None:
+        future = self._pending.get(frame.step)
+        if isinstance(frame.meta, frames.ResultMeta) and future is not None and not future.done():
+            future.set_result(list(frame.meta.tokens))
+        elif isinstance(frame.meta, frames.ErrorMeta):
+            meta = frame.meta
+            if frame.flags & frames.FLAG_STAGE_LOST:
+                self._lose(StageLost(meta.stage or link.addr, meta.message))
+            elif future is not None and not future.done():
+                future.set_exception(ShoalError(meta.message))
+            else:
+                log.warning("stage %s: %s", link.addr, meta.message)
+        else:
+            log.debug("ignoring %s for step %d from %s", frame.kind.name, frame.step, link.addr)
+
+    def _lose(self, exc: StageLost, quiet: bool = False) -> StageLost:
+        """Mark the pipeline dead (the first reason wins) and fail every pending step."""
+        if self._lost is None:
+            self._lost = exc
+            if not quiet:
+                log.warning("pipeline session %x: %s", self.session, exc)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(self._lost)
+        return self._lost
+
+
+def _forward_frame(session: int, step: int, steps: Sequence[Step], wire_dtype: WireDType) -> Frame:
+    """One FORWARD frame of a batch of steps."""
+    items = [
+        frames.WireItem(
+            rid=s.item.request_id,
+            start=s.item.start,
+            length=s.item.length,
+            sampling=None
+            if s.sampling is None
+            else frames.WireSampling(
+                temperature=float(s.sampling.temperature),
+                top_p=float(s.sampling.top_p),
+                top_k=s.sampling.top_k,
+                seed=s.sampling.seed,
+            ),
+        )
+        for s in steps
+    ]
+    data = np.concatenate([s.item.data for s in steps])
+    return frames.forward(session, step, items, data, wire_dtype)

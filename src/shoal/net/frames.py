@@ -1,0 +1,331 @@
+"""The data-plane wire format between an API node and the stage runners, sans-IO.
+
+A frame is a fixed little-endian header, a small JSON meta and raw data bytes:
+
+    magic "SHDP" | version u8 | kind u8 | dtype u8 | flags u8 | session u64 | step u64
+    | meta length u32 | data length u64 | meta (UTF-8 JSON) | data
+
+FORWARD data is the batch's token ids (int64 [sum T]) or hidden states ([sum T, hidden], float32
+by default, float16/bfloat16 on request) concatenated along the token axis in item order. The
+format is engine-neutral: any engine on any machine can read what any other one wrote.
+"""
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shoal.errors import ShoalError
+from shoal.types.ids import RequestId
+
+MAGIC = b"SHDP"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBBQQIQ")  # 36 bytes
+MAX_META_BYTES = 1 << 20
+MAX_DATA_BYTES = 1 << 32  # a long prefill chunk of a large model stays well below
+
+FLAG_STAGE_LOST = 1  # on ERROR: a stage could not reach the next one (meta.stage says which)
+
+
+class Kind(IntEnum):
+    """What a frame is for."""
+
+    HELLO = 1
+    FORWARD = 2
+    RESULT = 3
+    FREE = 4
+    ERROR = 5
+
+
+class DType(IntEnum):
+    """How the data bytes are encoded; NONE for frames without data."""
+
+    NONE = 0
+    INT64 = 1
+    FLOAT32 = 2
+    FLOAT16 = 3
+    BFLOAT16 = 4
+
+
+WireDType = Literal["float32", "float16", "bfloat16"]
+HIDDEN_DTYPES: dict[str, DType] = {
+    "float32": DType.FLOAT32,
+    "float16": DType.FLOAT16,
+    "bfloat16": DType.BFLOAT16,
+}
+_ITEMSIZE = {DType.NONE: 1, DType.INT64: 8, DType.FLOAT32: 4, DType.FLOAT16: 2, DType.BFLOAT16: 2}
+
+
+class FrameError(ShoalError):
+    """Bytes that are not a frame this side understands; the connection must be closed."""
+
+
+class _Meta(BaseModel):
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+
+class WireSampling(_Meta):
+    """What the last stage needs to pick a token (stops and lengths stay with the caller)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None = None
+
+
+class WireItem(_Meta):
+    """One request's slice of a FORWARD: `length` rows of the data, starting at `start`."""
+
+    rid: RequestId
+    start: int = Field(ge=0)
+    length: int = Field(gt=0)
+    sampling: WireSampling | None = None
+
+
+class HelloMeta(_Meta):
+    """First frame each way: who is talking, in which protocol version."""
+
+    protocol: int
+    role: Literal["client", "listener", "stage"]
+
+
+class ForwardMeta(_Meta):
+    """The batch's items, in data order."""
+
+    items: tuple[WireItem, ...] = Field(min_length=1)
+
+
+class ResultMeta(_Meta):
+    """One sampled token per item; None where no token was asked for."""
+
+    tokens: tuple[int | None, ...]
+
+
+class FreeMeta(_Meta):
+    """Drop this request's cache (and sampler) on every stage."""
+
+    rid: RequestId
+
+
+class ErrorMeta(_Meta):
+    """Why a step failed; `stage` names the unreachable stage when FLAG_STAGE_LOST is set."""
+
+    message: str
+    stage: str | None = None
+
+
+Meta = HelloMeta | ForwardMeta | ResultMeta | FreeMeta | ErrorMeta
+_META: dict[Kind, type[_Meta]] = {
+    Kind.HELLO: HelloMeta,
+    Kind.FORWARD: ForwardMeta,
+    Kind.RESULT: ResultMeta,
+    Kind.FREE: FreeMeta,
+    Kind.ERROR: ErrorMeta,
+}
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame; `meta` is the model of its kind."""
+
+    kind: Kind
+    meta: Meta
+    session: int = 0
+    step: int = 0
+    dtype: DType = DType.NONE
+    data: bytes = b""
+    flags: int = 0
+
+    @property
+    def items(self) -> tuple[WireItem, ...]:
+        """The items of a FORWARD frame."""
+        if not isinstance(self.meta, ForwardMeta):
+            raise FrameError(f"a {self.kind.name} frame has no items")
+        return self.meta.items
+
+    def array(self) -> np.ndarray:
+        """The data: int64 [sum T] or float32 [sum T, hidden] (a read-only view when possible)."""
+        rows = sum(item.length for item in self.items)
+        flat = _decode_data(self.data, self.dtype)
+        return flat if self.dtype == DType.INT64 else flat.reshape(rows, -1)
+
+    def arrays(self) -> list[np.ndarray]:
+        """The data split per item: [T] token ids or [T, hidden] hidden states each."""
+        if len(self.items) == 1:
+            return [self.array()]
+        bounds = np.cumsum([item.length for item in self.items])[:-1]
+        return np.split(self.array(), bounds)
+
+
+# ---- building frames ----
+
+
+def hello(session: int, role: Literal["client", "listener", "stage"]) -> Frame:
+    """The handshake frame; a listener's session says which results it wants."""
+    return Frame(Kind.HELLO, HelloMeta(protocol=VERSION, role=role), session=session)
+
+
+def forward(
+    session: int,
+    step: int,
+    items: Sequence[WireItem],
+    data: np.ndarray,
+    wire_dtype: WireDType = "float32",
+) -> Frame:
+    """A batch: int token ids [sum T] travel as int64, hidden states [sum T, h] as wire_dtype."""
+    if data.dtype.kind in "iu":
+        dtype, raw = DType.INT64, data.astype("<i8", copy=False).tobytes()
+    else:
+        dtype = HIDDEN_DTYPES[wire_dtype]
+        raw = _encode_floats(data, dtype)
+    return Frame(Kind.FORWARD, ForwardMeta(items=tuple(items)), session, step, dtype, raw)
+
+
+def result(session: int, step: int, tokens: Sequence[int | None]) -> Frame:
+    """The sampled tokens of one step, in item order."""
+    return Frame(Kind.RESULT, ResultMeta(tokens=tuple(tokens)), session, step)
+
+
+def free(session: int, rid: RequestId) -> Frame:
+    """Free one request on every stage."""
+    return Frame(Kind.FREE, FreeMeta(rid=rid), session)
+
+
+def error(session: int, step: int, message: str, *, lost_stage: str | None = None) -> Frame:
+    """A failed step; with lost_stage, the stage at that address is unreachable."""
+    flags = FLAG_STAGE_LOST if lost_stage is not None else 0
+    meta = ErrorMeta(message=message, stage=lost_stage)
+    return Frame(Kind.ERROR, meta, session, step, flags=flags)
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6 host]:port"."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"bad data-plane address {addr!r}; expected host:port")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def format_addr(host: str, port: int) -> str:
+    """The address "host:port", with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ---- bytes ----
+
+
+def encode(frame: Frame) -> bytes:
+    """Header + meta + data, ready for one write()."""
+    meta = frame.meta.model_dump_json().encode("utf-8")
+    header = HEADER.pack(
+        MAGIC,
+        VERSION,
+        frame.kind,
+        frame.dtype,
+        frame.flags,
+        frame.session,
+        frame.step,
+        len(meta),
+        len(frame.data),
+    )
+    return b"".join((header, meta, frame.data))
+
+
+class FrameReader:
+    """Bytes in, whole frames out, however the stream is cut. After a FrameError, stop feeding."""
+
+    def __init__(
+        self, max_meta_bytes: int = MAX_META_BYTES, max_data_bytes: int = MAX_DATA_BYTES
+    ) -> None:
+        self.max_meta_bytes = max_meta_bytes
+        self.max_data_bytes = max_data_bytes
+        self._buffer = bytearray()
+        self._header: tuple[Kind, DType, int, int, int, int, int] | None = None
+
+    def feed(self, chunk: bytes) -> list[Frame]:
+        """Every frame completed by chunk, in order."""
+        self._buffer += chunk
+        frames: list[Frame] = []
+        while True:
+            if self._header is None:
+                if len(self._buffer) < HEADER.size:
+                    return frames
+                self._header = self._parse_header(bytes(self._buffer[: HEADER.size]))
+                del self._buffer[: HEADER.size]
+            kind, dtype, flags, session, step, meta_len, data_len = self._header
+            if len(self._buffer) < meta_len + data_len:
+                return frames
+            meta = bytes(self._buffer[:meta_len])
+            data = bytes(self._buffer[meta_len : meta_len + data_len])
+            del self._buffer[: meta_len + data_len]
+            self._header = None
+            frames.append(_build(kind, dtype, flags, session, step, meta, data))
+
+    def _parse_header(self, raw: bytes) -> tuple[Kind, DType, int, int, int, int, int]:
+        magic, version, kind, dtype, flags, session, step, meta_len, data_len = HEADER.unpack(raw)
+        if magic != MAGIC:
+            raise FrameError(f"bad magic {magic!r}: not a shoal data-plane stream")
+        if version != VERSION:
+            raise FrameError(f"peer speaks data-plane protocol v{version}, this side v{VERSION}")
+        try:
+            kind, dtype = Kind(kind), DType(dtype)
+        except ValueError:
+            raise FrameError(f"unknown frame kind {kind} or dtype {dtype}") from None
+        if meta_len > self.max_meta_bytes or data_len > self.max_data_bytes:
+            raise FrameError(
+                f"oversized frame: meta {meta_len} B (limit {self.max_meta_bytes}), "
+                f"data {data_len} B (limit {self.max_data_bytes})"
+            )
+        return kind, dtype, flags, session, step, meta_len, data_len
+
+
+def _build(
+    kind: Kind, dtype: DType, flags: int, session: int, step: int, meta: bytes, data: bytes
+) -> Frame:
+    """A frame from its parts, checked: the meta fits the kind and the data fits the items."""
+    try:
+        parsed = _META[kind].model_validate_json(meta)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise FrameError(f"bad {kind.name} meta: {first['loc']}: {first['msg']}") from None
+    assert isinstance(parsed, Meta)
+    frame = Frame(kind, parsed, session, step, dtype, data, flags)
+    if kind == Kind.FORWARD:
+        rows = sum(item.length for item in frame.items)
+        values, rest = divmod(len(data), _ITEMSIZE[dtype])
+        per_row, odd = divmod(values, rows)
+        if dtype == DType.NONE or rest or odd or (dtype == DType.INT64 and per_row != 1):
+            raise FrameError(f"FORWARD data of {len(data)} B ({dtype.name}) do not fit {rows} rows")
+    elif data:
+        raise FrameError(f"a {kind.name} frame carries no data, got {len(data)} B")
+    return frame
+
+
+def _encode_floats(array: np.ndarray, dtype: DType) -> bytes:
+    """Little-endian bytes of a float array in the wire dtype."""
+    if dtype == DType.FLOAT32:
+        return array.astype("<f4", copy=False).tobytes()
+    if dtype == DType.FLOAT16:
+        return array.astype("<f2").tobytes()
+    bits = array.astype("<f4", copy=False).view("<u4")
+    # round to nearest even on the 16 bits dropped; NaN stays a (quiet) NaN
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> 16
+    packed = np.where(np.isnan(array), np.uint32(0x7FC0), rounded).astype("<u2")
+    return packed.tobytes()
+
+
+def _decode_data(data: bytes, dtype: DType) -> np.ndarray:
+    """A flat int64 or float32 array of the data bytes."""
+    if dtype == DType.INT64:
+        return np.frombuffer(data, dtype="<i8")
+    if dtype == DType.FLOAT32:
+        return np.frombuffer(data, dtype="<f4")
+    if dtype == DType.FLOAT16:
+        return np.frombuffer(data, dtype="<f2").astype(np.float32)
+    if dtype == DType.BFLOAT16:
+        return (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    raise FrameError("a frame without data has no array")

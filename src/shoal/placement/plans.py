@@ -1,0 +1,161 @@
+"""Nodes as placement sees them (engine, memory to plan with, time per layer) and plans over them.
+
+A node is usable when it has a profile and an engine: the forced one if the caller names one (the
+node must list it), else the first it lists that is not the test-only "fake". Usable nodes are
+ranked fastest first (time per layer), then by node id; that rank is also the stage order of every
+split, so the same inputs always give the same plan. A `Plan` is stages with the bytes each node
+holds and both speed figures; `split` makes one by `allocate_layers`, `evaluate` scores given ones.
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from shoal.placement.allocate import NodeCapacity, allocate_layers
+from shoal.placement.memory import MemoryModel, capacity, fmt_bytes, usable_memory
+from shoal.placement.speed import (
+    DEFAULT_HOP_S,
+    Links,
+    decode_tok_s,
+    layer_time,
+    node_speed,
+    pipeline_tok_s,
+    ring_hops,
+)
+from shoal.types.ids import NodeId
+from shoal.types.instance import StagePlan
+from shoal.types.profile import NodeProfile
+
+Profiles = Mapping[NodeId, NodeProfile | None] | Iterable[NodeProfile]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A usable node: the engine it would run, its memory and its time per layer."""
+
+    node_id: NodeId
+    engine: str
+    free: int  # bytes usable by the engine before headroom
+    capacity: int  # bytes a plan may use
+    layer_time: float  # seconds per layer per token
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Survey:
+    """The usable nodes, fastest first, and why each other node is out."""
+
+    ranked: tuple[Candidate, ...]
+    skipped: dict[NodeId, str]
+
+    @property
+    def node_ids(self) -> list[NodeId]:
+        """Every node placement was told about, usable or not, sorted."""
+        return sorted([*(c.node_id for c in self.ranked), *self.skipped])
+
+
+def profile_map(profiles: Profiles) -> dict[NodeId, NodeProfile | None]:
+    """The profiles keyed by node id, sorted; a None value is a node with no profile yet."""
+    if isinstance(profiles, Mapping):
+        pairs = list(profiles.items())
+    else:
+        pairs = [(p.node_id, p) for p in profiles]
+    return dict(sorted(pairs, key=lambda pair: pair[0]))
+
+
+def choose_engine(profile: NodeProfile, forced: str | None) -> str | None:
+    """The engine this node would run the model with, or None when it has none to offer."""
+    if forced is not None:
+        return forced if forced in profile.engines else None
+    return next((name for name in profile.engines if name != "fake"), None)
+
+
+def survey(profiles: Profiles, mem: MemoryModel, *, engine: str | None = None) -> Survey:
+    """Which nodes can take part, how fast and with how much memory, and why the rest cannot."""
+    usable: list[Candidate] = []
+    skipped: dict[NodeId, str] = {}
+    for node_id, profile in profile_map(profiles).items():
+        if profile is None:
+            skipped[node_id] = "no profile yet"
+            continue
+        chosen = choose_engine(profile, engine)
+        if chosen is None:
+            has = ", ".join(profile.engines) or "none"
+            want = f"engine {engine!r}" if engine else "an engine other than 'fake'"
+            skipped[node_id] = f"does not list {want} (lists: {has})"
+            continue
+        free = usable_memory(profile, chosen)
+        speed = node_speed(profile)
+        t = layer_time(mem, speed)
+        usable.append(Candidate(node_id, chosen, free, capacity(free), t, speed.notes))
+    usable.sort(key=lambda c: (c.layer_time, c.node_id))
+    return Survey(tuple(usable), skipped)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Stages over nodes with the bytes each node holds and both speed figures."""
+
+    stages: tuple[StagePlan, ...]
+    memory_per_node: dict[NodeId, int]
+    tok_s: float  # one request in flight
+    pipeline_tok_s: float  # as many requests in flight as stages
+
+
+def evaluate(
+    mem: MemoryModel,
+    parts: Sequence[tuple[Candidate, int, int]],
+    links: Links | None = None,
+    hop_s: float = DEFAULT_HOP_S,
+) -> Plan:
+    """The plan of stages (node, start, end) as given, with its memory and speed."""
+    stages: list[StagePlan] = []
+    memory: dict[NodeId, int] = {}
+    times: list[float] = []
+    for node, start, end in parts:
+        stages.append(StagePlan(node_id=node.node_id, start=start, end=end, engine=node.engine))
+        memory[node.node_id] = memory.get(node.node_id, 0) + mem.stage_bytes(start, end)
+        times.append((end - start) * node.layer_time)
+    hops = ring_hops([s.node_id for s in stages], links, hop_s)
+    return Plan(tuple(stages), memory, decode_tok_s(times, hops), pipeline_tok_s(times))
+
+
+def split(
+    mem: MemoryModel,
+    ordered: Sequence[Candidate],
+    links: Links | None = None,
+    hop_s: float = DEFAULT_HOP_S,
+    *,
+    capped: bool = True,
+) -> Plan | None:
+    """All layers over `ordered` (the stage order) by speed within memory; None if none fits."""
+    last = len(ordered) - 1
+    nodes = [
+        NodeCapacity(
+            c.node_id,
+            c.layer_time,
+            mem.max_layers(c.capacity, first=i == 0, last=i == last) if capped else mem.n_layers,
+        )
+        for i, c in enumerate(ordered)
+    ]
+    counts = allocate_layers(mem.n_layers, nodes)
+    if counts is None:
+        return None
+    parts, at = [], 0
+    for node, count in zip(ordered, counts, strict=True):
+        parts.append((node, at, at + count))
+        at += count
+    return evaluate(mem, parts, links, hop_s)
+
+
+def over_memory(plan: Plan, nodes: Iterable[Candidate]) -> list[str]:
+    """One phrase per node that the plan puts over its memory, with the numbers."""
+    out = []
+    for node in nodes:
+        need = plan.memory_per_node.get(node.node_id, 0)
+        if need > node.capacity:
+            layers = [f"{s.start}-{s.end}" for s in plan.stages if s.node_id == node.node_id]
+            out.append(
+                f"{node.node_id} needs {fmt_bytes(need)} for layers {', '.join(layers)} but has "
+                f"{fmt_bytes(node.capacity)} after headroom ({fmt_bytes(node.free)} free)"
+            )
+    return out

@@ -1,0 +1,129 @@
+"""Start, watch, route and stop one stage runner subprocess; restarting is the caller's choice.
+
+The runner (worker/runner.py) reads a config line and commands on stdin and reports JSON status
+lines on stdout; its logs go to this process's stderr unless told otherwise. Closing its stdin
+stops it, so a runner never outlives a crashed parent for long.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping
+from typing import IO, Any
+
+from shoal.errors import ShoalError
+from shoal.worker.runner import RunnerConfig
+
+log = logging.getLogger(__name__)
+
+
+class RunnerFailed(ShoalError):
+    """The runner reported failure, or exited, before it was ready."""
+
+
+class RunnerProcess:
+    """One runner subprocess: its config in, its statuses out, route and stop commands."""
+
+    def __init__(
+        self,
+        config: RunnerConfig,
+        *,
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
+        stderr: IO[Any] | int | None = None,
+        stop_timeout_s: float = 5.0,
+    ) -> None:
+        self.config = config
+        self._python = python
+        self._env = dict(env) if env is not None else None
+        self._stderr = stderr
+        self._stop_timeout_s = stop_timeout_s
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc is not None else None
+
+    async def start(self) -> None:
+        """Spawn the runner and hand it its config."""
+        env = dict(os.environ if self._env is None else self._env)
+        if self.config.threads is not None:  # numpy/BLAS read it at import
+            env.setdefault("OMP_NUM_THREADS", str(self.config.threads))
+        self._proc = await asyncio.create_subprocess_exec(
+            self._python,
+            "-m",
+            "shoal.worker.runner",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+        )
+        log.info("runner %d started for %s", self._proc.pid, self.config.shard)
+        await self._send(self.config.model_dump(mode="json"))
+
+    async def statuses(self) -> AsyncIterator[dict[str, Any]]:
+        """Each status line the runner prints, parsed, until its stdout closes."""
+        proc = self._started()
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            try:
+                status = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("runner %d printed a non-status line: %r", proc.pid, line[:200])
+                continue
+            if isinstance(status, dict):
+                yield status
+
+    async def wait_ready(self, timeout_s: float = 300.0) -> str:
+        """The runner's data address once ready; RunnerFailed if it fails or exits first."""
+        async with asyncio.timeout(timeout_s):
+            async for status in self.statuses():
+                if status.get("status") == "ready":
+                    return str(status["data_addr"])
+                if status.get("status") == "failed":
+                    raise RunnerFailed(f"runner for {self.config.shard}: {status.get('reason')}")
+        code = await self._started().wait()
+        raise RunnerFailed(f"runner for {self.config.shard} exited with {code} before ready")
+
+    async def route(self, next_addr: str | None) -> None:
+        """Where the runner sends its outputs: the next stage, or None on the last stage."""
+        await self._send({"cmd": "route", "next": next_addr})
+
+    async def stop(self) -> int | None:
+        """Ask the runner to stop; terminate, then kill it by pid if it does not. Its exit code."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return self.returncode
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self._send({"cmd": "stop"})
+        if proc.stdin is not None:
+            proc.stdin.close()
+        for signal_it in (None, proc.terminate, proc.kill):
+            if signal_it is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal_it()
+            try:
+                code = await asyncio.wait_for(proc.wait(), self._stop_timeout_s)
+            except TimeoutError:
+                continue
+            log.info("runner %d exited with %d", proc.pid, code)
+            return code
+        return proc.returncode
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        stdin = self._started().stdin
+        assert stdin is not None
+        stdin.write(json.dumps(message).encode() + b"\n")
+        await stdin.drain()
+
+    def _started(self) -> asyncio.subprocess.Process:
+        if self._proc is None:
+            raise RuntimeError("RunnerProcess used before start()")
+        return self._proc

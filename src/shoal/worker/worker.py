@@ -1,0 +1,182 @@
+"""The worker actor: keeps this node's stage runners in line with the replicated state.
+
+After every change to the state it compares `plan(state, me)` with the runner processes it
+has: starts the missing ones, stops the ones no longer wanted, and tells each runner where its
+output goes. Runner status lines become RunnerStatusChanged events through the master, so a
+crashed runner is an event in the log, never a dead node.
+"""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.net.frames import WireDType
+from shoal.state.model import State
+from shoal.types.events import Event, RunnerStatusChanged
+from shoal.types.ids import ModelId, NodeId
+from shoal.types.runner import Failed, Loading, Ready, RunnerStatus
+from shoal.worker.plan import Assignment, StageKey, plan
+from shoal.worker.runner import RunnerConfig
+from shoal.worker.supervisor import RunnerProcess
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[Event], Awaitable[None]]
+Locate = Callable[[ModelId], Path | None]  # where this node has the model's weights
+
+
+@dataclass
+class _Running:
+    assignment: Assignment
+    process: RunnerProcess
+    route: str | None = None
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Worker:
+    """Starts, routes and stops the runner processes for the stages placed on this node."""
+
+    def __init__(
+        self,
+        me: NodeId,
+        state: Callable[[], State],
+        changed: Callable[[], Awaitable[None]],
+        report: Report,
+        locate: Locate,
+        *,
+        host: str = "127.0.0.1",
+        advertise: str | None = None,
+        device: str | None = None,
+        threads: int | None = None,
+        wire_dtype: WireDType = "float32",
+        progress_steps: int = 4,
+    ) -> None:
+        self._me = me
+        self._state = state
+        self._changed = changed
+        self._report = report
+        self._locate = locate
+        self._host = host
+        self._advertise = advertise or host  # the address others reach this node's runners at
+        self._device = device
+        self._threads = threads
+        self._wire_dtype = wire_dtype
+        self._progress_steps = progress_steps
+        self._running: dict[StageKey, _Running] = {}
+        self._done: set[StageKey] = set()  # exited or failed: not restarted (no crash loops)
+
+    async def run(self) -> None:
+        """Reconcile after every state change (and every second, for routes)."""
+        try:
+            while True:
+                await self._reconcile()
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self._changed()
+                except TimeoutError:
+                    pass
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop every runner process."""
+        running, self._running = self._running, {}
+        for item in running.values():
+            await self._stop(item)
+
+    async def _reconcile(self) -> None:
+        wanted = plan(self._state(), self._me)
+        for key in [k for k in self._running if k not in wanted]:
+            log.info("stopping runner %s: no longer placed here", key)
+            await self._stop(self._running.pop(key))
+        self._done &= set(wanted)
+        for key, assignment in wanted.items():
+            item = self._running.get(key)
+            if item is None and key not in self._done:
+                await self._start(assignment)
+            elif item is not None and not assignment.last and item.route != assignment.next_addr:
+                item.route = assignment.next_addr
+                await item.process.route(assignment.next_addr)
+
+    async def _start(self, assignment: Assignment) -> None:
+        key, stage = assignment.key, assignment.plan
+        path = self._locate(assignment.instance.model_id)
+        if path is None:
+            self._done.add(key)
+            reason = f"the weights of {assignment.instance.model_id} are not on this node"
+            await self._status(assignment, Failed(reason=reason))
+            return
+        config = RunnerConfig(
+            model_path=str(path),
+            model_id=assignment.instance.model_id,
+            start=stage.start,
+            end=stage.end,
+            n_layers=assignment.instance.n_layers,
+            engine=stage.engine,
+            device=self._device,
+            host=self._host,
+            threads=self._threads,
+            wire_dtype=self._wire_dtype,
+        )
+        log.info(
+            "starting runner %s: layers [%d, %d) of %s on %s",
+            key,
+            stage.start,
+            stage.end,
+            assignment.instance.model_id,
+            stage.engine,
+        )
+        process = RunnerProcess(config)
+        await process.start()
+        item = _Running(assignment, process)
+        self._running[key] = item
+        await self._status(assignment, Loading(done=0, total=stage.layers))
+        item.watcher = asyncio.create_task(self._watch(item), name=f"runner {key}")
+
+    async def _watch(self, item: _Running) -> None:
+        """Turn the runner's status lines into events; its exit into Failed."""
+        a = item.assignment
+        step = max(1, a.plan.layers // self._progress_steps)
+        reason = "the runner exited"
+        try:
+            async for status in item.process.statuses():
+                match status.get("status"):
+                    case "loading":
+                        done, total = int(status["done"]), int(status["total"])
+                        if done % step == 0 and 0 < done < total:
+                            log.info("runner %s loading: %d/%d layers", a.key, done, total)
+                            await self._status(a, Loading(done=done, total=total))
+                    case "ready":
+                        port = str(status["data_addr"]).rpartition(":")[2]
+                        log.info("runner %s ready on port %s", a.key, port)
+                        await self._status(a, Ready(), f"{self._advertise}:{port}")
+                    case "failed":
+                        reason = str(status.get("reason", reason))
+        finally:
+            code = await item.process.stop()  # reaps it (it has exited, or is made to)
+            if self._running.get(a.key) is item:  # not stopped on purpose: a crash or failure
+                del self._running[a.key]
+                self._done.add(a.key)
+                why = reason if reason != "the runner exited" else f"runner exited with {code}"
+                log.warning("runner %s failed: %s", a.key, why)
+                await self._status(a, Failed(reason=why))
+
+    async def _stop(self, item: _Running) -> None:
+        if item.watcher is not None:
+            item.watcher.cancel()
+        await item.process.stop()
+
+    async def _status(
+        self, a: Assignment, status: RunnerStatus, data_addr: str | None = None
+    ) -> None:
+        await self._report(
+            RunnerStatusChanged(
+                instance_id=a.key.instance_id,
+                stage=a.key.stage,
+                node_id=self._me,
+                status=status,
+                data_addr=data_addr,
+            )
+        )

@@ -1,0 +1,382 @@
+"""Placement: the memory and speed models, allocate_layers, place under each policy, previews."""
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from shoal.placement import (
+    NodeCapacity,
+    NoFit,
+    Placement,
+    Preview,
+    allocate_layers,
+    bits_per_weight,
+    memory_model,
+    place,
+    previews,
+    usable_memory,
+)
+from shoal.placement.memory import MIB, capacity, fmt_bytes
+from shoal.placement.speed import layer_time, node_speed
+from shoal.types.ids import InstanceId, ModelId, NodeId
+from shoal.types.model_card import ModelCard
+from shoal.types.profile import GpuInfo, NodeProfile
+from tests.helpers.state import GIB, profile
+
+pytestmark = pytest.mark.timeout(30)
+
+IID = InstanceId("i1")
+
+# --- builders -------------------------------------------------------------------------------------
+
+SMOL: dict[str, Any] = dict(
+    id="smollm2-135m", layers=30, hidden_size=576, heads=9, kv_heads=3, head_dim=64,
+    vocab_size=49152, context_length=8192, storage_bytes=98362432, quantization="Q4_1",
+)  # fmt: skip
+LLAMA70: dict[str, Any] = dict(
+    id="llama-3.1-70b", layers=80, hidden_size=8192, heads=64, kv_heads=8, head_dim=128,
+    vocab_size=128256, context_length=131072, storage_bytes=38769 * MIB, quantization="4bit",
+)  # fmt: skip
+
+
+def card(shape: dict[str, Any], **overrides: Any) -> ModelCard:
+    """A ModelCard of `shape`; keyword arguments replace fields."""
+    fields = {"name": "n", "family": "f", "architecture": "llama", "hf_repo": "r", "license": "l"}
+    fields |= shape | overrides
+    fields["id"] = ModelId(fields["id"])
+    return ModelCard(**fields)
+
+
+def node(
+    name: str,
+    ram_gib: float = 16,
+    bw: float | None = 20.0,
+    gflops: float | None = 150.0,
+    **overrides: Any,
+) -> NodeProfile:
+    """A profile with `ram_gib` free, `bw` GB/s and `gflops` GFLOP/s."""
+    ram = int(ram_gib * GIB)
+    return profile(
+        name, ram_available=ram, memory_bandwidth_gbs=bw, matmul_gflops=gflops, **overrides
+    )
+
+
+def big(name: str, bw: float, ram_gib: float = 128) -> NodeProfile:
+    """A compute-rich node; 128 GiB hold ~34 layers of the 70B at float32."""
+    return node(name, ram_gib, bw, 2000.0)
+
+
+def layers_of(result: Placement | NoFit) -> list[tuple[str, int]]:
+    assert isinstance(result, Placement), result
+    return [(s.node_id, s.layers) for s in result.instance.stages]
+
+
+def assert_within_memory(result: Placement, c: ModelCard, nodes: Sequence[NodeProfile]) -> None:
+    """Every node's bytes, recomputed from the memory model, fit what it offers after headroom."""
+    mem = memory_model(c)
+    by_id = {p.node_id: p for p in nodes}
+    for node_id, held in result.memory_per_node.items():
+        stages = [s for s in result.instance.stages if s.node_id == node_id]
+        assert held == sum(mem.stage_bytes(s.start, s.end) for s in stages)
+        assert held <= capacity(usable_memory(by_id[node_id], stages[0].engine))
+
+
+def stage_times(result: Placement, c: ModelCard, nodes: Sequence[NodeProfile]) -> list[float]:
+    mem, by_id = memory_model(c), {p.node_id: p for p in nodes}
+    return [
+        s.layers * layer_time(mem, node_speed(by_id[s.node_id])) for s in result.instance.stages
+    ]
+
+
+# --- the memory and speed models ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("label", "bits"),
+    [("4bit", 4.5), ("8bit", 8.5), ("fp16", 16), ("bf16", 16), ("F16", 16), ("fp32", 32),
+     ("F32", 32), ("Q4_0", 4.5), ("Q4_1", 5.0), ("Q4_K", 4.8), ("Q4_K_M", 4.8), ("Q5_K_M", 5.7),
+     ("Q6_K", 6.6), ("Q8_0", 8.5), ("3bit", 3.5), ("mystery", 16)],
+)  # fmt: skip
+def test_bits_per_weight(label: str, bits: float) -> None:
+    assert bits_per_weight(label) == bits
+
+
+def test_memory_model_smollm2() -> None:
+    mem = memory_model(card(SMOL))
+    embed = 49152 * 576
+    assert mem.embed_bytes == mem.head_bytes == embed * 4
+    per_layer_storage = (98362432 - embed * 5.0 / 8) / 30
+    assert mem.layer_bytes == pytest.approx(per_layer_storage * 32 / 5.0, abs=1)
+    assert mem.kv_layer_bytes == 2 * 3 * 64 * 4 * 4096
+    assert mem.total_bytes() == 30 * (mem.layer_bytes + mem.kv_layer_bytes) + 2 * embed * 4
+    assert mem.stage_bytes(0, 10) + mem.stage_bytes(10, 30) == mem.total_bytes()
+    assert memory_model(card(SMOL), context=100, sequences=3).kv_layer_bytes == 1536 * 300
+
+
+def cuda(free_gib: int) -> GpuInfo:
+    return GpuInfo(vendor="nvidia", name="H100", memory_total=80 * GIB,
+                   memory_free=free_gib * GIB, backend="cuda")  # fmt: skip
+
+
+METAL = GpuInfo(vendor="apple", name="M2", memory_total=64 * GIB, memory_free=60 * GIB,
+                backend="metal")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("gpus", "engine", "usable_gib"),
+    [((), "torch", 8), ((cuda(40),), "torch", 40), ((cuda(40), cuda(30)), "torch", 70),
+     ((cuda(40),), "fake", 8), ((METAL,), "torch", 8)],
+)  # fmt: skip
+def test_usable_memory(gpus: tuple[GpuInfo, ...], engine: str, usable_gib: int) -> None:
+    assert usable_memory(node("a", 8, gpus=gpus), engine) == usable_gib * GIB
+
+
+def test_unmeasured_node_gets_defaults_and_a_note() -> None:
+    speed = node_speed(node("a", bw=None, gflops=None))
+    assert (speed.bandwidth_gbs, speed.matmul_gflops) == (10.0, 50.0) and len(speed.notes) == 2
+    result = place(card(SMOL), [node("a", bw=None)], instance_id=IID)
+    assert isinstance(result, Placement) and any("unmeasured" in n for n in result.notes)
+
+
+# --- allocate_layers ------------------------------------------------------------------------------
+
+
+def caps(*pairs: tuple[float, int]) -> list[NodeCapacity]:
+    return [NodeCapacity(NodeId(f"n{i}"), t, cap) for i, (t, cap) in enumerate(pairs)]
+
+
+ALLOCATE: list[tuple[str, int, list[NodeCapacity], list[int] | None]] = [
+    ("even", 10, caps((1, 10), (1, 10)), [5, 5]),
+    ("twice as fast gets twice", 30, caps((1, 30), (2, 30)), [20, 10]),
+    ("largest remainder, ties by order", 10, caps((1, 10), (1, 10), (1, 10)), [4, 3, 3]),
+    ("cap moves the rest", 10, caps((1, 3), (1, 10)), [3, 7]),
+    ("at least one each", 10, caps((1, 10), (100, 10)), [9, 1]),
+    ("excess to the quickest stage", 12, caps((1, 2), (1, 20), (2, 20)), [2, 7, 3]),
+    ("exactly the caps", 9, caps((1, 2), (5, 3), (1, 4)), [2, 3, 4]),
+    ("caps too small", 10, caps((1, 4), (1, 5)), None),
+    ("a node holds nothing", 10, caps((1, 0), (1, 10)), None),
+    ("more nodes than layers", 2, caps((1, 5), (1, 5), (1, 5)), None),
+    ("no nodes", 5, [], None),
+]
+
+
+@pytest.mark.parametrize(("n", "nodes", "expected"), [c[1:] for c in ALLOCATE],
+                         ids=[c[0] for c in ALLOCATE])  # fmt: skip
+def test_allocate_layers(n: int, nodes: list[NodeCapacity], expected: list[int] | None) -> None:
+    assert allocate_layers(n, nodes) == expected
+
+
+@pytest.mark.parametrize("n", [1, 7, 30, 80, 126])
+def test_allocate_layers_invariants(n: int) -> None:
+    for times in itertools.product([0.5, 1.0, 3.0], repeat=3):
+        for cap_list in itertools.product([1, n // 3 + 1, n], repeat=3):
+            nodes = caps(*zip(times, cap_list, strict=True))
+            counts = allocate_layers(n, nodes)
+            if n < 3 or sum(cap_list) < n:
+                assert counts is None
+                continue
+            assert counts is not None and sum(counts) == n
+            assert all(1 <= c <= cap for c, cap in zip(counts, cap_list, strict=True))
+
+
+# --- place: latency -------------------------------------------------------------------------------
+
+A, B = node("a", bw=20.0, gflops=150.0), node("b", bw=10.0, gflops=50.0)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "exp"),
+    [([A, B], "a"), ([B, A], "a"),
+     ([node("a", 0.5, bw=100.0), B, node("c", bw=15.0)], "c"),  # the fastest cannot hold it
+     ([node("y"), node("x")], "x")],  # equal speed: node id decides
+)  # fmt: skip
+def test_fits_on_one_node_uses_the_fastest_that_fits(nodes: list[NodeProfile], exp: str) -> None:
+    result = place(card(SMOL), nodes, instance_id=IID)
+    assert layers_of(result) == [(exp, 30)]
+    assert isinstance(result, Placement) and result.instance.predicted_tok_s is not None
+    assert_within_memory(result, card(SMOL), nodes)
+
+
+def test_latency_single_node_prediction() -> None:
+    mem = memory_model(card(SMOL))
+    t_a = max(mem.layer_bytes / 20e9, 2 * mem.params_per_layer / 150e9)
+    result = place(card(SMOL), [A, B], instance_id=IID)
+    assert isinstance(result, Placement)
+    assert result.instance.predicted_tok_s == pytest.approx(1 / (30 * t_a))
+
+
+FOUR = [big("fast1", 400.0), big("fast2", 400.0), big("slow", 100.0), big("tiny", 800.0, 16)]
+EQUAL = [big("a", 100.0, 192), big("b", 300.0, 192), big("c", 200.0, 192), big("d", 300.0, 192)]
+PAIR = [big("s", 100.0, 192), big("f", 300.0, 192)]
+
+SPLITS: list[tuple[str, list[NodeProfile], list[tuple[str, int]]]] = [
+    ("3 of 4; tiny is fastest but cannot help", FOUR, [("fast1", 33), ("fast2", 34), ("slow", 13)]),
+    ("the fastest 2 of 4", EQUAL, [("b", 40), ("d", 40)]),
+    ("faster node gets more, up to its cap", PAIR, [("f", 50), ("s", 30)]),
+]
+
+
+@pytest.mark.parametrize(("nodes", "expected"), [c[1:] for c in SPLITS], ids=[c[0] for c in SPLITS])
+def test_too_big_for_one_splits_over_the_fewest(
+    nodes: list[NodeProfile], expected: list[tuple[str, int]]
+) -> None:
+    c = card(LLAMA70)
+    result = place(c, nodes, instance_id=IID)
+    assert layers_of(result) == expected
+    assert isinstance(result, Placement)
+    assert_within_memory(result, c, nodes)
+    assert any("split over" in n for n in result.notes)
+    reordered = {p.node_id: p for p in reversed(nodes)}  # a mapping, in another order
+    assert place(c, reordered, instance_id=IID) == result
+
+
+def test_throughput_balances_stages_and_may_use_more_nodes() -> None:
+    c = card(LLAMA70)
+    latency = place(c, EQUAL, instance_id=IID)
+    result = place(c, EQUAL, instance_id=IID, policy="throughput")
+    assert isinstance(result, Placement) and isinstance(latency, Placement)
+    assert len(result.instance.stages) == 4 > len(latency.instance.stages)
+    times = stage_times(result, c, EQUAL)
+    assert max(times) / min(times) < 1.2
+    assert result.instance.predicted_tok_s == pytest.approx(1 / max(times))
+    assert result.instance.policy == "throughput"
+    assert_within_memory(result, c, EQUAL)
+
+
+def test_throughput_on_a_small_model() -> None:
+    result = place(card(SMOL), [A, B], instance_id=IID, policy="throughput")
+    assert layers_of(result) == [("a", 20), ("b", 10)]
+    assert isinstance(result, Placement)
+    times = stage_times(result, card(SMOL), [A, B])
+    assert times[0] == pytest.approx(times[1])
+
+
+# --- overrides and forced engines ---------------------------------------------------------------
+
+NAMED = [node("alpha"), node("alpha2"), node("beta", bw=10.0), node("small", 0.5)]
+
+
+@pytest.mark.parametrize(
+    "spec", ["alpha:0-12,beta:12-30", "alpha:0-12,be:12-30", [("alpha", 0, 12), ("beta", 12, 30)]]
+)
+def test_override_is_honoured_exactly(spec: Any) -> None:
+    result = place(card(SMOL), NAMED, instance_id=IID, overrides=spec)
+    assert layers_of(result) == [("alpha", 12), ("beta", 18)]
+
+
+def test_override_with_links_predicts_with_the_hops() -> None:
+    c, nodes = card(SMOL), [A, B]
+    links = {(NodeId("b"), NodeId("a")): 0.01}
+    result = place(c, nodes, instance_id=IID, overrides="a:0-15,b:15-30", links=links)
+    assert isinstance(result, Placement)
+    compute = sum(stage_times(result, c, nodes))
+    assert result.instance.predicted_tok_s == pytest.approx(1 / (compute + 2 * 0.01))  # both ways
+
+
+REFUSED: list[tuple[str, str, str]] = [
+    ("unknown node", "zz:0-30", "no node 'zz' (nodes: alpha, alpha2, beta, ghost, small)"),
+    ("ambiguous prefix", "alp:0-30", "'alp' is ambiguous: alpha, alpha2"),
+    ("gap", "alpha:0-12,beta:14-30", "layers 12-14 are not assigned (between alpha:0-12 and"),
+    ("overlap", "alpha:0-12,beta:10-30", "beta:10-30 overlaps alpha:0-12 at layers 10-12"),
+    ("short", "alpha:0-12,beta:12-28", "layers 28-30 are not assigned"),
+    ("late start", "alpha:2-30", "layers 0-2 are not assigned (before alpha:2-30)"),
+    ("past the end", "alpha:0-12,beta:12-31", "beta:12-31 runs past the model's 30 layers"),
+    ("empty", "alpha:0-0,beta:0-30", "alpha:0-0 is empty"),
+    ("syntax", "alpha0-30", "'alpha0-30' is not NODE:START-END"),
+    ("over memory", "alpha:0-2,small:2-30", "small needs 736 MiB for layers 2-30 but has 205 MiB"),
+    ("no profile", "alpha:0-2,ghost:2-30", "ghost:2-30: ghost no profile yet"),
+]
+
+
+@pytest.mark.parametrize(("spec", "reason"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_override_refused_with_the_reason(spec: str, reason: str) -> None:
+    nodes: dict[NodeId, NodeProfile | None] = {p.node_id: p for p in NAMED}
+    nodes[NodeId("ghost")] = None
+    result = place(card(SMOL), nodes, instance_id=IID, overrides=spec)
+    assert isinstance(result, NoFit) and reason in result.reason, result
+
+
+def test_forced_engine() -> None:
+    nodes = [node("a", bw=90.0), node("b", engines=("torch", "mlx"))]
+    result = place(card(SMOL), nodes, instance_id=IID, engine="mlx")
+    assert isinstance(result, Placement)
+    assert [(s.node_id, s.engine) for s in result.instance.stages] == [("b", "mlx")]
+    assert any("a: skipped, does not list engine 'mlx'" in n for n in result.notes)
+    refused = place(card(SMOL), nodes, instance_id=IID, engine="mlx", overrides="a:0-30")
+    assert isinstance(refused, NoFit) and "a does not list engine 'mlx' (lists: torch)" in (
+        refused.reason
+    )
+
+
+def test_fake_only_and_profileless_nodes_are_skipped() -> None:
+    nodes = {NodeId("f"): node("f", engines=("fake",)), NodeId("g"): None}
+    result = place(card(SMOL), nodes, instance_id=IID)
+    assert isinstance(result, NoFit)
+    assert "no usable node: f does not list an engine other than 'fake'" in result.reason
+    assert "g no profile yet" in result.reason
+    assert layers_of(place(card(SMOL), nodes, instance_id=IID, engine="fake")) == [("f", 30)]
+
+
+def test_gpu_memory_is_used_for_engines_that_run_there() -> None:
+    gpu = node("g", 0.5, gpus=(cuda(8),))
+    assert layers_of(place(card(SMOL), [gpu], instance_id=IID)) == [("g", 30)]
+    mac = node("m", 0.5, gpus=(METAL,))  # unified: the free RAM is all there is
+    assert isinstance(place(card(SMOL), [mac], instance_id=IID), NoFit)
+
+
+# --- no fit ---------------------------------------------------------------------------------------
+
+
+def test_no_fit_even_together_names_the_numbers() -> None:
+    nodes = [node("a", 32), node("b", 32), node("c", 32)]
+    result = place(card(LLAMA70), nodes, instance_id=IID)
+    assert isinstance(result, NoFit)
+    assert result.reason == (
+        "llama-3.1-70b needs 275.6 GiB (weights 273.1 GiB + KV cache 2.5 GiB for 4096 tokens); "
+        "the largest node (a) has 28.6 GiB after headroom (32.0 GiB free) and all 3 usable nodes "
+        "together 85.7 GiB after headroom (96.0 GiB free)"
+    )
+
+
+def test_no_fit_in_whole_layers() -> None:
+    # 90 nodes hold one layer each, but none holds a layer and the embeddings
+    nodes = [node(f"n{i:02}", 4.5) for i in range(90)]
+    result = place(card(LLAMA70), nodes, instance_id=IID)
+    assert isinstance(result, NoFit) and "no split into whole layers fits" in result.reason
+
+
+# --- previews -------------------------------------------------------------------------------------
+
+
+def test_previews_list_every_option_sorted() -> None:
+    nodes = [A, B, node("small", 0.5, bw=15.0)]
+    options = previews(card(SMOL), nodes)
+    fits = [p for p in options if p.fits]
+    assert options[: len(fits)] == fits  # fitting ones first
+    speeds = [p.predicted_tok_s or 0 for p in fits]
+    assert speeds == sorted(speeds, reverse=True)
+    assert fits[0].label == "a" and fits[0].chosen_by == ("latency",)
+    assert {p.label for p in options} >= {"a", "b", "small", "a+small", "a+b", "a+small+b"}
+    small = next(p for p in options if p.label == "small")
+    assert not small.fits and small.predicted_tok_s is None
+    assert small.reason == (
+        f"small needs {fmt_bytes(memory_model(card(SMOL)).total_bytes())} for layers 0-30 "
+        "but has 205 MiB after headroom (512 MiB free)"
+    )
+    for p in options:
+        assert Preview.model_validate(p.to_json()) == p
+
+
+def test_previews_skip_subsets_beyond_four_nodes() -> None:
+    nodes = [node(f"n{i}", bw=10.0 + i) for i in range(5)] + [node("f", engines=("fake",))]
+    options = previews(card(SMOL), nodes)
+    assert sum("+" in p.label for p in options) <= 1  # only the throughput policy's split
+    assert options[-1].label == "f" and options[-1].reason is not None
+
+
+def test_previews_when_nothing_fits() -> None:
+    options = previews(card(LLAMA70), [node("a", 32), node("b", 32)])
+    assert not any(p.fits for p in options)
+    assert options[0].chosen_by == ("latency", "throughput") and options[0].reason
