@@ -150,6 +150,10 @@ class ClusterService:
         return ModelStatus("available")
 
     async def acquire(self, model_id: str) -> InstanceHandle:
+        """A ready instance of the model (or the instance itself, when given an instance id)."""
+        pinned = self._cluster.state.instances.get(InstanceId(model_id))
+        if pinned is not None:
+            return await self._pinned(pinned.instance.instance_id)
         card = self._catalog.get(model_id)
         async with asyncio.timeout(self._ready_timeout):
             while True:
@@ -166,6 +170,20 @@ class ClusterService:
                 failure = self.status(card)
                 if failure.status == "failed":
                     raise ModelUnavailable(f"cannot run {card.id}: {failure.reason}")
+                await self._cluster.replica.changed()
+
+    async def _pinned(self, instance_id: InstanceId) -> InstanceHandle:
+        async with asyncio.timeout(self._ready_timeout):
+            while True:
+                record = self._cluster.state.instances.get(instance_id)
+                if record is None:
+                    raise ModelUnavailable(f"instance {instance_id} is gone")
+                if record.ready:
+                    card = self._catalog.get(record.instance.model_id)
+                    return await self._handle(card, record)
+                failed = [r for r in record.runners.values() if r.status.kind == "failed"]
+                if failed:
+                    raise ModelUnavailable(f"instance {instance_id} failed: {failed[0].status}")
                 await self._cluster.replica.changed()
 
     # --- placing -----------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from fastapi import FastAPI
 
 from shoal import __version__
-from shoal.api import chat, completions, errors, health, models
+from shoal.api import chat, completions, errors, health, instances, models
 from shoal.api import cluster as cluster_routes
 from shoal.api.limits import BodyLimit
 from shoal.cluster import ClusterNode
@@ -21,7 +21,7 @@ def create_app(
     app.state.service = service
     app.state.cluster = cluster
     errors.install(app)
-    for module in (models, chat, completions, health, cluster_routes):
+    for module in (models, chat, completions, health, cluster_routes, instances):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app

@@ -1,6 +1,6 @@
 """A stage runner: one engine serving one shard [start, end) over the data plane, as a subprocess.
 
-With its parent (see supervisor.py), in JSON lines. stdin: one RunnerConfig, then commands
+With its parent (supervisor.py), in JSON lines. stdin: one RunnerConfig, then commands
 {"cmd": "route", "next": "host:port" | null} and {"cmd": "stop"}; EOF also means stop (the parent
 died). stdout: {"status": "loading", "done", "total"}, then {"status": "ready", "data_addr"} or
 {"status": "failed", "reason"} (exit 1). Logs go to stderr: stdout carries only statuses.
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import ValidationError
 
 from shoal.engines.base import Engine, StepInput
 from shoal.engines.registry import create_engine
@@ -34,9 +34,9 @@ from shoal.inference.pipeline import Sampler
 from shoal.inference.request import SamplingParams
 from shoal.models.source import open_weights
 from shoal.net import frames
-from shoal.net.frames import Frame, FrameError, FrameReader, Kind, WireDType
-from shoal.types.ids import ModelId, RequestId
-from shoal.types.shard import Shard
+from shoal.net.frames import Frame, FrameError, FrameReader, Kind
+from shoal.types.ids import RequestId
+from shoal.worker.supervisor import RunnerConfig
 
 # under `python -m`, __name__ is "__main__"; the spec keeps the module's real name
 log = logging.getLogger(__spec__.name if __spec__ is not None else __name__)
@@ -45,34 +45,6 @@ _T = TypeVar("_T")
 
 READ_CHUNK = 1 << 20
 CONNECT_TIMEOUT_S = 5.0
-
-
-class RunnerConfig(BaseModel):
-    """What one runner loads and where it listens."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model_path: str
-    model_id: ModelId
-    start: int
-    end: int
-    n_layers: int
-    engine: str = "torch"
-    device: str | None = None
-    host: str = "127.0.0.1"
-    threads: int | None = None
-    wire_dtype: WireDType = "float32"
-    inline_tokens: int = 16  # steps of up to this many tokens run on the loop (see _on_engine)
-    log_level: str = "INFO"
-
-    @property
-    def shard(self) -> Shard:
-        return Shard(model_id=self.model_id, start=self.start, end=self.end, n_layers=self.n_layers)
-
-    @model_validator(mode="after")
-    def _check_shard(self) -> "RunnerConfig":
-        self.shard  # noqa: B018 -- Shard checks the layer range
-        return self
 
 
 @dataclass
@@ -141,8 +113,9 @@ class StageServer:
         self._listeners: dict[int, asyncio.StreamWriter] = {}  # session → its listener
         self._origins: dict[int, asyncio.StreamWriter] = {}  # session → its FORWARDs' sender
         self._handlers: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
-        self._next: tuple[str, asyncio.StreamWriter] | None = None
-        self._watchers: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+        # the next stage: its address, the connection, and the task reading it (held: the loop
+        # keeps only weak references to tasks)
+        self._next: tuple[str, asyncio.StreamWriter, asyncio.Task[None]] | None = None
         self._next_lock = asyncio.Lock()
         self._closing = False
         self._warned: set[str] = set()
@@ -199,11 +172,9 @@ class StageServer:
 
     async def _forward(self, frame: Frame, origin: asyncio.StreamWriter) -> None:
         """Run one batch; pass the hidden states on, or answer the listener with tokens."""
-        tokens = sum(item.length for item in frame.items)
+        inline = sum(item.length for item in frame.items) <= self.config.inline_tokens
         try:
-            out = await self._on_engine(
-                self._step, frame, inline=tokens <= self.config.inline_tokens
-            )
+            out = await self._on_engine(self._step, frame, inline=inline)
         except Exception as exc:  # the engine's failure is the step's, not the runner's
             log.warning("stage %s: step %d failed: %s", self.shard, frame.step, one_line(exc))
             reply = frames.error(frame.session, frame.step, f"stage {self.shard}: {one_line(exc)}")
@@ -280,10 +251,8 @@ class StageServer:
                 asyncio.open_connection(host, port), CONNECT_TIMEOUT_S
             )
             writer.write(frames.encode(frames.hello(0, "client")))
-            self._next = (addr, writer)
             watcher = asyncio.get_running_loop().create_task(self._watch_next(addr, reader, writer))
-            self._watchers.add(watcher)
-            watcher.add_done_callback(self._watchers.discard)
+            self._next = (addr, writer, watcher)
             log.info("stage %s: connected to the next stage %s", self.shard, addr)
             return writer
 
@@ -346,8 +315,11 @@ async def read_commands(stdin: asyncio.StreamReader, control: Control) -> None:
     control.stopped.set()
 
 
-async def serve(stdin: asyncio.StreamReader) -> int:
+async def serve() -> int:
     """Read the config, load, listen, serve until stopped; the process exit code."""
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     try:
         config = RunnerConfig.model_validate_json(await stdin.readline())
     except ValidationError as exc:
@@ -357,7 +329,6 @@ async def serve(stdin: asyncio.StreamReader) -> int:
     control = Control()
     commands = asyncio.create_task(read_commands(stdin, control))
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-    loop = asyncio.get_running_loop()
     emit("loading", done=0, total=config.end - config.start)
     loading = asyncio.ensure_future(loop.run_in_executor(executor, load_engine, config))
     stopped = asyncio.create_task(control.stopped.wait())
@@ -391,14 +362,6 @@ async def serve(stdin: asyncio.StreamReader) -> int:
     return 0
 
 
-async def amain() -> int:
-    """Wire stdin to the event loop, then serve."""
-    loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-    return await serve(stdin)
-
-
 def main() -> None:
     """Entry point of `python -m shoal.worker.runner`."""
     logging.basicConfig(
@@ -406,7 +369,7 @@ def main() -> None:
         level=logging.INFO,
         format=f"%(asctime)s runner[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
-    sys.exit(asyncio.run(amain()))
+    sys.exit(asyncio.run(serve()))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,44 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping
-from typing import IO, Any
+from typing import IO, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from shoal.errors import ShoalError
-from shoal.worker.runner import RunnerConfig
+from shoal.net.frames import WireDType
+from shoal.types.ids import ModelId
+from shoal.types.shard import Shard
 
 log = logging.getLogger(__name__)
+
+
+class RunnerConfig(BaseModel):
+    """What one runner loads and where it listens."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_path: str
+    model_id: ModelId
+    start: int
+    end: int
+    n_layers: int
+    engine: str = "torch"
+    device: str | None = None
+    host: str = "127.0.0.1"
+    threads: int | None = None
+    wire_dtype: WireDType = "float32"
+    inline_tokens: int = 16  # steps of up to this many tokens run on the loop (see _on_engine)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(model_id=self.model_id, start=self.start, end=self.end, n_layers=self.n_layers)
+
+    @model_validator(mode="after")
+    def _check_shard(self) -> "RunnerConfig":
+        self.shard  # noqa: B018 -- Shard checks the layer range
+        return self
 
 
 class RunnerFailed(ShoalError):
