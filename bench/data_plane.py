@@ -26,8 +26,7 @@ from shoal.models.source import open_weights
 from shoal.net import frames
 from shoal.types.ids import ModelId, RequestId
 from shoal.types.shard import Shard
-from shoal.worker.runner import RunnerConfig
-from shoal.worker.supervisor import RunnerProcess
+from shoal.worker.supervisor import RunnerConfig, RunnerProcess
 
 N_LAYERS = 4
 MODEL = ModelId("tiny")
@@ -118,8 +117,7 @@ async def run_remote(model: Path, engine: str, n: int, steps: int, repeats: int)
         finally:
             await pipeline.close()
     finally:
-        for r in runners:
-            await r.stop()
+        await asyncio.gather(*(r.stop() for r in runners))
 
 
 def hop_bytes(hidden: int, wire: frames.WireDType) -> int:

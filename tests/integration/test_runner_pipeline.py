@@ -23,8 +23,7 @@ from shoal.inference.request import SamplingParams
 from shoal.models.source import open_weights
 from shoal.types.ids import ModelId, RequestId
 from shoal.types.shard import Shard
-from shoal.worker.runner import RunnerConfig
-from shoal.worker.supervisor import RunnerFailed, RunnerProcess
+from shoal.worker.supervisor import RunnerConfig, RunnerProcess, RunnerStartFailed
 from tests.helpers.tiny import N_LAYERS, VOCAB
 
 pytest.importorskip("transformers")
@@ -51,7 +50,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def runner(model_dir: Path | str, start: int, end: int) -> RunnerProcess:
+def runner(model_dir: Path | str, start: int, end: int, inline_tokens: int = 16) -> RunnerProcess:
     config = RunnerConfig(
         model_path=str(model_dir),
         model_id=ModelId("tiny"),
@@ -61,6 +60,7 @@ def runner(model_dir: Path | str, start: int, end: int) -> RunnerProcess:
         engine="torch",
         device="cpu",
         threads=1,
+        inline_tokens=inline_tokens,
     )
     return RunnerProcess(config, stop_timeout_s=3.0)
 
@@ -76,15 +76,18 @@ async def start_chain(runners: Sequence[RunnerProcess]) -> list[str]:
 
 
 async def stop_all(runners: Sequence[RunnerProcess]) -> None:
-    for r in runners:
-        await r.stop()
+    await asyncio.gather(*(r.stop() for r in runners))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stages(model_dir: Path) -> AsyncIterator[dict[str, list[str]]]:
-    """A two-stage chain and a whole-model runner, shared by the tests of this module."""
+    """A two-stage chain and a whole-model runner, shared by the tests of this module.
+
+    The whole-model runner runs every step on its engine thread, the others run small steps on
+    their event loop: both paths are checked.
+    """
     split = [runner(model_dir, 0, 2), runner(model_dir, 2, N_LAYERS)]
-    whole = [runner(model_dir, 0, N_LAYERS)]
+    whole = [runner(model_dir, 0, N_LAYERS, inline_tokens=0)]
     try:
         split_addrs = await start_chain(split)
         whole_addrs = await start_chain(whole)
@@ -163,8 +166,9 @@ async def test_a_batch_of_two_lengths(stages: dict[str, list[str]], model_dir: P
         await reference.close()
 
 
-async def test_free_lets_a_request_start_again(stages: dict[str, list[str]]) -> None:
-    remote = await connected(stages["split"])
+@pytest.mark.parametrize("layout", ["split", "whole"])
+async def test_free_lets_a_request_start_again(stages: dict[str, list[str]], layout: str) -> None:
+    remote = await connected(stages[layout])
     try:
         first = await remote.forward([step("again", PROMPTS[1], 0)])
         with pytest.raises(ShoalError, match="cache holds 9"):  # an engine error, not a lost stage
@@ -176,21 +180,21 @@ async def test_free_lets_a_request_start_again(stages: dict[str, list[str]]) -> 
 
 
 async def test_lost_stages_raise_stage_lost_promptly(model_dir: Path) -> None:
-    chain = [runner(model_dir, 0, 2), runner(model_dir, 2, N_LAYERS)]
+    chain = [runner(model_dir, 0, 1), runner(model_dir, 1, 3), runner(model_dir, 3, N_LAYERS)]
     try:
         addrs = await start_chain(chain)
         dead = "127.0.0.1:9"  # discard port: nothing listens
-        await chain[0].route(dead)
+        await chain[1].route(dead)  # the middle stage's error travels back through stage 0
         remote = await connected(addrs)
         with pytest.raises(StageLost, match="cannot reach") as lost:
             await remote.forward([step("k", PROMPTS[0], 0)])
         assert lost.value.stage_addr == dead
         await remote.close()
 
-        await chain[0].route(addrs[1])  # stage 0 reconnects to the rerouted next stage
+        await chain[1].route(addrs[2])  # the middle stage reconnects to the rerouted next stage
         remote = await connected(addrs)
         assert (await remote.forward([step("k2", PROMPTS[0], 0)]))[0] is not None
-        pid = chain[1].pid
+        pid = chain[2].pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         began = time.monotonic()
@@ -202,15 +206,14 @@ async def test_lost_stages_raise_stage_lost_promptly(model_dir: Path) -> None:
             await connected(addrs)
     finally:
         await stop_all(chain)
-    assert chain[1].returncode == -signal.SIGKILL
-    assert chain[0].returncode == 0
+    assert [r.returncode for r in chain] == [0, 0, -signal.SIGKILL]
 
 
 async def test_a_bad_model_path_fails_with_a_reason(tmp_path: Path) -> None:
     bad = runner(tmp_path / "missing", 0, N_LAYERS)
     try:
         await bad.start()
-        with pytest.raises(RunnerFailed, match="no such file or directory"):
+        with pytest.raises(RunnerStartFailed, match="no such file or directory"):
             await bad.wait_ready(60)
         assert await asyncio.wait_for(bad.stop(), 10) == 1
     finally:

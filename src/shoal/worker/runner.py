@@ -6,9 +6,10 @@ died). stdout: {"status": "loading", "done", "total"}, then {"status": "ready", 
 {"status": "failed", "reason"} (exit 1). Logs go to stderr: stdout carries only statuses.
 
 Data plane (net/frames.py): each connection starts with HELLO. FORWARDs from a "client" run
-through the engine in arrival order, on one thread so the loop stays free; then a middle stage
-sends the hidden states on to the next stage, and the last stage samples and sends a RESULT to the
-"listener" connection of the frame's session. FREE frees every stage down the chain. Errors flow
+through the engine one at a time in arrival order (prefill chunks on the engine thread, so the
+loop stays free; decode-sized steps inline, see _on_engine); then a middle stage sends the hidden
+states on to the next stage, and the last stage samples and sends a RESULT to the "listener"
+connection of the frame's session. FREE frees every stage down the chain. Errors flow
 back the way the frame came (the last stage answers through the listener), so the client always
 hears why a step failed; the runner keeps serving.
 """
@@ -323,7 +324,9 @@ async def serve() -> int:
     try:
         config = RunnerConfig.model_validate_json(await stdin.readline())
     except ValidationError as exc:
-        emit("failed", reason=f"bad runner config: {one_line(exc)}")
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "line"
+        emit("failed", reason=f"bad runner config: {where}: {error['msg']}")
         return 1
     logging.getLogger().setLevel(config.log_level)
     control = Control()
@@ -340,15 +343,15 @@ async def serve() -> int:
         os._exit(0)
     try:
         engine = loading.result()
-    except Exception as exc:  # any load failure becomes the failed status
-        log.error("loading %s failed: %s", config.shard, exc)
+        stage = StageServer(engine, config, control, executor)
+        server = await asyncio.start_server(stage.handle, config.host, 0)
+    except Exception as exc:  # any load or bind failure becomes the failed status
+        log.error("starting %s failed: %s", config.shard, exc)
         emit("failed", reason=one_line(exc))
         commands.cancel()
         stopped.cancel()
         executor.shutdown(wait=False)
         return 1
-    stage = StageServer(engine, config, control, executor)
-    server = await asyncio.start_server(stage.handle, config.host, 0)
     port = server.sockets[0].getsockname()[1]
     addr = frames.format_addr(config.host, port)
     log.info("serving %s on %s", config.shard, addr)

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -39,7 +39,7 @@ class RunnerConfig(BaseModel):
     host: str = "127.0.0.1"
     threads: int | None = None
     wire_dtype: WireDType = "float32"
-    inline_tokens: int = 16  # steps of up to this many tokens run on the loop (see _on_engine)
+    inline_tokens: int = 16  # smaller steps skip the thread handoff (runner._on_engine)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @property
@@ -52,7 +52,7 @@ class RunnerConfig(BaseModel):
         return self
 
 
-class RunnerFailed(ShoalError):
+class RunnerStartFailed(ShoalError):
     """The runner reported failure, or exited, before it was ready."""
 
 
@@ -100,7 +100,7 @@ class RunnerProcess:
         log.info("runner %d started for %s", self._proc.pid, self.config.shard)
         await self._send(self.config.model_dump(mode="json"))
 
-    async def statuses(self) -> AsyncIterator[dict[str, Any]]:
+    async def statuses(self) -> AsyncGenerator[dict[str, Any], None]:
         """Each status line the runner prints, parsed, until its stdout closes."""
         proc = self._started()
         assert proc.stdout is not None
@@ -114,15 +114,16 @@ class RunnerProcess:
                 yield status
 
     async def wait_ready(self, timeout_s: float = 300.0) -> str:
-        """The runner's data address once ready; RunnerFailed if it fails or exits first."""
-        async with asyncio.timeout(timeout_s):
-            async for status in self.statuses():
+        """The runner's data address once ready; RunnerStartFailed if it fails or exits first."""
+        async with asyncio.timeout(timeout_s), contextlib.aclosing(self.statuses()) as statuses:
+            async for status in statuses:
                 if status.get("status") == "ready":
                     return str(status["data_addr"])
                 if status.get("status") == "failed":
-                    raise RunnerFailed(f"runner for {self.config.shard}: {status.get('reason')}")
+                    reason = status.get("reason")
+                    raise RunnerStartFailed(f"runner for {self.config.shard}: {reason}")
         code = await self._started().wait()
-        raise RunnerFailed(f"runner for {self.config.shard} exited with {code} before ready")
+        raise RunnerStartFailed(f"runner for {self.config.shard} exited with {code} before ready")
 
     async def route(self, next_addr: str | None) -> None:
         """Where the runner sends its outputs: the next stage, or None on the last stage."""

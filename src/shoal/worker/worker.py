@@ -18,8 +18,7 @@ from shoal.types.events import Event, RunnerStatusChanged
 from shoal.types.ids import ModelId, NodeId
 from shoal.types.runner import Failed, Loading, Ready, RunnerStatus
 from shoal.worker.plan import Assignment, StageKey, plan
-from shoal.worker.runner import RunnerConfig
-from shoal.worker.supervisor import RunnerProcess
+from shoal.worker.supervisor import RunnerConfig, RunnerProcess
 
 log = logging.getLogger(__name__)
 
