@@ -21,6 +21,16 @@ from shoal.errors import BadRequest, ModelUnavailable
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark shoal against llama.cpp and transformers")
+    p.add_argument(
+        "suite",
+        nargs="?",
+        choices=["engines", "cluster"],
+        default="engines",
+        help="engines: decode speed against the peers (default); cluster: a loopback "
+        "cluster's API latency, splits, failover",
+    )
+    p.add_argument("--nodes", type=int, default=3, help="cluster suite: nodes to start")
+    p.add_argument("--requests", type=int, default=200, help="cluster suite: GETs per node")
     p.add_argument("--model", default="smollm2-135m", help="model id (a card with a GGUF)")
     p.add_argument("--gguf", type=Path, help="benchmark this GGUF file instead")
     p.add_argument(
@@ -73,6 +83,8 @@ def _run_peer(peer: str, gguf: Path, args: argparse.Namespace) -> list[dict[str,
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    if args.suite == "cluster":
+        return run_cluster(args)
     console = Console(stderr=True)
     gguf = args.gguf or _gguf_for(args.model)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -171,3 +183,43 @@ def _print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
                 f"{ttft_ratio:.2f}" if ttft_ratio else "—",
             )
     Console().print(table)
+
+
+def run_cluster(args: argparse.Namespace) -> None:
+    """The cluster suite: a table per measurement, and the JSON."""
+    from shoal.bench.cluster import run_cluster_bench
+
+    console = Console(stderr=True)
+    with console.status(f"starting {args.nodes} nodes and measuring ..."):
+        result = run_cluster_bench(args.nodes, args.requests, args.gen_tokens, args.runs)
+    report = {"shoal_version": __version__, "suite": "cluster", **result}
+    args.out.write_text(json.dumps(report, indent=2))
+    out = Console()
+    out.print(
+        f"joined a {args.nodes}-node cluster in {result['join_s']:.2f} s; master failover "
+        f"after kill -9: {result.get('failover_s', float('nan')) * 1000:.0f} ms"
+    )
+    latency = Table(title=f"GET /v1/models, {args.requests} requests per node (ms)")
+    for column in ("node", "min", "max", "avg", "median", "models/s"):
+        latency.add_column(column, justify="right")
+    for node, row in result["api_latency"].items():
+        latency.add_row(
+            node[:16] + "…",
+            *(f"{row[k]:.2f}" for k in ("min_ms", "max_ms", "avg_ms", "median_ms")),
+            f"{row['models_per_s']:.0f}",
+        )
+    out.print(latency)
+    speed = Table(title=f"smollm2-135m, {args.gen_tokens} tokens, median of {args.runs}")
+    for column in ("layout", "decode tok/s", "TTFT ms", "× 1 node", "added ms/hop"):
+        speed.add_column(column, justify="right")
+    for name, row in result["inference"].items():
+        hop = row.get("added_ms_per_hop")
+        speed.add_row(
+            name,
+            f"{row['decode_tok_s']:.1f}",
+            f"{row['ttft_ms']:.0f}",
+            f"{row['ratio_to_1_node']:.2f}",
+            "—" if hop is None else f"{hop:.2f}",
+        )
+    out.print(speed)
+    console.print(f"wrote {args.out}")
