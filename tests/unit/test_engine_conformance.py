@@ -5,6 +5,7 @@ pass over all tokens, chunked prefill, batches of mixed lengths, two shards pass
 bytes equal the whole model, and free() restarting a request.
 """
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,13 +55,40 @@ def _torch(variant: str) -> Callable[[], Case]:
     return make
 
 
-CASES = {"fake": _fake, "torch-llama": _torch("llama"), "torch-qwen3": _torch("qwen3")}
+def _other(engine: str, variant: str) -> Callable[[], Case]:
+    """An engine checked against the same tiny model the torch cases use."""
+
+    def make() -> Case:
+        pytest.importorskip("transformers")
+        from tests.helpers.tiny import tiny_source
+
+        return Case(engine, tiny_source(variant), exact=False)
+
+    return make
+
+
+CASES = {
+    "fake": _fake,
+    "torch-llama": _torch("llama"),
+    "torch-qwen3": _torch("qwen3"),
+    "numpy-llama": _other("numpy", "llama"),
+    "numpy-qwen3": _other("numpy", "qwen3"),
+    "mlx-llama": _other("mlx", "llama"),
+    "mlx-qwen3": _other("mlx", "qwen3"),
+}
 
 
 @pytest.fixture(params=list(CASES))
 def case(request: pytest.FixtureRequest) -> Case:
-    if request.param.split("-")[0] not in available_engines():
+    engine = request.param.split("-")[0]
+    if engine not in available_engines():
         pytest.skip(f"{request.param}: framework not installed")
+    try:
+        present = engine == "fake" or importlib.util.find_spec(f"shoal.engines.{engine}.engine")
+    except ModuleNotFoundError:
+        present = False
+    if not present:
+        pytest.skip(f"{request.param}: backend not written yet")
     return CASES[request.param]()
 
 
