@@ -8,6 +8,7 @@ membership it inherited with who is actually alive.
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 
 from shoal.net.codec import encode
@@ -25,9 +26,11 @@ from shoal.types.events import (
     NodeJoined,
     NodeLost,
     NodeProfiled,
+    RunnerStatusChanged,
 )
-from shoal.types.ids import NodeId
+from shoal.types.ids import InstanceId, NodeId
 from shoal.types.instance import Instance
+from shoal.types.runner import Failed
 from shoal.types.wire import PROTOCOL_VERSION, CommandMessage, Envelope, GlobalEvent, LocalEvent
 
 log = logging.getLogger(__name__)
@@ -101,7 +104,42 @@ class Master:
             self._outbox.put_nowait(entry)
         self._on_applied(entries)
         self._store.maybe_compact()
+        for entry in entries:
+            self._heal(entry.event)
         return entries
+
+    # --- failover ----------------------------------------------------------------------------
+
+    def _heal(self, event: Event) -> None:
+        """Re-place the instances a lost node or a given-up stage runner leaves broken."""
+        if isinstance(event, NodeLost):
+            lost = event.node_id
+            self._replace(lambda i: lost in i.nodes, f"node {lost} was lost", ())
+        elif isinstance(event, RunnerStatusChanged) and isinstance(event.status, Failed):
+            iid, why = event.instance_id, f"stage {event.stage} failed: {event.status.reason}"
+            self._replace(lambda i: i.instance_id == iid, why, (event.node_id,))
+
+    def _replace(
+        self, affected: Callable[[Instance], bool], why: str, avoid: tuple[NodeId, ...]
+    ) -> None:
+        for iid, record in list(self._store.state.instances.items()):
+            old = record.instance
+            if not affected(old):
+                continue
+            self.append([InstanceDeleted(instance_id=iid, reason=why)])
+            new_id = InstanceId(f"{old.model_id}-{uuid.uuid4().hex[:8]}")
+            command = PlaceModel(
+                instance_id=new_id, model_id=old.model_id, policy=old.policy, avoid=avoid
+            )
+            placed = self._placer(command, self._store.state)
+            if isinstance(placed, str):
+                log.warning(
+                    "instance %s is gone (%s) and cannot be re-placed: %s", iid, why, placed
+                )
+                continue
+            self.append([InstancePlaced(instance=placed)])
+            stages = ", ".join(f"{s.node_id[-6:]}:[{s.start},{s.end})" for s in placed.stages)
+            log.info("re-placed %s (%s) as %s on %s", iid, why, new_id, stages)
 
     async def run(self) -> None:
         """Publish appended entries, one at a time, in index order."""

@@ -8,13 +8,16 @@ together per instance.
 """
 
 import asyncio
+import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from shoal.cluster import ClusterNode
 from shoal.errors import ModelUnavailable
+from shoal.inference.pipeline import PipelineBroken
 from shoal.inference.remote import RemotePipeline
 from shoal.inference.request import GenerationEvent, GenerationRequest
 from shoal.inference.scheduler import Scheduler
@@ -34,6 +37,8 @@ from shoal.types.model_config import LLAMA_FAMILY
 from shoal.types.profile import NodeProfile
 
 log = logging.getLogger(__name__)
+
+SAME_CHAIN_AFTER_S = 3.0  # a broken chain may be retried as is after this (a transient break)
 
 
 def profiles_of(state: State) -> list[NodeProfile]:
@@ -58,9 +63,10 @@ def make_placer(catalog: Catalog) -> Placer:
         card = catalog.get(command.model_id)
         if (reason := why_not_runnable(card)) is not None:
             return reason
+        usable = [p for p in profiles_of(state) if p.node_id not in command.avoid]
         found = place(
             card,
-            profiles_of(state),
+            usable,
             policy=command.policy,
             overrides=command.layers,
             engine=command.engine,
@@ -102,7 +108,9 @@ class ClusterService:
         max_batch: int = 8,
         wire_dtype: WireDType = "float32",
         ready_timeout_s: float = 300.0,
+        failover_timeout_s: float = 120.0,
     ) -> None:
+        self._failover_timeout = failover_timeout_s
         self._cluster = cluster
         self._catalog = catalog
         self._auto_place = auto_place
@@ -112,6 +120,7 @@ class ClusterService:
         self._handles: dict[InstanceId, InstanceHandle] = {}
         self._tokenizers: dict[ModelId, Tokenizer] = {}
         self._connecting: dict[InstanceId, asyncio.Task[InstanceHandle]] = {}
+        self._orphans: list[InstanceHandle] = []  # moved onto an instance another handle serves
 
     # --- InferenceService -------------------------------------------------------------------
 
@@ -237,10 +246,19 @@ class ClusterService:
         tokenizer = await self._tokenizer(card)
         pipeline = RemotePipeline(record.stage_addrs(), wire_dtype=self._wire_dtype)
         await pipeline.connect()
-        scheduler = Scheduler(
-            pipeline, tokenizer, context_length=card.context_length, max_batch=self._max_batch
-        )
         iid = record.instance.instance_id
+        handle: InstanceHandle
+
+        async def recover(exc: PipelineBroken) -> RemotePipeline:
+            return await self._recover(handle, exc)
+
+        scheduler = Scheduler(
+            pipeline,
+            tokenizer,
+            context_length=card.context_length,
+            max_batch=self._max_batch,
+            recover=recover,
+        )
         task = asyncio.create_task(scheduler.run(), name=f"scheduler {iid}")
         handle = InstanceHandle(card, tokenizer, iid, scheduler, pipeline, task)
         self._handles[iid] = handle
@@ -248,6 +266,58 @@ class ClusterService:
             "serving %s through instance %s (%d stages)", card.id, iid, len(record.instance.stages)
         )
         return handle
+
+    async def _recover(self, handle: InstanceHandle, exc: PipelineBroken) -> RemotePipeline:
+        """A working pipeline for the handle's model: a re-placed or restarted instance.
+
+        Waits for the state to show a ready instance whose stages differ from the broken chain
+        (the master re-places after a lost node; a worker restarts a crashed runner); the same
+        chain is tried again only after a grace period, in case the break was transient.
+        """
+        card, broken = handle.card, handle.pipeline.stage_addrs
+        started = time.monotonic()
+        placed = False
+        try:
+            async with asyncio.timeout(self._failover_timeout):
+                while True:
+                    ready = [r for r in self._instances(card.id) if r.ready]
+                    fresh = [r for r in ready if r.stage_addrs() != broken]
+                    late = time.monotonic() - started > SAME_CHAIN_AFTER_S
+                    for record in fresh or (ready if late else []):
+                        pipeline = RemotePipeline(record.stage_addrs(), wire_dtype=self._wire_dtype)
+                        try:
+                            await pipeline.connect()
+                        except PipelineBroken:
+                            continue
+                        self._rekey(handle, record.instance.instance_id, pipeline)
+                        return pipeline
+                    if not self._instances(card.id) and not placed:
+                        if (why := self.status(card)).status == "unavailable":
+                            raise ModelUnavailable(
+                                f"{card.id} lost a stage ({exc}) and cannot "
+                                f"be re-placed: {why.reason}"
+                            )
+                        placed = True
+                        await self.place(card.id)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await self._cluster.replica.changed()
+        except TimeoutError:
+            raise ModelUnavailable(
+                f"{card.id} lost a stage ({exc}) and no capacity came back within "
+                f"{self._failover_timeout:.0f} s"
+            ) from None
+
+    def _rekey(self, handle: InstanceHandle, iid: InstanceId, pipeline: RemotePipeline) -> None:
+        """The handle now drives another instance (or the same one, restarted)."""
+        if self._handles.get(handle.instance_id) is handle:
+            del self._handles[handle.instance_id]
+        log.info("instance %s replaced by %s for %s", handle.instance_id, iid, handle.card.id)
+        handle.instance_id, handle.pipeline = iid, pipeline
+        if iid in self._handles:
+            self._orphans.append(handle)  # finishes its requests; new ones go to the other
+        else:
+            self._handles[iid] = handle
 
     async def _tokenizer(self, card: ModelCard) -> Tokenizer:
         if (tokenizer := self._tokenizers.get(card.id)) is None:
@@ -261,10 +331,13 @@ class ClusterService:
     async def prune(self) -> None:
         """Drop handles of instances that are gone or no longer ready."""
         state = self._cluster.state
-        for iid in [
-            i for i in self._handles if i not in state.instances or not state.instances[i].ready
-        ]:
-            handle = self._handles.pop(iid)
+        for iid in [i for i in self._handles if i not in state.instances]:
+            if self._handles[iid].scheduler.load == 0:  # busy ones are failing over
+                handle = self._handles.pop(iid)
+                handle.task.cancel()
+                await handle.pipeline.close()
+        for handle in [h for h in self._orphans if h.scheduler.load == 0]:
+            self._orphans.remove(handle)
             handle.task.cancel()
             await handle.pipeline.close()
 

@@ -111,25 +111,24 @@ def test_concurrent_requests_spread_over_both_instances(cluster: dict) -> None:
     assert min(used.count(cluster["whole"]), used.count(cluster["split"])) >= 2
 
 
-def test_killed_stage_process_fails_the_instance_not_the_node(cluster: dict) -> None:
+def test_killed_stage_process_is_an_event_and_is_restarted_not_the_node(cluster: dict) -> None:
     middle = cluster["nodes"][1]
+    before = instances(middle)[cluster["split"]]["runners"]["1"]["data_addr"]
     runners = psutil.Process(middle.proc.pid).children()
     assert len(runners) == 1  # stage 1 of the split instance
     os.kill(runners[0].pid, signal.SIGKILL)
 
-    def failed() -> bool:
+    def restarted() -> bool:
         runner = instances(cluster["nodes"][2])[cluster["split"]]["runners"]["1"]
-        return bool(runner["status"]["kind"] == "failed")
+        return runner["status"]["kind"] == "ready" and runner["data_addr"] != before
 
-    until(failed, 20, "the stage to be marked failed")
+    until(restarted, 60, "the stage runner to be restarted")
     assert middle.get("/healthz")["status"] == "ok"
-    reason = instances(middle)[cluster["split"]]["runners"]["1"]["status"]["reason"]
-    assert "-9" in reason or "signal" in reason
-    # the whole instance on the first node still answers
+    assert "runner" in middle.log() and "crashed" in middle.log()
     reply = client(middle).chat.completions.create(
-        model=cluster["whole"], messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        model=cluster["split"], messages=[{"role": "user", "content": "Hi"}], max_tokens=4
     )
-    assert reply.choices[0].message.content is not None
+    assert reply.choices[0].message.content
 
 
 def test_status_cli_shows_the_placements(cluster: dict, tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ import contextlib
 
 import pytest
 
+from shoal.errors import ModelUnavailable
+from shoal.inference.pipeline import LocalPipeline, PipelineBroken
 from shoal.inference.request import Finished, GenerationRequest, SamplingParams, TextDelta
 from shoal.inference.scheduler import Scheduler
 from shoal.types.ids import ModelId, RequestId
@@ -120,3 +122,54 @@ async def test_engine_failure_fails_the_request_not_the_scheduler() -> None:
         del engine.forward
         ids, _, _ = await run(s, request("ok", "hello"))
     assert len(ids) == 12
+
+
+class Breaking:
+    """A pipeline that breaks (like a lost stage) on its nth forward."""
+
+    def __init__(self, inner: LocalPipeline, at: int) -> None:
+        self.inner, self.at, self.calls = inner, at, 0
+
+    async def forward(self, steps):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == self.at:
+            raise PipelineBroken("stage 127.0.0.1:9 lost")
+        return await self.inner.forward(steps)
+
+    async def free(self, rid):  # type: ignore[no-untyped-def]
+        await self.inner.free(rid)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_broken_pipeline_is_replaced_and_requests_replayed_without_a_seam() -> None:
+    prompts = ["alpha", "beta beta", "gamma"]
+    async with running(fake_scheduler()) as s:
+        expected = [await run(s, request(f"x{i}", p, max_tokens=20)) for i, p in enumerate(prompts)]
+    recovered: list[str] = []
+
+    async def recover(exc: PipelineBroken) -> LocalPipeline:
+        recovered.append(str(exc))
+        return LocalPipeline([fake_engine()])  # a fresh instance: empty caches
+
+    broken = Breaking(LocalPipeline([fake_engine()]), at=6)
+    scheduler = Scheduler(broken, ByteTokenizer(), context_length=512, recover=recover)  # type: ignore[arg-type]
+    async with running(scheduler) as s:
+        runs = (run(s, request(f"y{i}", p, max_tokens=20)) for i, p in enumerate(prompts))
+        got = await asyncio.gather(*runs)
+    assert recovered == ["stage 127.0.0.1:9 lost"]
+    assert [g[0] for g in got] == [e[0] for e in expected]  # same tokens, none repeated
+    assert [g[1] for g in got] == [e[1] for e in expected]  # same text
+
+
+async def test_no_capacity_coming_back_fails_the_requests_with_the_reason() -> None:
+    async def recover(exc: PipelineBroken) -> LocalPipeline:
+        raise ModelUnavailable("the remaining nodes cannot hold the model")
+
+    broken = Breaking(LocalPipeline([fake_engine()]), at=3)
+    scheduler = Scheduler(broken, ByteTokenizer(), context_length=512, recover=recover)  # type: ignore[arg-type]
+    async with running(scheduler) as s:
+        with pytest.raises(ModelUnavailable, match="cannot hold"):
+            await run(s, request("z", "hello"))
+        assert s.load == 0

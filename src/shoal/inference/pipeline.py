@@ -15,9 +15,14 @@ from typing import Protocol
 import numpy as np
 
 from shoal.engines.base import Engine, StepInput
+from shoal.errors import ShoalError
 from shoal.inference.request import SamplingParams
 from shoal.inference.sampling import make_rng, sample
 from shoal.types.ids import RequestId
+
+
+class PipelineBroken(ShoalError):
+    """A stage is gone mid-request; the caches are lost, the request can be replayed elsewhere."""
 
 
 @dataclass(frozen=True)

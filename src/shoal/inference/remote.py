@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 
 from shoal.errors import ShoalError
-from shoal.inference.pipeline import Step
+from shoal.inference.pipeline import PipelineBroken, Step
 from shoal.net import frames
 from shoal.net.frames import Frame, FrameError, FrameReader, Kind, WireDType
 from shoal.types.ids import RequestId
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 20
 
 
-class StageLost(ShoalError):
+class StageLost(PipelineBroken):
     """A stage of the pipeline cannot be reached any more."""
 
     def __init__(self, stage_addr: str, reason: str) -> None:

@@ -6,17 +6,18 @@ leave between steps. Sampling, detokenisation and stop handling happen here, per
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from shoal.engines.base import StepInput
-from shoal.inference.pipeline import Pipeline, Step
+from shoal.inference.pipeline import Pipeline, PipelineBroken, Step
 from shoal.inference.request import (
     Finished,
     FinishReason,
@@ -27,6 +28,8 @@ from shoal.inference.request import (
 from shoal.inference.stops import StopMatcher
 
 log = logging.getLogger(__name__)
+
+Recover = Callable[[PipelineBroken], Awaitable[Pipeline]]  # a working pipeline, or raises
 
 
 class TextStream(Protocol):
@@ -54,7 +57,7 @@ class _Sequence:
     queue: asyncio.Queue[GenerationEvent | BaseException] = field(default_factory=asyncio.Queue)
     pending: list[int] = field(default_factory=list)  # tokens to feed next
     fed: int = 0  # positions in the pipeline's cache
-    generated: int = 0
+    tokens: list[int] = field(default_factory=list)  # generated so far (replayed on failover)
     unsent: list[int] = field(default_factory=list)  # token ids whose text is not out yet
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -77,8 +80,10 @@ class Scheduler:
         context_length: int,
         max_batch: int = 8,
         prefill_chunk: int = 512,
+        recover: Recover | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._recover = recover
         self._tokenizer = tokenizer
         self._context = context_length
         self._max_batch = max_batch
@@ -149,12 +154,15 @@ class Scheduler:
             batch.append((seq, step))
         try:
             tokens = await self._pipeline.forward([step for _, step in batch])
+        except PipelineBroken as exc:
+            if self._recover is not None:
+                await self._failover(exc)
+                return
+            await self._fail([seq for seq, _ in batch], exc)
+            return
         except Exception as exc:  # an engine failure ends these requests, not the node
             log.exception("forward failed for %d request(s)", len(batch))
-            for seq, _ in batch:
-                seq.queue.put_nowait(exc)
-                seq.finished = True
-                await self._retire(seq)
+            await self._fail([seq for seq, _ in batch], exc)
             return
         for (seq, step), token in zip(batch, tokens, strict=True):
             seq.fed += step.item.length
@@ -164,6 +172,39 @@ class Scheduler:
         for seq in [s for s in self._active if s.cancelled or s.finished]:
             await self._retire(seq)
 
+    async def _failover(self, exc: PipelineBroken) -> None:
+        """Get a new pipeline and replay every running request onto it: prompt + tokens so far."""
+        assert self._recover is not None
+        log.warning(
+            "pipeline broken (%s): %d request(s) wait for the model to come back",
+            exc,
+            len(self._active),
+        )
+        broken, started = self._pipeline, time.perf_counter()
+        try:
+            self._pipeline = await self._recover(exc)
+        except Exception as err:  # no capacity came back: these requests end with the reason
+            await self._fail(list(self._active), err)
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                await broken.close()
+        for seq in self._active:
+            await self._pipeline.free(seq.req.request_id)  # stale caches on surviving stages
+            seq.pending = [*seq.req.prompt_tokens, *seq.tokens]
+            seq.fed = 0
+        log.info(
+            "resumed %d request(s) after %.2f s, replaying their tokens as prefill",
+            len(self._active),
+            time.perf_counter() - started,
+        )
+
+    async def _fail(self, seqs: list[_Sequence], exc: BaseException) -> None:
+        for seq in seqs:
+            seq.queue.put_nowait(exc)
+            seq.finished = True
+            await self._retire(seq)
+
     def _advance(self, seq: _Sequence, token: int) -> None:
         """Take one sampled token: emit its text, or finish the sequence."""
         now = time.perf_counter()
@@ -171,7 +212,7 @@ class Scheduler:
             seq.first_token_at = now
         if token in self._tokenizer.eos_token_ids:
             return self._finish(seq, "stop")
-        seq.generated += 1
+        seq.tokens.append(token)
         seq.unsent.append(token)
         emit, stopped = seq.stops.push(seq.text.push(token))
         if emit:
@@ -180,7 +221,7 @@ class Scheduler:
         if stopped:
             return self._finish(seq, "stop", flush=False)
         limit = seq.req.sampling.max_tokens
-        if (limit is not None and seq.generated >= limit) or seq.fed + 1 >= self._context:
+        if (limit is not None and len(seq.tokens) >= limit) or seq.fed + 1 >= self._context:
             return self._finish(seq, "length")
         seq.pending = [token]
 
@@ -192,9 +233,9 @@ class Scheduler:
                 seq.queue.put_nowait(TextDelta(tail, tuple(seq.unsent)))
         first = seq.first_token_at or time.perf_counter()
         decode_s = time.perf_counter() - first
-        rate = (seq.generated - 1) / decode_s if seq.generated > 1 and decode_s > 0 else 0.0
+        rate = (len(seq.tokens) - 1) / decode_s if len(seq.tokens) > 1 and decode_s > 0 else 0.0
         done = Finished(
-            reason, len(seq.req.prompt_tokens), seq.generated, first - seq.started, rate
+            reason, len(seq.req.prompt_tokens), len(seq.tokens), first - seq.started, rate
         )
         seq.queue.put_nowait(done)
         seq.finished = True  # retired after this step
@@ -212,5 +253,5 @@ class Scheduler:
         """Leave the batch and free the request's cache on every stage."""
         self._active.remove(seq)
         if not seq.finished:
-            log.info("request %s cancelled after %d tokens", seq.rid, seq.generated)
+            log.info("request %s cancelled after %d tokens", seq.rid, len(seq.tokens))
         await self._pipeline.free(seq.req.request_id)

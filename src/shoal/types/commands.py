@@ -28,6 +28,7 @@ class PlaceModel(_Command):
     policy: Policy = "latency"
     layers: str | None = None
     engine: str | None = None
+    avoid: tuple[NodeId, ...] = ()  # nodes not to use (a stage there kept failing)
 
 
 class DeleteInstance(_Command):

@@ -8,6 +8,7 @@ crashed runner is an event in the log, never a dead node.
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ class Worker:
         threads: int | None = None,
         wire_dtype: WireDType = "float32",
         progress_steps: int = 4,
+        max_restarts: int = 3,
+        backoff_s: float = 0.5,
     ) -> None:
         self._me = me
         self._state = state
@@ -64,7 +67,11 @@ class Worker:
         self._wire_dtype = wire_dtype
         self._progress_steps = progress_steps
         self._running: dict[StageKey, _Running] = {}
-        self._done: set[StageKey] = set()  # exited or failed: not restarted (no crash loops)
+        self._done: set[StageKey] = set()  # given up on: not restarted (no crash loops)
+        self._crashes: dict[StageKey, int] = {}
+        self._retry_at: dict[StageKey, float] = {}  # crashed runners wait here before a restart
+        self._max_restarts = max_restarts
+        self._backoff_s = backoff_s
 
     async def run(self) -> None:
         """Reconcile after every state change (and every second, for routes)."""
@@ -91,9 +98,10 @@ class Worker:
             log.info("stopping runner %s: no longer placed here", key)
             await self._stop(self._running.pop(key))
         self._done &= set(wanted)
+        now = time.monotonic()
         for key, assignment in wanted.items():
             item = self._running.get(key)
-            if item is None and key not in self._done:
+            if item is None and key not in self._done and self._retry_at.get(key, 0) <= now:
                 await self._start(assignment)
             elif item is not None and not assignment.last and item.route != assignment.next_addr:
                 item.route = assignment.next_addr
@@ -157,10 +165,30 @@ class Worker:
             code = await item.process.stop()  # reaps it (it has exited, or is made to)
             if self._running.get(a.key) is item:  # not stopped on purpose: a crash or failure
                 del self._running[a.key]
-                self._done.add(a.key)
                 why = reason if reason != "the runner exited" else f"runner exited with {code}"
-                log.warning("runner %s failed: %s", a.key, why)
-                await self._status(a, Failed(reason=why))
+                await self._crashed(a, why, loaded=reason == "the runner exited")
+
+    async def _crashed(self, a: Assignment, why: str, *, loaded: bool) -> None:
+        """Restart a runner that crashed after loading, with backoff; give up after a few."""
+        crashes = self._crashes[a.key] = self._crashes.get(a.key, 0) + 1
+        if loaded and crashes <= self._max_restarts:
+            delay = self._backoff_s * 2 ** (crashes - 1)
+            log.warning(
+                "runner %s crashed (%s): restart %d/%d in %.1f s",
+                a.key,
+                why,
+                crashes,
+                self._max_restarts,
+                delay,
+            )
+            self._retry_at[a.key] = time.monotonic() + delay
+            await self._status(a, Loading(done=0, total=a.plan.layers))
+            return
+        self._done.add(a.key)
+        if loaded:
+            why = f"crashed {crashes} times, last: {why}"
+        log.warning("runner %s failed: %s", a.key, why)
+        await self._status(a, Failed(reason=why))
 
     async def _stop(self, item: _Running) -> None:
         if item.watcher is not None:

@@ -1,0 +1,1 @@
+"""The llamacpp engine: whole GGUF models through llama-cpp-python (CPU, CUDA or Metal)."""

@@ -1,0 +1,101 @@
+"""Per-request KV caches for the layers of one shard, preallocated and grown in chunks."""
+
+import numpy as np
+import numpy.typing as npt
+
+from shoal.types.ids import RequestId
+
+CHUNK = 256  # positions added per growth; appending a token is a slice write, not a concatenate
+
+
+class KVCache:
+    """Keys and values of one request for every layer of the shard, `length` positions committed."""
+
+    # Storage is [layers, kv_heads, capacity, head_dim]. A step writes each layer's new keys and
+    # values after the committed prefix, then `advance` commits them, so a step that fails
+    # halfway leaves the cache as it was.
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: npt.DTypeLike = np.float32,
+        chunk: int = CHUNK,
+    ) -> None:
+        self.length = 0
+        self.chunk = chunk
+        self.k = np.empty((n_layers, n_kv_heads, 0, head_dim), dtype)  # [L, KV, 0, D]
+        self.v = np.empty_like(self.k)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.k.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes)
+
+    def reserve(self, n: int) -> None:
+        """Make room for n positions in all, growing to the next multiple of the chunk."""
+        if n <= self.capacity:
+            return
+        size = -(-n // self.chunk) * self.chunk
+        layers, heads, _, dim = self.k.shape
+        k = np.empty((layers, heads, size, dim), self.k.dtype)  # [L, KV, size, D]
+        v = np.empty((layers, heads, size, dim), self.v.dtype)  # [L, KV, size, D]
+        k[:, :, : self.length] = self.k[:, :, : self.length]
+        v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = k, v
+
+    def update(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write k, v [KV, T, D] after the committed prefix; return all of the layer's so far."""
+        end = self.length + k.shape[1]
+        assert end <= self.capacity, "reserve() before update()"
+        self.k[layer, :, self.length : end] = k
+        self.v[layer, :, self.length : end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]  # [KV, end, D] views
+
+    def advance(self, t: int) -> None:
+        """Commit the t positions every layer has just written."""
+        self.length += t
+
+
+class CacheStore:
+    """One KVCache per request id, created on first use."""
+
+    def __init__(
+        self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: npt.DTypeLike = np.float32
+    ) -> None:
+        self._shape = (n_layers, n_kv_heads, head_dim)
+        self._dtype = dtype
+        self._caches: dict[RequestId, KVCache] = {}
+
+    def length(self, request_id: RequestId) -> int:
+        """Positions cached for the request; 0 for an unknown one."""
+        cache = self._caches.get(request_id)
+        return cache.length if cache is not None else 0
+
+    def get(self, request_id: RequestId) -> KVCache:
+        """The request's cache, empty if it had none."""
+        cache = self._caches.get(request_id)
+        if cache is None:
+            cache = KVCache(*self._shape, dtype=self._dtype)
+            self._caches[request_id] = cache
+        return cache
+
+    def free(self, request_id: RequestId) -> None:
+        """Drop the request's cache; unknown ids are ignored."""
+        self._caches.pop(request_id, None)
+
+    def clear(self) -> None:
+        """Drop every cache."""
+        self._caches.clear()
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(cache.nbytes for cache in self._caches.values())

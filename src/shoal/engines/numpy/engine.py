@@ -1,0 +1,117 @@
+"""NumpyEngine: runs one shard of a Llama-family model with numpy only, on any CPU."""
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from shoal.engines.base import ProgressFn, StepInput, WeightSource
+from shoal.engines.numpy.cache import CacheStore
+from shoal.engines.numpy.llama import Context, Model, build_model
+from shoal.errors import BadRequest
+from shoal.types.ids import RequestId
+from shoal.types.shard import Shard
+
+log = logging.getLogger(__name__)
+
+# numpy has no fast half-precision matmul, so float32 is the only choice; the option exists so
+# that `create_engine(name, dtype=...)` means the same for every engine.
+DTYPES = {"float32": np.float32}
+
+
+class NumpyEngine:
+    """The Engine protocol over the numpy model files; weights, caches and I/O in float32."""
+
+    name = "numpy"
+
+    def __init__(self, dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise BadRequest(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", param="dtype")
+        self.dtype = DTYPES[dtype]
+        self._model: Model | None = None
+        self._caches: CacheStore | None = None
+
+    def load(self, shard: Shard, source: WeightSource, progress: ProgressFn | None = None) -> None:
+        """Build the shard's modules from exactly its tensors, transposed once for `x @ W`."""
+        model = build_model(source.config, shard, source.tensors(shard), progress)
+        args = model.args
+        self._model = model
+        self._caches = CacheStore(
+            shard.end - shard.start, args.num_key_value_heads, args.head_dim, self.dtype
+        )
+        log.info("loaded %s on numpy (float32)", shard)
+
+    def forward(self, batch: Sequence[StepInput], *, all_logits: bool = False) -> list[np.ndarray]:
+        """Run every item after its cached prefix, all their rows in one pass."""
+        model, caches = self._loaded()
+        self._check(batch)
+        if not batch:
+            return []
+        first = model.shard.is_first
+        lengths = [item.length for item in batch]
+        offsets = np.cumsum([0, *lengths])  # [items + 1]
+        rows = [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        data = [item.data.astype(np.int64 if first else np.float32) for item in batch]
+        x = np.concatenate(data)  # [N] ids or [N, hidden]
+        positions = np.concatenate(
+            [np.arange(item.start, item.start + item.length) for item in batch]
+        )  # [N]
+        kv = [caches.get(item.request_id) for item in batch]
+        for cache, t in zip(kv, lengths, strict=True):
+            cache.reserve(cache.length + t)
+        ctx = Context(kv, rows, [item.start for item in batch])
+        out = model(x, positions, ctx, all_logits=all_logits)  # [N or items, width]
+        for cache, t in zip(kv, lengths, strict=True):
+            cache.advance(t)
+        if model.shard.is_last and not all_logits:
+            return list(out)  # logits [vocab] of each item's last position
+        return [out[r] for r in rows]
+
+    def free(self, request_id: RequestId) -> None:
+        """Drop the request's cache; unknown ids are ignored."""
+        if self._caches is not None:
+            self._caches.free(request_id)
+
+    def close(self) -> None:
+        """Release every cache and the weights."""
+        self._model = None
+        self._caches = None
+
+    def cache_length(self, request_id: RequestId) -> int:
+        """Positions cached for the request (0 if none)."""
+        return self._caches.length(request_id) if self._caches is not None else 0
+
+    def _loaded(self) -> tuple[Model, CacheStore]:
+        if self._model is None or self._caches is None:
+            raise RuntimeError("NumpyEngine.forward before load()")
+        return self._model, self._caches
+
+    def _check(self, batch: Sequence[StepInput]) -> None:
+        """Refuse a batch that cannot run, before any cache changes."""
+        model, caches = self._loaded()
+        args, first = model.args, model.shard.is_first
+        seen: set[RequestId] = set()
+        for item in batch:
+            rid, data = item.request_id, item.data
+            if rid in seen:
+                raise ValueError(f"request {rid} appears twice in one batch")
+            seen.add(rid)
+            # Positions must continue the cache exactly: a gap or an overlap would make the new
+            # keys sit at the wrong positions, silently corrupting every later token.
+            cached = caches.length(rid)
+            if item.start != cached:
+                raise ValueError(
+                    f"request {rid}: step starts at {item.start} but its cache holds {cached} "
+                    "positions; free() it to start again"
+                )
+            if first:
+                if data.ndim != 1 or data.dtype.kind not in "iu":
+                    raise ValueError(f"request {rid}: the first shard takes int token ids [T]")
+            elif data.ndim != 2 or data.shape[1] != args.hidden_size or data.dtype.kind != "f":
+                raise ValueError(
+                    f"request {rid}: this shard takes float hidden states [T, {args.hidden_size}]"
+                )
+            if data.shape[0] == 0:
+                raise ValueError(f"request {rid}: empty step")
+            if first and (data.min() < 0 or data.max() >= args.vocab_size):
+                raise ValueError(f"request {rid}: token id outside [0, {args.vocab_size})")

