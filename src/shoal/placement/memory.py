@@ -32,7 +32,7 @@ HEADROOM_FRACTION = 0.10
 HEADROOM_FIXED = 256 * MIB
 DEFAULT_DTYPE_BYTES = 4  # the torch engine's float32
 DEFAULT_CONTEXT = 4096  # tokens of KV cache planned when the caller names none
-GPU_ENGINES = frozenset({"torch", "mlx", "llama.cpp"})  # engines that run on a node's GPUs
+GPU_ENGINES = frozenset({"torch", "mlx", "llamacpp"})  # engines that run on a node's GPUs
 
 # Bits per weight of each quantization label, block scales included (lower case, "-" → "_").
 _BITS: dict[str, float] = {

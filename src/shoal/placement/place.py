@@ -71,9 +71,15 @@ def _groups(ranked: Sequence[Candidate], k: int) -> Iterator[tuple[Candidate, ..
     yield tuple(c for c in ranked if c in roomiest)
 
 
+def _splittable(ranked: Sequence[Candidate]) -> list[Candidate]:
+    """The nodes that may run one stage of a split (not the whole-model-only ones)."""
+    return [c for c in ranked if not c.whole_only]
+
+
 def _fewest(
     mem: MemoryModel, ranked: Sequence[Candidate], links: Links | None, hop_s: float
 ) -> Plan | None:
+    ranked = _splittable(ranked)
     for k in range(2, len(ranked) + 1):
         best: Plan | None = None
         for group in _groups(ranked, k):
@@ -95,8 +101,10 @@ def _throughput(
     mem: MemoryModel, ranked: Sequence[Candidate], links: Links | None, hop_s: float
 ) -> Plan | None:
     best: Plan | None = None
-    for k in range(1, len(ranked) + 1):
-        plan = split(mem, ranked[:k], links, hop_s)
+    splittable = _splittable(ranked)
+    groups = [ranked[:1], *(splittable[:k] for k in range(2, len(splittable) + 1))]
+    for group in groups:
+        plan = split(mem, group, links, hop_s)
         # a node must raise the figure by more than float noise to be worth its hop
         if plan is not None and (
             best is None or plan.pipeline_tok_s > best.pipeline_tok_s * (1 + 1e-9)
@@ -149,6 +157,9 @@ def no_fit_reason(model: ModelId, mem: MemoryModel, nodes: Survey) -> str:
             f"the first stage {fmt_bytes(mem.embed_bytes)} more, the last "
             f"{fmt_bytes(mem.head_bytes)} more)"
         )
+    whole = sorted({c.engine for c in nodes.ranked if c.whole_only})
+    if whole and len(nodes.ranked) > 1:
+        text += f"; splits leave out nodes running {', '.join(whole)} (whole models only)"
     return f"{text}; skipped: {skipped}" if skipped else text
 
 
@@ -169,7 +180,13 @@ def _overridden(
     for item, node_id in zip(items, resolved, strict=True):
         if node_id not in usable:
             return f"{item}: {node_id} {nodes.skipped[node_id]}"
-        parts.append((usable[node_id], item.start, item.end))
+        node = usable[node_id]
+        if node.whole_only and (item.start, item.end) != (0, mem.n_layers):
+            return (
+                f"{item}: {node_id} runs engine {node.engine!r}, which runs whole models only "
+                f"(layers 0-{mem.n_layers} on one node)"
+            )
+        parts.append((node, item.start, item.end))
     plan = evaluate(mem, parts, links, hop_s)
     over = over_memory(plan, [usable[n] for n in dict.fromkeys(resolved)])
     return "; ".join(over) if over else plan

@@ -5,6 +5,8 @@ node must list it), else the first it lists that is not the test-only "fake". Us
 ranked fastest first (time per layer), then by node id; that rank is also the stage order of every
 split, so the same inputs always give the same plan. A `Plan` is stages with the bytes each node
 holds and both speed figures; `split` makes one by `allocate_layers`, `evaluate` scores given ones.
+A node whose engine runs whole models only (llamacpp reads the GGUF file itself and cannot pass
+hidden states) only ever gets [0, n_layers): splits leave it out.
 """
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +28,7 @@ from shoal.types.instance import StagePlan
 from shoal.types.profile import NodeProfile
 
 Profiles = Mapping[NodeId, NodeProfile | None] | Iterable[NodeProfile]
+WHOLE_MODEL_ENGINES = frozenset({"llamacpp"})  # engines that run all layers of a model or none
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,11 @@ class Candidate:
     capacity: int  # bytes a plan may use
     layer_time: float  # seconds per layer per token
     notes: tuple[str, ...] = ()
+
+    @property
+    def whole_only(self) -> bool:
+        """Whether its engine runs whole models only (never one stage of a split)."""
+        return self.engine in WHOLE_MODEL_ENGINES
 
 
 @dataclass(frozen=True)
@@ -127,8 +135,13 @@ def split(
     *,
     capped: bool = True,
 ) -> Plan | None:
-    """All layers over `ordered` (the stage order) by speed within memory; None if none fits."""
+    """All layers over `ordered` (the stage order) by speed within memory; None if none fits.
+
+    None too when `ordered` has several nodes and one of them runs whole models only.
+    """
     last = len(ordered) - 1
+    if last > 0 and any(c.whole_only for c in ordered):
+        return None
     nodes = [
         NodeCapacity(
             c.node_id,

@@ -15,6 +15,7 @@ hears why a step failed; the runner keeps serving.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -29,11 +30,12 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import ValidationError
 
-from shoal.engines.base import Engine, StepInput
+from shoal.engines.base import Engine, StepInput, WeightSource
 from shoal.engines.registry import create_engine
 from shoal.inference.pipeline import Sampler
 from shoal.inference.request import SamplingParams
 from shoal.models.source import open_weights
+from shoal.models.weight_cache import CachedWeights
 from shoal.net import frames
 from shoal.net.frames import Frame, FrameError, FrameReader, Kind
 from shoal.types.ids import RequestId
@@ -76,7 +78,9 @@ def one_line(exc: BaseException) -> str:
 
 def load_engine(config: RunnerConfig) -> Engine:
     """Open the weights and load the shard, reporting progress per layer."""
-    source = open_weights(Path(config.model_path))
+    source: WeightSource = open_weights(Path(config.model_path))
+    if config.cache_dir is not None:
+        source = CachedWeights(source, Path(config.model_path), Path(config.cache_dir))
     options = {"device": config.device} if config.device is not None else {}
     engine = create_engine(config.engine, **options)
     if config.threads is not None and "torch" in sys.modules:
@@ -366,13 +370,20 @@ async def serve() -> int:
 
 
 def main() -> None:
-    """Entry point of `python -m shoal.worker.runner`."""
+    """Entry point of `python -m shoal.worker.runner [--preload ENGINE]`."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--preload":
+        # a spare runner: import the engine's framework now, while it waits for a config
+        with contextlib.suppress(Exception):
+            create_engine(sys.argv[2])
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,
         format=f"%(asctime)s runner[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
-    sys.exit(asyncio.run(serve()))
+    code = asyncio.run(serve())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # nothing left to save: skip joining idle framework threads at exit
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class RunnerConfig(BaseModel):
     wire_dtype: WireDType = "float32"
     inline_tokens: int = 16  # smaller steps skip the thread handoff (runner._on_engine)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    cache_dir: str | None = None  # dequantized weights cached here (models/weight_cache.py)
 
     @property
     def shard(self) -> Shard:
@@ -61,7 +62,7 @@ class RunnerProcess:
 
     def __init__(
         self,
-        config: RunnerConfig,
+        config: RunnerConfig | None = None,  # None: a spare, configured later
         *,
         python: str = sys.executable,
         env: Mapping[str, str] | None = None,
@@ -76,6 +77,10 @@ class RunnerProcess:
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
+    def _what(self) -> str:
+        return str(self.config.shard) if self.config is not None else "a spare runner"
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
@@ -85,20 +90,31 @@ class RunnerProcess:
 
     async def start(self) -> None:
         """Spawn the runner and hand it its config."""
+        assert self.config is not None, "start() needs a config; spawn() a spare"
+        await self.spawn(threads=self.config.threads)
+        await self.configure(self.config)
+
+    async def spawn(self, *, preload: str | None = None, threads: int | None = None) -> None:
+        """Start the process only; with `preload` it imports that engine while it waits."""
         env = dict(os.environ if self._env is None else self._env)
-        if self.config.threads is not None:  # numpy/BLAS read it at import
-            env.setdefault("OMP_NUM_THREADS", str(self.config.threads))
+        if threads is not None:  # numpy/BLAS read it at import
+            env.setdefault("OMP_NUM_THREADS", str(threads))
         self._proc = await asyncio.create_subprocess_exec(
             self._python,
             "-m",
             "shoal.worker.runner",
+            *(["--preload", preload] if preload else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=self._stderr,
             env=env,
         )
-        log.info("runner %d started for %s", self._proc.pid, self.config.shard)
-        await self._send(self.config.model_dump(mode="json"))
+
+    async def configure(self, config: RunnerConfig) -> None:
+        """Hand a spawned runner the shard to load."""
+        self.config = config
+        log.info("runner %d starting %s", self._started().pid, config.shard)
+        await self._send(config.model_dump(mode="json"))
 
     async def statuses(self) -> AsyncGenerator[dict[str, Any], None]:
         """Each status line the runner prints, parsed, until its stdout closes."""
@@ -121,9 +137,9 @@ class RunnerProcess:
                     return str(status["data_addr"])
                 if status.get("status") == "failed":
                     reason = status.get("reason")
-                    raise RunnerStartFailed(f"runner for {self.config.shard}: {reason}")
+                    raise RunnerStartFailed(f"runner for {self._what}: {reason}")
         code = await self._started().wait()
-        raise RunnerStartFailed(f"runner for {self.config.shard} exited with {code} before ready")
+        raise RunnerStartFailed(f"runner for {self._what} exited with {code} before ready")
 
     async def route(self, next_addr: str | None) -> None:
         """Where the runner sends its outputs: the next stage, or None on the last stage."""

@@ -54,7 +54,13 @@ class Worker:
         progress_steps: int = 4,
         max_restarts: int = 3,
         backoff_s: float = 0.5,
+        cache_dir: Path | None = None,
+        keep_spare: bool = True,
     ) -> None:
+        self._cache_dir = cache_dir
+        self._keep_spare = keep_spare
+        self._spare: RunnerProcess | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
         self._me = me
         self._state = state
         self._changed = changed
@@ -87,16 +93,28 @@ class Worker:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Stop every runner process."""
+        """Stop every runner process (and the spare)."""
         running, self._running = self._running, {}
         for item in running.values():
             await self._stop(item)
+        await asyncio.gather(*self._stopping, return_exceptions=True)
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await spare.stop()
+
+    async def _spawn_spare(self, engine: str) -> None:
+        """Keep one runner process started with its engine imported: a restart skips that."""
+        if self._spare is None and self._keep_spare:
+            self._spare = RunnerProcess()
+            await self._spare.spawn(preload=engine, threads=self._threads)
 
     async def _reconcile(self) -> None:
         wanted = plan(self._state(), self._me)
         for key in [k for k in self._running if k not in wanted]:
             log.info("stopping runner %s: no longer placed here", key)
-            await self._stop(self._running.pop(key))
+            stopping = asyncio.create_task(self._stop(self._running.pop(key)))
+            self._stopping.add(stopping)  # in the background: new runners need not wait
+            stopping.add_done_callback(self._stopping.discard)
         self._done &= set(wanted)
         now = time.monotonic()
         for key, assignment in wanted.items():
@@ -126,6 +144,7 @@ class Worker:
             host=self._host,
             threads=self._threads,
             wire_dtype=self._wire_dtype,
+            cache_dir=str(self._cache_dir) if self._cache_dir is not None else None,
         )
         log.info(
             "starting runner %s: layers [%d, %d) of %s on %s",
@@ -135,8 +154,12 @@ class Worker:
             assignment.instance.model_id,
             stage.engine,
         )
-        process = RunnerProcess(config)
-        await process.start()
+        process, self._spare = self._spare, None
+        if process is None:
+            process = RunnerProcess()
+            await process.spawn(threads=self._threads)
+        await process.configure(config)
+        await self._spawn_spare(stage.engine)
         item = _Running(assignment, process)
         self._running[key] = item
         await self._status(assignment, Loading(done=0, total=stage.layers))

@@ -62,12 +62,15 @@ def gguf_path(shard: Shard, source: WeightSource) -> Path:
     """The GGUF file to load for shard; UnsupportedModel unless whole model and GGUF file."""
     if not shard.is_whole:
         raise UnsupportedModel(f"{WHOLE_GGUF_ONLY}; asked for layers {shard}")
-    path = source.path if isinstance(source, _FileSource) else None
-    if path is None or not path.is_file():
+    if not isinstance(source, _FileSource):
         raise UnsupportedModel(f"{WHOLE_GGUF_ONLY}; {type(source).__name__} is not a GGUF file")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UnsupportedModel(f"{WHOLE_GGUF_ONLY}; {path} is not a GGUF file")
+    path = Path(source.path)
+    magic = b""
+    if path.is_file():
+        with path.open("rb") as f:
+            magic = f.read(4)
+    if magic != b"GGUF":
+        raise UnsupportedModel(f"{WHOLE_GGUF_ONLY}; {path} is not a GGUF file")
     return path
 
 
@@ -220,7 +223,7 @@ class LlamaCppEngine:
         if layers != shard.n_layers:
             raise UnsupportedModel(f"{path.name} has {layers} layers, not {shard.n_layers}")
         if self.n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
-            log.warning("llama-cpp-python is built without GPU support here: running on the CPU")
+            log.info("llama-cpp-python is built without GPU support here: running on the CPU")
         last = [-1]
 
         def on_progress(fraction: float, _user_data: ctypes.c_void_p) -> bool:

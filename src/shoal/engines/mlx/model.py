@@ -72,6 +72,7 @@ class ShardModel:
             layers = cfg.num_hidden_layers
             raise ValueError(f"shard {shard} does not match a model of {layers} layers")
         self.shard = shard
+        self.tied = cfg.tie_word_embeddings
         self.args = model_args(cfg)
         # MLX is lazy: the random initial weights of the modules cut away are never computed.
         self.model: nn.Module = ARCHITECTURES[cfg.architecture].Model(self.args)
@@ -121,7 +122,7 @@ class ShardModel:
             self._assign([n for n in expected if n.startswith(prefix)], tensors, dtype)
             if progress is not None:
                 progress(done, len(layers))
-        if self.args.tie_word_embeddings and self.shard.is_whole:
+        if self.tied and self.shard.is_whole:
             assert self.embed is not None and self.head is not None
             self.head["weight"] = self.embed["weight"]  # one copy, not two
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from shoal.engines.base import ProgressFn, StepInput, WeightSource
 from shoal.engines.numpy.cache import CacheStore
-from shoal.engines.numpy.llama import Context, Model, build_model
+from shoal.engines.numpy.llama import Context, Model, build_model, model_args
 from shoal.errors import BadRequest
 from shoal.types.ids import RequestId
 from shoal.types.shard import Shard
@@ -33,8 +33,8 @@ class NumpyEngine:
 
     def load(self, shard: Shard, source: WeightSource, progress: ProgressFn | None = None) -> None:
         """Build the shard's modules from exactly its tensors, transposed once for `x @ W`."""
-        model = build_model(source.config, shard, source.tensors(shard), progress)
-        args = model.args
+        args = model_args(source.config, shard)  # refuse an unknown model before reading it
+        model = build_model(args, shard, source.tensors(shard), progress)
         self._model = model
         self._caches = CacheStore(
             shard.end - shard.start, args.num_key_value_heads, args.head_dim, self.dtype

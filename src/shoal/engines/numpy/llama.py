@@ -21,6 +21,7 @@ from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
 
 F32 = np.float32
+QUERY_BLOCK = 256  # queries attended at once: bounds the scores of a long prefill
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,20 @@ class Checkpoint:
             )
 
 
+def transpose(w: np.ndarray, block: int = 256) -> np.ndarray:
+    """w [out, in] as a contiguous float32 [in, out], copied in blocks of rows."""
+    # A block of rows fits in the CPU cache; one whole-matrix transpose thrashes it (2-8x slower).
+    out = np.empty((w.shape[1], w.shape[0]), F32)  # [in, out]
+    for i in range(0, w.shape[0], block):
+        out[:, i : i + block] = w[i : i + block].T
+    return out
+
+
 class Linear:
     """x @ W (+ b), W [in, out]: the checkpoint's [out, in] weight transposed once at load."""
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None) -> None:
-        self.weight = np.ascontiguousarray(weight.T, dtype=F32)  # [in, out]
+        self.weight = transpose(weight)  # [in, out]
         self.bias = bias
 
     @classmethod
@@ -117,7 +127,8 @@ class RMSNorm:
         self.eps = F32(eps)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        scale = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)  # [..., 1]
+        mean_square = (x * x).sum(axis=-1, keepdims=True) / F32(x.shape[-1])  # [..., 1]
+        scale = 1 / np.sqrt(mean_square + self.eps)  # [..., 1]
         return self.weight * (x * scale)  # [..., dim]
 
 
@@ -216,7 +227,13 @@ class Attention:
             keys, values = cache.update(
                 layer, k[rows].transpose(1, 0, 2), v[rows].transpose(1, 0, 2)
             )
-            out[rows] = attend(q[rows], keys, values, start)  # [T, H*D]
+            # Queries go in blocks, each against only the keys it may see, so a long prompt's
+            # scores stay [KV, G*block, S] rather than [KV, G*T, S].
+            for lo in range(rows.start, rows.stop, QUERY_BLOCK):
+                hi = min(lo + QUERY_BLOCK, rows.stop)
+                pos = start + lo - rows.start  # position of query row lo
+                seen = pos + hi - lo
+                out[lo:hi] = attend(q[lo:hi], keys[:, :seen], values[:, :seen], pos)  # [b, H*D]
         return self.o_proj(out)  # [N, hidden]
 
 
@@ -311,22 +328,26 @@ ARCHITECTURES: dict[str, type[Model]] = {
 }
 
 
-def build_model(
-    cfg: ModelConfig,
-    shard: Shard,
-    tensors: Mapping[str, np.ndarray],
-    progress: ProgressFn | None = None,
-) -> Model:
-    """The model file for cfg.architecture, built from exactly the shard's tensors."""
-    cls = ARCHITECTURES.get(cfg.architecture)
-    if cls is None:
+def model_args(cfg: ModelConfig, shard: Shard) -> ModelArgs:
+    """The decoder's arguments, refusing a model or shard this file cannot run."""
+    if cfg.architecture not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise UnsupportedModel(f"architecture {cfg.architecture!r} is not implemented ({known})")
     if shard.n_layers != cfg.num_hidden_layers:
         raise ValueError(f"shard {shard} does not match a model of {cfg.num_hidden_layers} layers")
     args = ModelArgs.from_config(cfg)
-    rope_frequencies(args)  # refuse an unknown rope before reading any weights
+    rope_frequencies(args)  # an unknown rope_scaling raises here
+    return args
+
+
+def build_model(
+    args: ModelArgs,
+    shard: Shard,
+    tensors: Mapping[str, np.ndarray],
+    progress: ProgressFn | None = None,
+) -> Model:
+    """The model file for args.model_type, built from exactly the shard's tensors."""
     ckpt = Checkpoint(tensors)
-    model = cls(args, shard, ckpt, progress)
-    ckpt.finish(f"{cfg.architecture} shard {shard}")
+    model = ARCHITECTURES[args.model_type](args, shard, ckpt, progress)
+    ckpt.finish(f"{args.model_type} shard {shard}")
     return model
