@@ -66,6 +66,11 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         help="seconds between profile refreshes (default 5)",
     )
     p.add_argument(
+        "--weights-cache",
+        type=Path,
+        help="where dequantized weights are cached (default <data-dir>/weights-cache)",
+    )
+    p.add_argument(
         "--no-microbench",
         dest="microbench",
         action="store_const",

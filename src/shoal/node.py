@@ -83,7 +83,7 @@ async def serve(settings: Settings) -> None:
         advertise=_advertised_host(settings.host),
         device=settings.device,
         threads=settings.threads,
-        cache_dir=settings.data_dir / "weights-cache",
+        cache_dir=settings.weights_cache or settings.data_dir / "weights-cache",
     )
     config = uvicorn.Config(
         app,

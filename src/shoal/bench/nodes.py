@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -119,9 +120,13 @@ class NodeProcess:
 def start_node(tmp: Path, args: Sequence[str] = (), *, threads: int = 1) -> NodeProcess:
     """A standalone node on a free port with its own data dir under tmp."""
     port = free_port()
-    return NodeProcess(tmp / f"node-{port}", port, list(args), free_port(), threads)
+    cache = [] if "--weights-cache" in args else ["--weights-cache", str(SHARED_WEIGHTS_CACHE)]
+    return NodeProcess(tmp / f"node-{port}", port, [*args, *cache], free_port(), threads)
 
 
+# One dequantized-weights cache for every node started here: each node's own would rewrite
+# the same half gigabyte per test.
+SHARED_WEIGHTS_CACHE = Path(tempfile.gettempdir()) / "shoal-shared-weights-cache"
 CLUSTER_FLAGS = ["--no-microbench", "--profile-interval", "1", "--lease-ms", "1000"]
 
 
