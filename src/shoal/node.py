@@ -1,8 +1,11 @@
 """The composition root: builds every part of a node from Settings and runs them together."""
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -91,9 +94,9 @@ async def serve(settings: Settings) -> None:
         port=settings.port,
         log_level="warning",
         lifespan="off",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=30,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     host = _advertised_host(settings.host)
 
     async def publish_profile(profile: NodeProfile) -> None:
@@ -136,6 +139,29 @@ async def serve(settings: Settings) -> None:
         await transport.close()  # peers see us leave at once
         store.close()
         log.info("node %s stopped", identity.node_id)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handling: the node owns SIGINT/SIGTERM (see serve())."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn would re-raise the signal after its graceful shutdown, killing the process
+        # before the node leaves the cluster and stops its runners
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop_on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _stop_on_signal(self, sig: signal.Signals) -> None:
+        if self.should_exit:  # a second signal: do not wait for open streams
+            self.force_exit = True
+        log.info("%s: no new requests; finishing the ones running, then leaving", sig.name)
+        self.should_exit = True
 
 
 class _Stopped(Exception):
