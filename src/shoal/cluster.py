@@ -148,7 +148,7 @@ class ClusterNode:
 
     async def _master_changed(self, master: NodeId | None, term: int) -> None:
         if master == self.node_id:
-            self.master.become(term)
+            self.master.become(term, self.election.quorum)
         else:
             self.master.step_down()
         await self.replica.follow(master)

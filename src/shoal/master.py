@@ -74,11 +74,11 @@ class Master:
     def me(self) -> NodeId:
         return self._transport.node_id
 
-    def become(self, term: int) -> None:
+    def become(self, term: int, quorum: bool = True) -> None:
         """Take over: record the election, then reconcile membership with who is alive."""
         self.term = term
-        log.info("this node is master (term %d)", term)
-        events: list[Event] = [MasterElected(node_id=self.me, term=term)]
+        log.info("this node is master (term %d%s)", term, "" if quorum else ", minority side")
+        events: list[Event] = [MasterElected(node_id=self.me, term=term, quorum=quorum)]
         live = self._transport.peers() | {self.me}
         state = self._store.state
         for node_id, record in state.nodes.items():

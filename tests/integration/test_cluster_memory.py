@@ -81,3 +81,26 @@ async def test_partition_heals_to_one_master_and_one_log(tmp_path: Path) -> None
             for n in c.nodes.values()
         }
         assert len(logs) == 1
+
+
+async def test_a_node_cut_off_alone_does_not_roll_back_the_majority(tmp_path: Path) -> None:
+    async with memory_cluster(tmp_path, 3) as c:
+        await c.until(c.converged)
+        alone, rest = NodeId("n2"), [NodeId("n0"), NodeId("n1")]
+        c.network.partition([alone], rest)
+        await c.until(lambda: c.nodes[alone].master.active)  # it rules its side of one
+        assert c.nodes[alone].state.master_quorum is False
+        for node_id in rest:  # the majority keeps working meanwhile
+            await c.nodes[node_id].report(NodeProfiled(profile=profile(node_id, hostname="kept")))
+        await c.until(
+            lambda: all(
+                (r := c.nodes[NodeId("n0")].state.nodes[n]).profile is not None
+                and r.profile.hostname == "kept"
+                for n in rest
+            )
+        )
+        c.network.heal()
+        await c.until(c.converged, within_s=20)
+        state = c.nodes[alone].state
+        assert state.master == NodeId("n0")
+        assert all(state.nodes[n].profile.hostname == "kept" for n in rest)  # type: ignore[union-attr]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from shoal.election.rules import Standing, best, decide, next_term
+from shoal.election.rules import Standing, best, decide, has_quorum, next_term
 from shoal.types.ids import NodeId
 
 
@@ -63,3 +63,30 @@ def test_every_order_of_the_same_standings_agrees() -> None:
 @pytest.mark.parametrize(("seen", "term"), [([], 1), ([0], 1), ([3, 1, 2], 4)])
 def test_next_term(seen: list[int], term: int) -> None:
     assert next_term(seen) == term
+
+
+def q(node: str, last_term: int, quorum: bool, last_index: int = 10) -> Standing:
+    return Standing(NodeId(node), last_term, last_term, last_index, 100.0, True, quorum)
+
+
+@pytest.mark.parametrize(
+    ("live", "expected"),
+    [
+        # a node cut off alone elected itself (a later term, no majority): the majority's wins
+        ([q("alone", 2, False, last_index=50), q("majority", 1, True)], "majority"),
+        # the majority re-elected after losing its master: the newer majority master wins
+        ([q("old", 1, True), q("new", 2, True)], "new"),
+        # two minority claimants: the later term
+        ([q("a", 2, False), q("b", 3, False)], "b"),
+    ],
+)
+def test_a_majority_master_beats_a_minority_one(live: list[Standing], expected: str) -> None:
+    assert decide(live) == expected
+
+
+@pytest.mark.parametrize(
+    ("live", "known", "ok"),
+    [(1, 1, True), (1, 3, False), (2, 3, True), (2, 4, False), (3, 5, True)],
+)
+def test_quorum(live: int, known: int, ok: bool) -> None:
+    assert has_quorum(live, known) is ok

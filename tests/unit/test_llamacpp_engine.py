@@ -146,9 +146,11 @@ def test_free_then_reuse(engine: LlamaCppEngine, source: GGUFSource) -> None:
     engine.free(rid("r"))
 
 
-def test_sequence_ids_are_lent_and_given_back(source: GGUFSource) -> None:
+def test_progress_and_sequence_ids_lent_and_given_back(source: GGUFSource) -> None:
     e = LlamaCppEngine(n_ctx=256, n_threads=1, n_seq_max=2)  # llama.cpp pads to 256
-    e.load(WHOLE, source)
+    progress: list[tuple[int, int]] = []
+    e.load(WHOLE, source, lambda done, total: progress.append((done, total)))
+    assert progress[-1] == (LAYERS, LAYERS) and progress == sorted(progress)
     try:
         one = np.asarray([1, 2, 3])
         e.forward([StepInput(rid("a"), one, 0), StepInput(rid("b"), one, 0)])

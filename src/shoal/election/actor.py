@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from shoal.election.rules import Standing, decide, next_term
+from shoal.election.rules import Standing, decide, has_quorum, next_term
 from shoal.net.codec import encode
 from shoal.net.transport import PeerEvent, Transport
 from shoal.state.store import StateStore
@@ -48,6 +48,7 @@ class Election:
         self._grace = join_grace_s
         self.master: NodeId | None = None
         self.term = store.last_term  # the highest term seen
+        self.quorum = False  # when master: elected seeing a majority of the known nodes
         self._campaigns: dict[NodeId, tuple[Campaign, float]] = {}  # standing, when received
         self._wake = asyncio.Event()
         self._changed_at = time.monotonic()
@@ -120,6 +121,9 @@ class Election:
             return
         if winner == self.me:
             self.term = next_term([self.term, self._store.last_term])
+            state = self._store.state
+            members = {n for n, r in state.nodes.items() if r.connected} | live | {self.me}
+            self.quorum = has_quorum(len(live) + 1, len(members))
         elif winner is not None:
             self.term = max(self.term, known[winner].term)
         previous, self.master = self.master, winner
@@ -128,13 +132,15 @@ class Election:
         await self._send()
 
     def _standing(self) -> Standing:
+        claims = self.master == self.me
         return Standing(
             self.me,
             self.term,
             self._store.last_term,
             self._store.last_index,
             self.started_at,
-            claims=self.master == self.me,
+            claims=claims,
+            quorum=claims and self.quorum,
         )
 
     async def _send(self) -> None:
@@ -145,12 +151,14 @@ class Election:
             last_term=self._store.last_term,
             started_at=self.started_at,
             master=self.master,
+            quorum=self.master == self.me and self.quorum,
         )
         envelope = Envelope(v=PROTOCOL_VERSION, cluster=self._cluster, sender=self.me, body=body)
         await self._transport.publish("election_messages", encode(envelope))
 
 
 def _standing(c: Campaign) -> Standing:
+    claims = c.master == c.node_id
     return Standing(
-        c.node_id, c.term, c.last_term, c.last_index, c.started_at, claims=c.master == c.node_id
+        c.node_id, c.term, c.last_term, c.last_index, c.started_at, claims, claims and c.quorum
     )

@@ -24,6 +24,7 @@ class Standing:
     last_index: int
     started_at: float
     claims: bool = False  # it says it is master now
+    quorum: bool = False  # ... and was elected seeing a majority of the nodes it knew
 
 
 def rank(s: Standing) -> tuple[int, int, float, str]:
@@ -37,15 +38,26 @@ def best(candidates: Iterable[Standing]) -> Standing | None:
 
 
 def decide(live: Iterable[Standing]) -> NodeId | None:
-    """Whom to follow, from the standings of every live node (this one included)."""
+    """Whom to follow, from the standings of every live node (this one included).
+
+    A master elected by a majority beats one that ruled a minority (a node cut off alone must
+    not roll back what the rest of the cluster did meanwhile); among equals the later term and
+    the longer log win.
+    """
     standings = list(live)
     if not standings:
         return None
     top_term = max(s.last_term for s in standings)
+    majority = best(s for s in standings if s.claims and s.quorum)
     sitting = best(s for s in standings if s.claims and s.last_term == top_term)
-    winner = sitting or best(standings)
+    winner = majority or sitting or best(standings)
     assert winner is not None
     return winner.node_id
+
+
+def has_quorum(live: int, known: int) -> bool:
+    """Whether `live` nodes (this one included) are a majority of the `known` ones."""
+    return 2 * live > known
 
 
 def next_term(seen: Iterable[int]) -> int:

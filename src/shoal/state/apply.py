@@ -66,7 +66,7 @@ def _node_forgotten(state: State, event: NodeForgotten) -> State:
 
 def _master_elected(state: State, event: MasterElected) -> State:
     """Record who orders the log from now on (the term comes from the entry, as for every entry)."""
-    return state.model_copy(update={"master": event.node_id})
+    return state.model_copy(update={"master": event.node_id, "master_quorum": event.quorum})
 
 
 def _instance_placed(state: State, event: InstancePlaced) -> State:

@@ -63,6 +63,7 @@ class State(_Frozen):
     index: int = Field(default=0, ge=0)
     term: int = Field(default=0, ge=0)
     master: NodeId | None = None
+    master_quorum: bool = True  # the master was elected seeing a majority of the known nodes
     nodes: dict[NodeId, NodeRecord] = Field(default_factory=dict)
     instances: dict[InstanceId, InstanceRecord] = Field(default_factory=dict)
 

@@ -53,6 +53,7 @@ class MasterElected(_Event):
     kind: Literal["master_elected"] = "master_elected"
     node_id: NodeId
     term: int = Field(ge=1)
+    quorum: bool = True  # it saw a majority of the known nodes when elected
 
 
 class InstancePlaced(_Event):

@@ -59,6 +59,7 @@ class Campaign(_Wire):
     last_term: int = Field(ge=0)
     started_at: float  # seconds since the epoch when the node joined; lower = more senior
     master: NodeId | None = None  # whom it follows now
+    quorum: bool = False  # it is master, elected seeing a majority of the known nodes
 
 
 Body = Annotated[GlobalEvent | LocalEvent | CommandMessage | Campaign, Field(discriminator="kind")]

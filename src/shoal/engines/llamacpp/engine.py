@@ -9,13 +9,12 @@ is unified: its `n_ctx` cells are one budget shared by every live request, and a
 may use all of it. (The high-level `llama_cpp.Llama` keeps a single sequence per object, so it
 would need a context, and a KV cache of n_ctx, per request.)
 
-The wheel on PyPI is built for the CPU. For a GPU, build it from source and pass n_gpu_layers
+`pip install llama-cpp-python` compiles llama.cpp for the CPU. For a GPU, compile it with the
+backend on (add `--force-reinstall --no-cache-dir` to replace a CPU build) and pass n_gpu_layers
 (-1 = every layer):
 
-    CMAKE_ARGS="-DGGML_CUDA=on" pip install --no-binary llama-cpp-python llama-cpp-python   # NVIDIA
-    CMAKE_ARGS="-DGGML_METAL=on" pip install --no-binary llama-cpp-python llama-cpp-python  # Apple
-
-(Metal is on by default when building on Apple Silicon.)
+    CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python    # NVIDIA (needs the CUDA toolkit)
+    CMAKE_ARGS="-DGGML_METAL=on" pip install llama-cpp-python   # Apple Silicon (on by default)
 """
 
 import ctypes
@@ -227,13 +226,14 @@ class LlamaCppEngine:
         last = [-1]
 
         def on_progress(fraction: float, _user_data: ctypes.c_void_p) -> bool:
-            done = min(layers, int(fraction * layers))
+            done = min(layers, int(fraction * layers))  # as layers, like the other engines
             if progress is not None and done != last[0]:
                 last[0] = done
                 progress(done, layers)
             return True  # go on loading
 
-        callback = llama_cpp.llama_progress_callback(on_progress)  # kept alive through the load
+        # a local, so the C callback stays alive until the load returns
+        callback = llama_cpp.llama_progress_callback(on_progress) if progress else None
         self.close()
         native = _Native(path, self, callback)
         if native.n_layers != layers:

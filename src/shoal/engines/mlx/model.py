@@ -3,8 +3,9 @@
 mlx-lm's model files already name their modules after the Hugging Face checkpoint keys, so a
 shard is that model with the other stages' modules cut away: `model.layers` keeps its global
 indices (it ends at `end`, with None for each layer before `start`), the embedding stays on the
-first shard, norm and head on the last. The head is always its own `lm_head`, even when the checkpoint
-ties it to the embedding: a last shard that is not also the first has no embedding to borrow.
+first shard, norm and head on the last. The head is always its own `lm_head`, even when the
+checkpoint ties it to the embedding: a last shard that is not also the first has no embedding to
+borrow.
 """
 
 from collections.abc import Callable, Sequence
