@@ -10,7 +10,7 @@ from shoal.errors import BadRequest
 # name → (module, class, framework it needs or None); best first.
 _BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "torch": ("shoal.engines.torch.engine", "TorchEngine", "torch"),
-    "mlx": ("shoal.engines.mlx.engine", "MlxEngine", "mlx"),
+    "mlx": ("shoal.engines.mlx.engine", "MlxEngine", "mlx_lm"),
     "llamacpp": ("shoal.engines.llamacpp.engine", "LlamaCppEngine", "llama_cpp"),
     "numpy": ("shoal.engines.numpy.engine", "NumpyEngine", "numpy"),
     "fake": ("shoal.engines.fake", "FakeEngine", None),
