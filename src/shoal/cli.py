@@ -36,7 +36,10 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, help="where the node keeps its files (SHOAL_DATA_DIR)")
     p.add_argument("--model", help="model id to load at start, e.g. smollm2-135m (SHOAL_MODEL)")
     p.add_argument("--model-path", type=Path, help="serve a GGUF file or safetensors directory")
-    p.add_argument("--engine", help="engine to run models with (default torch; SHOAL_ENGINE)")
+    p.add_argument(
+        "--engine",
+        help="offer only this engine: torch, numpy, mlx, llamacpp (default: all installed)",
+    )
     p.add_argument("--device", help="torch device: cpu, cuda, mps (default: best available)")
     p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
     p.add_argument("--max-batch", type=int, help="requests decoded together (default 8)")
@@ -91,10 +94,6 @@ def _node(args: argparse.Namespace) -> None:
         first = exc.errors()[0]
         raise CliError(f"bad setting {first['loc'][0]}: {first['msg']}") from exc
     log.configure(settings.log_level)
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
 

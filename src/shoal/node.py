@@ -13,7 +13,8 @@ import uvicorn
 from shoal import __version__
 from shoal.api.app import create_app
 from shoal.cluster import ClusterNode
-from shoal.errors import ShoalError
+from shoal.engines.registry import available_engines
+from shoal.errors import BadRequest, ShoalError
 from shoal.models.catalog import Catalog, find_local_weights
 from shoal.models.local_card import card_for_path
 from shoal.net.identity import Identity
@@ -59,6 +60,11 @@ async def serve(settings: Settings) -> None:
         preload = card.id
     if preload is not None:
         catalog.get(preload)  # an unknown --model fails now, with suggestions
+    if settings.engine is not None and settings.engine not in available_engines():
+        raise BadRequest(
+            f"engine {settings.engine!r} is not available here "
+            f"(installed: {', '.join(available_engines())})"
+        )
     identity = Identity.load_or_create(settings.data_dir)
     transport = _transport(settings, identity)
     try:
@@ -110,6 +116,7 @@ async def serve(settings: Settings) -> None:
         __version__,
         emit=publish_profile,
         interval_s=settings.profile_interval_s,
+        engines=[settings.engine] if settings.engine is not None else None,
         bench=settings.microbench,
     )
     log.info(

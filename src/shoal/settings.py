@@ -47,7 +47,7 @@ class Settings(BaseModel):
     data_dir: Path = Field(default_factory=default_data_dir)
     model: str | None = None  # preload this model id at start
     model_path: Path | None = None  # a GGUF file or safetensors directory to serve
-    engine: str = "torch"
+    engine: str | None = None  # offer only this engine; None = every engine installed here
     device: str | None = None  # torch device; None = best available
     threads: int | None = Field(default=None, ge=1)  # compute threads; None = all cores
     max_batch: int = Field(default=8, ge=1)  # requests decoded together per step

@@ -31,6 +31,7 @@ class NodeProcess:
     args: Sequence[str]
     control_port: int = 0
     threads: int = 1
+    python: str = sys.executable
     proc: subprocess.Popen[bytes] = field(init=False)
     _node_id: str = field(default="", init=False)
 
@@ -49,7 +50,7 @@ class NodeProcess:
         """(Re)start the process with the same ports, flags and data dir."""
         self.data.mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable,
+            self.python,
             "-m",
             "shoal.cli",
             "node",
@@ -117,11 +118,13 @@ class NodeProcess:
         self.proc.wait(timeout=10)
 
 
-def start_node(tmp: Path, args: Sequence[str] = (), *, threads: int = 1) -> NodeProcess:
+def start_node(
+    tmp: Path, args: Sequence[str] = (), *, threads: int = 1, python: str = sys.executable
+) -> NodeProcess:
     """A standalone node on a free port with its own data dir under tmp."""
     port = free_port()
     cache = [] if "--weights-cache" in args else ["--weights-cache", str(SHARED_WEIGHTS_CACHE)]
-    return NodeProcess(tmp / f"node-{port}", port, [*args, *cache], free_port(), threads)
+    return NodeProcess(tmp / f"node-{port}", port, [*args, *cache], free_port(), threads, python)
 
 
 # One dequantized-weights cache for every node started here: each node's own would rewrite

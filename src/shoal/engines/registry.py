@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.util
+import platform
 from typing import Any, cast
 
 from shoal.engines.base import Engine
@@ -19,7 +20,11 @@ _BACKENDS: dict[str, tuple[str, str, str | None]] = {
 
 def available_engines() -> list[str]:
     """Engines whose framework is installed, best first; "fake" is always there."""
-    return [name for name, (_, _, need) in _BACKENDS.items() if _installed(need)]
+    names = [name for name, (_, _, need) in _BACKENDS.items() if _installed(need)]
+    if platform.system() == "Darwin" and platform.machine() == "arm64" and "mlx" in names:
+        names.remove("mlx")  # Metal: MLX is the fast path on Apple Silicon
+        names.insert(0, "mlx")
+    return names
 
 
 def create_engine(name: str, **options: Any) -> Engine:

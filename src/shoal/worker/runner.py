@@ -81,7 +81,11 @@ def load_engine(config: RunnerConfig) -> Engine:
     source: WeightSource = open_weights(Path(config.model_path))
     if config.cache_dir is not None:
         source = CachedWeights(source, Path(config.model_path), Path(config.cache_dir))
-    options = {"device": config.device} if config.device is not None else {}
+    options: dict[str, Any]
+    if config.engine == "llamacpp":  # offloads every layer it can, unless told to stay on cpu
+        options = {"n_threads": config.threads, "n_gpu_layers": 0 if config.device == "cpu" else -1}
+    else:
+        options = {"device": config.device} if config.device is not None else {}
     engine = create_engine(config.engine, **options)
     if config.threads is not None and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(config.threads)
