@@ -35,7 +35,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gguf", type=Path, help="benchmark this GGUF file instead")
     p.add_argument(
         "--peers",
-        default="shoal,llamacpp,transformers",
+        default="shoal,shoal-numpy,shoal-mlx,shoal-llamacpp,llamacpp,transformers",
         help="comma-separated: shoal, llamacpp, transformers (missing ones are skipped)",
     )
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 512])

@@ -6,6 +6,8 @@ framework lazily; a peer that is not installed is reported as skipped, never as 
 """
 
 import asyncio
+import functools
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,8 +39,6 @@ Runner = Callable[[Sequence[int], int], Sample]  # (prompt ids, tokens to genera
 
 def shoal_runner(gguf: Path, threads: int, engine: str = "torch") -> Runner:
     """shoal's engine behind its own scheduler (the path a request takes, minus HTTP)."""
-    import torch
-
     from shoal.engines.registry import create_engine
     from shoal.inference.pipeline import LocalPipeline
     from shoal.inference.request import Finished, GenerationRequest, SamplingParams, TextDelta
@@ -47,10 +47,12 @@ def shoal_runner(gguf: Path, threads: int, engine: str = "torch") -> Runner:
     from shoal.types.ids import ModelId, RequestId
     from shoal.types.shard import Shard
 
-    torch.set_num_threads(threads)
     source = open_weights(gguf)
     tokenizer = source.tokenizer()
-    eng = create_engine(engine)
+    options = {"n_threads": threads} if engine == "llamacpp" else {}
+    eng = create_engine(engine, **options)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
     eng.load(Shard.whole(ModelId("bench"), source.config.num_hidden_layers), source)
     never_stop = type("NoEos", (), {"eos_token_ids": frozenset(), "stream": tokenizer.stream})()
 
@@ -127,11 +129,21 @@ def llamacpp_runner(gguf: Path, threads: int) -> Runner:
 
 
 PEERS: dict[str, Callable[[Path, int], Runner]] = {
-    "shoal": shoal_runner,
+    "shoal": shoal_runner,  # the torch engine
+    "shoal-numpy": functools.partial(shoal_runner, engine="numpy"),
+    "shoal-mlx": functools.partial(shoal_runner, engine="mlx"),
+    "shoal-llamacpp": functools.partial(shoal_runner, engine="llamacpp"),
     "transformers": transformers_runner,
     "llamacpp": llamacpp_runner,
 }
-PEER_MODULES = {"shoal": "torch", "transformers": "transformers", "llamacpp": "llama_cpp"}
+PEER_MODULES = {
+    "shoal": "torch",
+    "shoal-numpy": "numpy",
+    "shoal-mlx": "mlx_lm",
+    "shoal-llamacpp": "llama_cpp",
+    "transformers": "transformers",
+    "llamacpp": "llama_cpp",
+}
 
 
 def median(values: Sequence[float]) -> float:
