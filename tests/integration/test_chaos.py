@@ -3,14 +3,14 @@
 import random
 import signal
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 from openai import APIStatusError, OpenAI
 
 from tests.helpers.nodes import NodeProcess, start_cluster_node
+from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 MODEL = "smollm2-135m"
@@ -19,18 +19,6 @@ ASK = {
     "temperature": 0,
     "max_tokens": 40,
 }
-
-
-def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except Exception:  # a node starting or stopping
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def client(node: NodeProcess) -> OpenAI:

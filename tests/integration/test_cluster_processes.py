@@ -1,27 +1,15 @@
 """Real `shoal node` processes on loopback, joined by --peers: converge, fail over, catch up."""
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.nodes import NodeProcess, start_cluster_node
+from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-def until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until condition holds; returns the seconds it took."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if condition():
-                return time.monotonic() - start
-        except Exception:  # a node still starting or just killed
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def converged(nodes: list[NodeProcess]) -> bool:

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from openai import OpenAI
 
 from tests.helpers.nodes import NodeProcess, start_cluster_node
+from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 MODEL = "smollm2-135m"
@@ -21,18 +21,6 @@ PROMPTS = [
     "Name three colours.",
     "Write one sentence about the sea.",
 ]
-
-
-def until(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except Exception:  # a node still starting
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def place(node: NodeProcess, layers: str) -> str:

@@ -1,7 +1,6 @@
 """Failover with real processes: a stage node or the master killed mid-stream costs no request."""
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,6 +9,7 @@ import pytest
 from openai import OpenAI
 
 from tests.helpers.nodes import NodeProcess, start_cluster_node
+from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 MODEL = "smollm2-135m"
@@ -20,18 +20,6 @@ PROMPTS = [
     "Describe a busy market in the morning.",
 ]
 TOKENS = 48
-
-
-def until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if condition():
-                return time.monotonic() - start
-        except Exception:  # a node starting or just killed
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def ready(node: NodeProcess) -> list[dict]:

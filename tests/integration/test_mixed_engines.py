@@ -2,9 +2,8 @@
 
 import subprocess
 import sys
-import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,23 +12,12 @@ from openai import OpenAI
 
 from shoal.engines.registry import available_engines
 from tests.helpers.nodes import NodeProcess, start_cluster_node, start_node
+from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 MODEL = "smollm2-135m"
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["What is the capital of France?", "Name a large animal."]
-
-
-def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except Exception:  # still starting
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def answer(node: NodeProcess, model: str, prompt: str) -> str:

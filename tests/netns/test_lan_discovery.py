@@ -1,13 +1,13 @@
 """Real hosts in network namespaces: multicast discovery, static peers, a pulled cable (root)."""
 
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.netns import Host, Lan, why_not_supported
+from tests.helpers.wait import until
 
 _reason = why_not_supported()
 pytestmark = [
@@ -15,18 +15,6 @@ pytestmark = [
     pytest.mark.timeout(240),
     pytest.mark.skipif(_reason is not None, reason=_reason or ""),
 ]
-
-
-def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except Exception:  # a node still starting, or cut off
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def one_cluster(hosts: list[Host]) -> bool:

@@ -3,13 +3,13 @@
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.netns import Host, Lan, why_not_supported
+from tests.helpers.wait import until
 
 _reason = why_not_supported()
 pytestmark = [
@@ -36,18 +36,6 @@ with httpx.stream("POST", sys.argv[1] + "/v1/chat/completions", json=body, timeo
                 print(json.dumps({"piece": piece}), flush=True)
 print(json.dumps({"done": text}), flush=True)
 """
-
-
-def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except Exception:  # a node starting, or cut off
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def stream(host: Host, model: str, on_piece: Callable[[int], None] | None = None) -> str:

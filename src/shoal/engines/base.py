@@ -76,3 +76,43 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release every cache and the weights."""
         ...
+
+
+def check_batch(
+    batch: Sequence[StepInput],
+    cached: Callable[[RequestId], int],
+    *,
+    first: bool,
+    hidden_size: int,
+    vocab_size: int,
+) -> None:
+    """Refuse a batch no engine can run (ValueError), before any cache changes.
+
+    Every engine calls this first: ids unique in the batch, each step continuing its cache
+    exactly, token ids on the first shard and hidden states [T, hidden] after it.
+    """
+    seen: set[RequestId] = set()
+    for item in batch:
+        rid, data = item.request_id, item.data
+        if rid in seen:
+            raise ValueError(f"request {rid} appears twice in one batch")
+        seen.add(rid)
+        # Positions must continue the cache exactly: a gap or an overlap would make the new
+        # keys sit at the wrong positions, silently corrupting every later token.
+        held = cached(rid)
+        if item.start != held:
+            raise ValueError(
+                f"request {rid}: step starts at {item.start} but its cache holds {held} "
+                "positions; free() it to start again"
+            )
+        if first:
+            if data.ndim != 1 or data.dtype.kind not in "iu":
+                raise ValueError(f"request {rid}: the first shard takes int token ids [T]")
+        elif data.ndim != 2 or data.shape[1] != hidden_size or data.dtype.kind != "f":
+            raise ValueError(
+                f"request {rid}: this shard takes float hidden states [T, {hidden_size}]"
+            )
+        if data.shape[0] == 0:
+            raise ValueError(f"request {rid}: empty step")
+        if first and (data.min() < 0 or data.max() >= vocab_size):
+            raise ValueError(f"request {rid}: token id outside [0, {vocab_size})")

@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 import llama_cpp
 import numpy as np
 
-from shoal.engines.base import ProgressFn, StepInput, WeightSource
+from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
 from shoal.errors import ContextOverflow, ModelUnavailable, UnsupportedModel
 from shoal.types.ids import RequestId
 from shoal.types.shard import Shard
@@ -296,24 +296,9 @@ class LlamaCppEngine:
 
     def _check(self, native: _Native, batch: Sequence[StepInput]) -> None:
         """Refuse a batch that cannot run, before any cache changes."""
-        seen: set[RequestId] = set()
+        check_batch(batch, self._pool.length, first=True, hidden_size=0, vocab_size=native.n_vocab)
         for item in batch:
-            rid, data = item.request_id, item.data
-            if rid in seen:
-                raise ValueError(f"request {rid} appears twice in one batch")
-            seen.add(rid)
-            cached = self._pool.length(rid)
-            if item.start != cached:
-                raise ValueError(
-                    f"request {rid}: step starts at {item.start} but its cache holds {cached} "
-                    "positions; free() it to start again"
-                )
-            if data.ndim != 1 or data.dtype.kind not in "iu":
-                raise ValueError(f"request {rid}: the llamacpp engine takes int token ids [T]")
-            if data.shape[0] == 0:
-                raise ValueError(f"request {rid}: empty step")
-            if data.min() < 0 or data.max() >= native.n_vocab:
-                raise ValueError(f"request {rid}: token id outside [0, {native.n_vocab})")
+            rid = item.request_id
             if item.start + item.length > native.n_ctx:
                 raise ContextOverflow(
                     f"request {rid}: {item.start + item.length} positions do not fit the "

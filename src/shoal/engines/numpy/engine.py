@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shoal.engines.base import ProgressFn, StepInput, WeightSource
+from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
 from shoal.engines.numpy.cache import CacheStore
 from shoal.engines.numpy.llama import Context, Model, build_model, model_args
 from shoal.errors import BadRequest
@@ -89,29 +89,10 @@ class NumpyEngine:
     def _check(self, batch: Sequence[StepInput]) -> None:
         """Refuse a batch that cannot run, before any cache changes."""
         model, caches = self._loaded()
-        args, first = model.args, model.shard.is_first
-        seen: set[RequestId] = set()
-        for item in batch:
-            rid, data = item.request_id, item.data
-            if rid in seen:
-                raise ValueError(f"request {rid} appears twice in one batch")
-            seen.add(rid)
-            # Positions must continue the cache exactly: a gap or an overlap would make the new
-            # keys sit at the wrong positions, silently corrupting every later token.
-            cached = caches.length(rid)
-            if item.start != cached:
-                raise ValueError(
-                    f"request {rid}: step starts at {item.start} but its cache holds {cached} "
-                    "positions; free() it to start again"
-                )
-            if first:
-                if data.ndim != 1 or data.dtype.kind not in "iu":
-                    raise ValueError(f"request {rid}: the first shard takes int token ids [T]")
-            elif data.ndim != 2 or data.shape[1] != args.hidden_size or data.dtype.kind != "f":
-                raise ValueError(
-                    f"request {rid}: this shard takes float hidden states [T, {args.hidden_size}]"
-                )
-            if data.shape[0] == 0:
-                raise ValueError(f"request {rid}: empty step")
-            if first and (data.min() < 0 or data.max() >= args.vocab_size):
-                raise ValueError(f"request {rid}: token id outside [0, {args.vocab_size})")
+        check_batch(
+            batch,
+            caches.length,
+            first=model.shard.is_first,
+            hidden_size=model.args.hidden_size,
+            vocab_size=model.args.vocab_size,
+        )
