@@ -329,8 +329,18 @@ class ClusterService:
         return tokenizer
 
     async def prune(self) -> None:
-        """Drop handles of instances that are gone or no longer ready."""
+        """Drop handles of instances that are gone; abort the chains the state says are broken.
+
+        A stage on a host that hung or lost its cable never closes its connection: the state
+        (liveliness → NodeLost → re-placement) is what tells the API node to fail over.
+        """
         state = self._cluster.state
+        for handle in [*self._handles.values(), *self._orphans]:
+            record = state.instances.get(handle.instance_id)
+            if record is None or (
+                record.ready and record.stage_addrs() != handle.pipeline.stage_addrs
+            ):
+                handle.pipeline.abort("the cluster re-placed or restarted a stage")
         for iid in [i for i in self._handles if i not in state.instances]:
             if self._handles[iid].scheduler.load == 0:  # busy ones are failing over
                 handle = self._handles.pop(iid)

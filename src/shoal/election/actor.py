@@ -70,8 +70,9 @@ class Election:
         self.term = max(self.term, campaign.term)
         if (
             known is None
+            or known[1] < self._changed_at  # the first standing since the membership changed
             or known[0].last_term != campaign.last_term
-            or (known[0].master != campaign.master)
+            or known[0].master != campaign.master
         ):
             self._wake.set()
 
@@ -123,7 +124,10 @@ class Election:
             self.term = next_term([self.term, self._store.last_term])
             state = self._store.state
             members = {n for n, r in state.nodes.items() if r.connected} | live | {self.me}
-            self.quorum = has_quorum(len(live) + 1, len(members))
+            # only peers heard from since the membership changed count towards a majority: one
+            # whose link just broke may still look alive (its lease has not run out)
+            fresh = [n for n, (_, at) in self._campaigns.items() if at >= self._changed_at]
+            self.quorum = has_quorum(len(set(fresh) & live) + 1, len(members))
         elif winner is not None:
             self.term = max(self.term, known[winner].term)
         previous, self.master = self.master, winner

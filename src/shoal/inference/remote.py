@@ -200,6 +200,10 @@ class RemotePipeline:
         else:
             log.debug("ignoring %s for step %d from %s", frame.kind.name, frame.step, link.addr)
 
+    def abort(self, reason: str) -> None:
+        """Give up on this chain now (the cluster says a stage is gone): pending steps fail."""
+        self._lose(StageLost(" -> ".join(self.stage_addrs), reason))
+
     def _lose(self, exc: StageLost, quiet: bool = False) -> StageLost:
         """Mark the pipeline dead (the first reason wins) and fail every pending step."""
         if self._lost is None:
