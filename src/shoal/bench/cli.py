@@ -199,6 +199,9 @@ def run_cluster(args: argparse.Namespace) -> None:
         f"joined a {args.nodes}-node cluster in {result['join_s']:.2f} s; master failover "
         f"after kill -9: {result.get('failover_s', float('nan')) * 1000:.0f} ms"
     )
+    if "stage_failover" in result:
+        gap = result["stage_failover"]["kill_to_next_token_s"]
+        out.print(f"stage node killed mid-stream: next token after {gap:.2f} s")
     latency = Table(title=f"GET /v1/models, {args.requests} requests per node (ms)")
     for column in ("node", "min", "max", "avg", "median", "models/s"):
         latency.add_column(column, justify="right")

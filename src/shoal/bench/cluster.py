@@ -85,6 +85,39 @@ def decode_rate(node: NodeProcess, instance: str, tokens: int) -> dict[str, floa
     }
 
 
+def stage_failover(nodes: list[NodeProcess], tokens: int) -> dict[str, float]:
+    """Kill -9 the node running a stream's only stage: seconds until the stream's next token."""
+    entry, victim = nodes[0], nodes[-1]
+    instance = _place(entry, f"{victim.node_id}:0-30")
+    _until(
+        lambda: any(
+            i["instance_id"] == instance and i["ready"] for i in entry.get("/v1/instances")["data"]
+        ),
+        300,
+    )
+    body = {
+        "model": instance,
+        "messages": PROMPT,
+        "temperature": 0,
+        "max_tokens": tokens,
+        "stream": True,
+    }
+    stamps: list[float] = []
+    killed_at = 0.0
+    with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"content":"' in line and '"content":""' not in line:
+                stamps.append(time.perf_counter())
+                if len(stamps) == 8:
+                    victim.kill9()
+                    killed_at = time.perf_counter()
+    after = [t for t in stamps if t > killed_at]
+    return {
+        "kill_to_next_token_s": after[0] - killed_at if after else float("nan"),
+        "tokens": len(stamps),
+    }
+
+
 def _place(node: NodeProcess, layers: str) -> str:
     r = httpx.post(f"{node.url}/instance", json={"model": MODEL, "layers": layers}, timeout=60)
     r.raise_for_status()
@@ -129,6 +162,9 @@ def run_cluster_bench(size: int, requests: int, tokens: int, repeats: int) -> di
                     added = 1000 / row["decode_tok_s"] - 1000 / one
                     row["added_ms_per_hop"] = added / hops
             result["inference"] = inference
+            if size >= 3:
+                result["stage_failover"] = stage_failover(nodes, tokens)
+                nodes.remove(next(n for n in nodes if n.proc.poll() is not None))
             master = next(n for n in nodes if n.node_id == nodes[0].get("/state")["master"])
             survivors = [n for n in nodes if n is not master]
             master.kill9()
