@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,17 @@ def _node(args: argparse.Namespace) -> None:
         first = exc.errors()[0]
         raise CliError(f"bad setting {first['loc'][0]}: {first['msg']}") from exc
     log.configure(settings.log_level)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_fast_loop()) as run:
+        run.run(serve(settings))
+
+
+def _fast_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (a faster HTTP path), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 # --- client commands ---------------------------------------------------------------------------

@@ -121,6 +121,7 @@ class ClusterService:
         self._tokenizers: dict[ModelId, Tokenizer] = {}
         self._connecting: dict[InstanceId, asyncio.Task[InstanceHandle]] = {}
         self._orphans: list[InstanceHandle] = []  # moved onto an instance another handle serves
+        self._statuses: dict[tuple[ModelCard, int], ModelStatus] = {}
 
     # --- InferenceService -------------------------------------------------------------------
 
@@ -139,6 +140,19 @@ class ClusterService:
         return handle.scheduler.load if handle else 0
 
     def status(self, card: ModelCard) -> ModelStatus:
+        """Ready / loading / failed from the instances; else whether placement would fit it.
+
+        A pure function of the card and the replicated state, remembered per state index: the
+        model list is read far more often than the state changes.
+        """
+        key = (card, self._cluster.state.index)
+        if (known := self._statuses.get(key)) is None:
+            if len(self._statuses) > 4 * len(self._catalog.all()):
+                self._statuses.clear()
+            known = self._statuses[key] = self._status(card)
+        return known
+
+    def _status(self, card: ModelCard) -> ModelStatus:
         records = self._instances(card.id)
         if any(r.ready for r in records):
             return ModelStatus("ready")

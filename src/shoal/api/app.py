@@ -20,6 +20,7 @@ def create_app(
     app = FastAPI(title="shoal", version=__version__)
     app.state.service = service
     app.state.cluster = cluster
+    app.state.models_json = None  # (state index, bytes): see api/models.py
     errors.install(app)
     for module in (models, chat, completions, health, cluster_routes, instances):
         app.include_router(module.router)

@@ -1,8 +1,9 @@
 """GET /v1/models and /v1/models/{id}: every card, in OpenAI's list shape, with availability."""
 
+import json
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from shoal.inference.service import InferenceService
 from shoal.types.model_card import ModelCard
@@ -39,9 +40,16 @@ def model_object(card: ModelCard, service: InferenceService) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
+async def list_models(request: Request) -> Response:
+    """Every card; the JSON is rebuilt only when the cluster state changes (read often)."""
     service: InferenceService = request.app.state.service
-    return {"object": "list", "data": [model_object(c, service) for c in service.cards()]}
+    cluster = request.app.state.cluster
+    version = cluster.state.index if cluster is not None else None
+    cached = request.app.state.models_json
+    if cached is None or cached[0] != version or version is None:
+        listing = {"object": "list", "data": [model_object(c, service) for c in service.cards()]}
+        cached = request.app.state.models_json = (version, json.dumps(listing).encode())
+    return Response(cached[1], media_type="application/json")
 
 
 @router.get("/v1/models/{model_id:path}")
