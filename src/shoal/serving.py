@@ -174,10 +174,17 @@ class ClusterService:
 
     async def acquire(self, model_id: str) -> InstanceHandle:
         """A ready instance of the model (or the instance itself, when given an instance id)."""
-        pinned = self._cluster.state.instances.get(InstanceId(model_id))
-        if pinned is not None:
-            return await self._pinned(pinned.instance.instance_id)
-        card = self._catalog.get(model_id)
+        try:
+            pinned = self._cluster.state.instances.get(InstanceId(model_id))
+            if pinned is not None:
+                return await self._pinned(pinned.instance.instance_id)
+            return await self._ready_instance(self._catalog.get(model_id))
+        except TimeoutError:
+            raise ModelUnavailable(
+                f"{model_id} did not become ready within {self._ready_timeout:.0f} s"
+            ) from None
+
+    async def _ready_instance(self, card: ModelCard) -> InstanceHandle:
         async with asyncio.timeout(self._ready_timeout):
             while True:
                 ready = [r for r in self._instances(card.id) if r.ready]

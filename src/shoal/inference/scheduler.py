@@ -201,9 +201,9 @@ class Scheduler:
 
     async def _fail(self, seqs: list[_Sequence], exc: BaseException) -> None:
         for seq in seqs:
-            seq.queue.put_nowait(exc)
             seq.finished = True
             await self._retire(seq)
+            seq.queue.put_nowait(exc)  # after the retire: the caller sees the error, cache freed
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """Take one sampled token: emit its text, or finish the sequence."""
@@ -250,8 +250,12 @@ class Scheduler:
         )
 
     async def _retire(self, seq: _Sequence) -> None:
-        """Leave the batch and free the request's cache on every stage."""
-        self._active.remove(seq)
+        """Free the request's cache on every stage, then leave the batch (and the load count)."""
         if not seq.finished:
             log.info("request %s cancelled after %d tokens", seq.rid, len(seq.tokens))
-        await self._pipeline.free(seq.req.request_id)
+        try:
+            await self._pipeline.free(seq.req.request_id)
+        except Exception as exc:  # a broken pipeline holds no cache worth freeing
+            log.debug("freeing %s on a broken pipeline: %s", seq.rid, exc)
+        finally:
+            self._active.remove(seq)
