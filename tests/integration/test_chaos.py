@@ -9,7 +9,7 @@ import httpx
 import pytest
 from openai import APIStatusError, OpenAI
 
-from tests.helpers.nodes import NodeProcess, start_cluster_node
+from tests.helpers.nodes import NodeProcess, running_cluster
 from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -38,18 +38,8 @@ def streamed(node: NodeProcess, started: threading.Event | None = None) -> str:
 
 @pytest.fixture
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
-    tmp = tmp_path_factory.mktemp("chaos")
-    nodes: list[NodeProcess] = []
-    try:
-        nodes.append(start_cluster_node(tmp))
-        nodes += [start_cluster_node(tmp, [nodes[0]]) for _ in range(2)]
-        for n in nodes:
-            n.wait_ready()
-        until(lambda: len(nodes[0].get("/state")["nodes"]) == 3, 30, "three nodes")
+    with running_cluster(tmp_path_factory.mktemp("chaos"), 3) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
 
 
 def place_on(nodes: list[NodeProcess], target: NodeProcess) -> None:

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from tests.helpers.nodes import NodeProcess, start_cluster_node
+from tests.helpers.nodes import NodeProcess, running_cluster
 from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -35,22 +35,12 @@ def instances(node: NodeProcess) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    tmp = tmp_path_factory.mktemp("split")
-    nodes: list[NodeProcess] = []
-    try:
-        nodes.append(start_cluster_node(tmp))
-        nodes += [start_cluster_node(tmp, [nodes[0]]) for _ in range(2)]
-        for n in nodes:
-            n.wait_ready()
-        until(lambda: len(nodes[0].get("/state")["nodes"]) == 3, 30, "three nodes")
+    with running_cluster(tmp_path_factory.mktemp("split"), 3) as nodes:
         ids = [n.node_id for n in nodes]
         whole = place(nodes[0], f"{ids[0]}:0-30")
         split = place(nodes[1], f"{ids[0][:20]}:0-10,{ids[1]}:10-20,{ids[2]}:20-30")
         until(lambda: all(i["ready"] for i in instances(nodes[2]).values()), 240, "instances")
         yield {"nodes": nodes, "whole": whole, "split": split}
-    finally:
-        for n in nodes:
-            n.stop()
 
 
 def client(node: NodeProcess) -> OpenAI:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.helpers.nodes import NodeProcess, start_cluster_node
+from tests.helpers.nodes import NodeProcess, running_cluster
 from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -28,18 +28,8 @@ def ready(node: NodeProcess) -> list[dict]:
 
 @pytest.fixture
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
-    tmp = tmp_path_factory.mktemp("failover")
-    nodes: list[NodeProcess] = []
-    try:
-        nodes.append(start_cluster_node(tmp))
-        nodes += [start_cluster_node(tmp, [nodes[0]]) for _ in range(2)]
-        for n in nodes:
-            n.wait_ready()
-        until(lambda: len(nodes[0].get("/state")["nodes"]) == 3, 30, "three nodes")
+    with running_cluster(tmp_path_factory.mktemp("failover"), 3) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
 
 
 def stream(entry: NodeProcess, prompt: str, started: threading.Event | None = None) -> str:

@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 
 from shoal.engines.registry import available_engines
-from tests.helpers.nodes import NodeProcess, start_cluster_node, start_node
+from tests.helpers.nodes import NodeProcess, profiled, start_cluster_node, start_node
 from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -37,7 +37,7 @@ def test_torch_numpy_mlx_pipeline_equals_torch_alone(tmp_path: Path) -> None:
             nodes.append(start_cluster_node(tmp_path, [nodes[0]], ["--engine", engine]))
         for n in nodes:
             n.wait_ready()
-        until(lambda: len(nodes[0].get("/state")["nodes"]) == 3, 30, "three nodes")
+        until(lambda: profiled(nodes), 30, "three nodes with their profiles")
         ids = [n.node_id for n in nodes]
         placed = {}
         for name, layers in (

@@ -86,7 +86,17 @@ def test_pulled_cable_mid_stream(lan: Lan, tmp_path: Path) -> None:
     hosts[0].start_node(tmp_path / "h1")
     for i, host in enumerate(hosts[1:], start=2):
         host.start_node(tmp_path / f"h{i}", ["--peers", f"{hosts[0].ip}:52416"])
-    until(lambda: len(hosts[0].get("/state")["nodes"]) == 3, 60, "three hosts")
+    until(
+        lambda: (
+            [
+                r["connected"] and bool(r["profile"])
+                for r in hosts[0].get("/state")["nodes"].values()
+            ]
+            == [True] * 3
+        ),
+        60,
+        "three hosts with their profiles",
+    )
     ids = {h.ip: h.get("/node_id") for h in hosts}
     stage = hosts[1]
     out = hosts[0].run(
