@@ -93,7 +93,7 @@ class ClusterNode:
         return self.election.master
 
     def coroutines(self) -> list[Coroutine[Any, Any, None]]:
-        return [self.replica.run(), self.master.run(), self.election.run()]
+        return [self.replica.run(), self.master.run(), self.election.run(), self.reporter.run()]
 
     async def report(self, event: Event) -> None:
         """A fact about this node, for the log."""

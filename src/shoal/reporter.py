@@ -5,6 +5,7 @@ latest fact of each kind is kept and handed again to every new master, so a mast
 never loses one; the master drops exact repeats by (origin, seq).
 """
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -37,6 +38,14 @@ class Reporter:
         message = LocalEvent(origin=self._transport.node_id, seq=self._seq, event=event)
         self._latest[_key(event)] = message
         await self._send(message)
+
+    async def run(self, every_s: float = 2.0) -> None:
+        """Re-send the latest facts now and then: a publish can be lost while routes to a new
+        master are still forming, and the master drops the repeats it already has (same seq)."""
+        while True:
+            await asyncio.sleep(every_s)
+            for message in list(self._latest.values()):
+                await self._send(message)
 
     async def master_changed(self, master: NodeId | None) -> None:
         """Hand the latest of each kind to the new master."""

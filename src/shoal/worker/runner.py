@@ -329,8 +329,11 @@ async def serve() -> int:
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    line = await stdin.readline()
+    if not line.strip():
+        return 0  # stdin closed before a config: a spare runner that was never needed
     try:
-        config = RunnerConfig.model_validate_json(await stdin.readline())
+        config = RunnerConfig.model_validate_json(line)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "line"
