@@ -330,8 +330,8 @@ async def serve() -> int:
     stdin = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     line = await stdin.readline()
-    if not line.strip():
-        return 0  # stdin closed before a config: a spare runner that was never needed
+    if not line.strip() or line.strip() == b'{"cmd": "stop"}':
+        return 0  # stopped before a config: a spare runner that was never needed
     try:
         config = RunnerConfig.model_validate_json(line)
     except ValidationError as exc:

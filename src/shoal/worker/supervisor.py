@@ -108,6 +108,9 @@ class RunnerProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=self._stderr,
             env=env,
+            # its own session: Ctrl-C in the node's terminal (or a signal to the node's process
+            # group) must reach the node, which then stops its runners in order through stdin
+            start_new_session=True,
         )
 
     async def configure(self, config: RunnerConfig) -> None:
