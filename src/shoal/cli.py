@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 from pydantic import ValidationError
@@ -17,6 +17,7 @@ from rich.table import Table
 from shoal import __version__
 from shoal.bench.cli import add_bench
 from shoal.errors import ShoalError
+from shoal.types.weights import QUANTS, DType
 
 DEFAULT_API = "http://127.0.0.1:52415"
 DEFAULT_MODEL = "smollm2-135m"
@@ -41,6 +42,16 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         help="offer only this engine: torch, numpy, mlx, llamacpp (default: all installed)",
     )
     p.add_argument("--device", help="torch device: cpu, cuda, mps (default: best available)")
+    p.add_argument(
+        "--dtype",
+        choices=get_args(DType),
+        help="torch activations and KV cache (default float32; SHOAL_DTYPE)",
+    )
+    p.add_argument(
+        "--quant",
+        choices=QUANTS,
+        help="torch weight format (default: the model card's, fp16 for smollm2; SHOAL_QUANT)",
+    )
     p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
     p.add_argument("--max-batch", type=int, help="requests decoded together (default 8)")
     p.add_argument(

@@ -91,6 +91,8 @@ async def serve(settings: Settings) -> None:
         host=settings.host,
         advertise=_advertised_host(settings.host),
         device=settings.device,
+        dtype=settings.dtype,
+        quant=lambda model_id: settings.quant or catalog.get(model_id).quant,
         threads=settings.threads,
         cache_dir=settings.weights_cache or settings.data_dir / "weights-cache",
     )

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shoal.paths import default_data_dir
+from shoal.types.weights import DType, Quant
 
 # field name -> environment variable
 ENV: dict[str, str] = {
@@ -21,6 +22,8 @@ ENV: dict[str, str] = {
     "model_path": "SHOAL_MODEL_PATH",
     "engine": "SHOAL_ENGINE",
     "device": "SHOAL_DEVICE",
+    "dtype": "SHOAL_DTYPE",
+    "quant": "SHOAL_QUANT",
     "threads": "SHOAL_THREADS",
     "max_batch": "SHOAL_MAX_BATCH",
     "max_body_bytes": "SHOAL_MAX_BODY_BYTES",
@@ -49,6 +52,8 @@ class Settings(BaseModel):
     model_path: Path | None = None  # a GGUF file or safetensors directory to serve
     engine: str | None = None  # offer only this engine; None = every engine installed here
     device: str | None = None  # torch device; None = best available
+    dtype: DType = "float32"  # torch activations and caches
+    quant: Quant | None = None  # torch weights; None = the card's
     threads: int | None = Field(default=None, ge=1)  # compute threads; None = all cores
     max_batch: int = Field(default=8, ge=1)  # requests decoded together per step
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

@@ -45,12 +45,12 @@ def _fake() -> Case:
     return Case("fake", DictSource(tiny_config(), {}), exact=True)
 
 
-def _torch(variant: str) -> Callable[[], Case]:
+def _torch(variant: str, quant: str = "none") -> Callable[[], Case]:
     def make() -> Case:
         pytest.importorskip("transformers")
         from tests.helpers.tiny import tiny_source
 
-        return Case("torch", tiny_source(variant), exact=False)
+        return Case("torch", tiny_source(variant), exact=False, options={"quant": quant})
 
     return make
 
@@ -67,7 +67,7 @@ def _other(engine: str, variant: str) -> Callable[[], Case]:
     return make
 
 
-def _cuda(variant: str) -> Callable[[], Case]:
+def _cuda(variant: str, quant: str = "none") -> Callable[[], Case]:
     """The torch engine on an NVIDIA GPU; skipped cleanly where there is none (CI)."""
 
     def make() -> Case:
@@ -77,7 +77,8 @@ def _cuda(variant: str) -> Callable[[], Case]:
         pytest.importorskip("transformers")
         from tests.helpers.tiny import tiny_source
 
-        return Case("torch", tiny_source(variant), exact=False, options={"device": "cuda"})
+        options = {"device": "cuda", "quant": quant}
+        return Case("torch", tiny_source(variant), exact=False, options=options)
 
     return make
 
@@ -86,11 +87,17 @@ CASES = {
     "fake": _fake,
     "torch-llama": _torch("llama"),
     "torch-qwen3": _torch("qwen3"),
+    # Quantized weights: every path through the engine must still agree with every other.
+    "torch-fp16-llama": _torch("llama", "fp16"),
+    "torch-int8-qwen3": _torch("qwen3", "int8"),
+    "torch-int4-llama": _torch("llama", "int4"),
     "numpy-llama": _other("numpy", "llama"),
     "numpy-qwen3": _other("numpy", "qwen3"),
     "mlx-llama": _other("mlx", "llama"),
     "mlx-qwen3": _other("mlx", "qwen3"),
     "torch-cuda-llama": _cuda("llama"),
+    "torch-cuda-int8-llama": _cuda("llama", "int8"),
+    "torch-cuda-int4-qwen3": _cuda("qwen3", "int4"),
 }
 
 

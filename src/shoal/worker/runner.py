@@ -84,8 +84,10 @@ def load_engine(config: RunnerConfig) -> Engine:
     options: dict[str, Any]
     if config.engine == "llamacpp":  # offloads every layer it can, unless told to stay on cpu
         options = {"n_threads": config.threads, "n_gpu_layers": 0 if config.device == "cpu" else -1}
+    elif config.engine == "torch":
+        options = {"device": config.device, "dtype": config.dtype, "quant": config.quant}
     else:
-        options = {"device": config.device} if config.device is not None else {}
+        options = {}
     engine = create_engine(config.engine, **options)
     if config.threads is not None and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(config.threads)

@@ -20,6 +20,7 @@ from shoal.errors import ShoalError
 from shoal.net.frames import WireDType
 from shoal.types.ids import ModelId
 from shoal.types.shard import Shard
+from shoal.types.weights import DType, Quant
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class RunnerConfig(BaseModel):
     n_layers: int
     engine: str = "torch"
     device: str | None = None
+    dtype: DType = "float32"  # torch only
+    quant: Quant = "none"  # torch only: engines/torch/quant.py
     host: str = "127.0.0.1"
     threads: int | None = None
     wire_dtype: WireDType = "float32"

@@ -18,6 +18,7 @@ from shoal.state.model import State
 from shoal.types.events import Event, RunnerStatusChanged
 from shoal.types.ids import ModelId, NodeId
 from shoal.types.runner import Failed, Loading, Ready, RunnerStatus
+from shoal.types.weights import DType, Quant
 from shoal.worker.plan import Assignment, StageKey, plan
 from shoal.worker.supervisor import RunnerConfig, RunnerProcess
 
@@ -49,6 +50,8 @@ class Worker:
         host: str = "127.0.0.1",
         advertise: str | None = None,
         device: str | None = None,
+        dtype: DType = "float32",
+        quant: Callable[[ModelId], Quant] = lambda _: "none",
         threads: int | None = None,
         wire_dtype: WireDType = "float32",
         progress_steps: int = 4,
@@ -69,6 +72,8 @@ class Worker:
         self._host = host
         self._advertise = advertise or host  # the address others reach this node's runners at
         self._device = device
+        self._dtype = dtype
+        self._quant = quant  # the torch weight format of a model
         self._threads = threads
         self._wire_dtype = wire_dtype
         self._progress_steps = progress_steps
@@ -141,6 +146,8 @@ class Worker:
             n_layers=assignment.instance.n_layers,
             engine=stage.engine,
             device=self._device,
+            dtype=self._dtype,
+            quant=self._quant(assignment.instance.model_id),
             host=self._host,
             threads=self._threads,
             wire_dtype=self._wire_dtype,

@@ -9,7 +9,8 @@ from torch import nn
 
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
 from shoal.engines.torch.cache import CacheStore
-from shoal.engines.torch.llama import Context, Model, attention_mask, build_model
+from shoal.engines.torch.llama import Block, Context, Model, attention_mask, build_model
+from shoal.engines.torch.quant import Quant, check_quant
 from shoal.errors import BadRequest, UnsupportedModel
 from shoal.types.ids import RequestId
 from shoal.types.shard import Shard
@@ -29,20 +30,23 @@ def default_device() -> str:
 
 
 class TorchEngine:
-    """The Engine protocol over the torch model files; weights in `dtype`, I/O in float32."""
+    """The Engine protocol over the torch model files: weights in `dtype` or `quant`, I/O fp32."""
 
     name = "torch"
 
-    def __init__(self, device: str | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self, device: str | None = None, dtype: str = "float32", quant: str = "none"
+    ) -> None:
         if dtype not in DTYPES:
             raise BadRequest(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", param="dtype")
         self.device = torch.device(device or default_device())
         self.dtype = DTYPES[dtype]
+        self.quant: Quant = check_quant(quant)  # the projections' weight format (quant.py)
         self._model: Model | None = None
         self._caches: CacheStore | None = None
 
     def load(self, shard: Shard, source: WeightSource, progress: ProgressFn | None = None) -> None:
-        """Build the shard's modules without memory, then fill them from source, strictly."""
+        """Build the shard's modules without memory, fill them from source, pack each layer."""
         with torch.device("meta"):
             model = build_model(source.config, shard)
         tensors = source.tensors(shard)
@@ -54,21 +58,26 @@ class TorchEngine:
                 f"weights do not fit {source.config.architecture} shard {shard}: "
                 f"missing {missing}, unexpected {unexpected}"
             )
-        layers = [f"model.layers.{i}." for i in range(shard.start, shard.end)]
-        total = len(layers)
+        total = shard.end - shard.start
         if progress is not None:
             progress(0, total)
         for name in expected:
             if not name.startswith("model.layers."):
-                _assign(model, name, tensors[name], expected[name].shape, self.device, self.dtype)
-        for done, prefix in enumerate(layers, start=1):
+                self._assign(model, name, tensors[name], expected[name].shape)
+        for done, index in enumerate(range(shard.start, shard.end), start=1):
+            prefix = f"model.layers.{index}."
             for name in (n for n in expected if n.startswith(prefix)):
-                _assign(model, name, tensors[name], expected[name].shape, self.device, self.dtype)
+                self._assign(model, name, tensors[name], expected[name].shape)
+            block = model.model.layers[str(index)]
+            assert isinstance(block, Block)
+            block.pack(self.quant, self.device, self.dtype)  # one layer's float copy at a time
             if progress is not None:
                 progress(done, total)
-        if model.args.tie_word_embeddings and shard.is_whole:
+        if model.args.tie_word_embeddings and shard.is_whole and self.quant == "none":
             assert model.lm_head is not None and model.model.embed_tokens is not None
             model.lm_head.weight = model.model.embed_tokens.weight  # one copy, not two
+        # A 4-bit head costs accuracy that 4-bit layers do not (GGUFs keep it at 6-8 bits).
+        model.pack_head("fp16" if self.quant == "int4" else self.quant, self.device, self.dtype)
         self._model = model.to(self.device).eval()  # moves the rope buffer; weights are there
         args = model.args
         self._caches = CacheStore(
@@ -78,7 +87,13 @@ class TorchEngine:
             self.dtype,
             self.device,
         )
-        log.info("loaded %s on %s (%s)", shard, self.device, str(self.dtype).removeprefix("torch."))
+        log.info(
+            "loaded %s on %s (%s, weights %s)",
+            shard,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.quant,
+        )
 
     def forward(self, batch: Sequence[StepInput], *, all_logits: bool = False) -> list[np.ndarray]:
         """Run each item after its cached prefix; items of equal length run as one batch."""
@@ -112,6 +127,14 @@ class TorchEngine:
     def cache_length(self, request_id: RequestId) -> int:
         """Positions cached for the request (0 if none)."""
         return self._caches.length(request_id) if self._caches is not None else 0
+
+    def _assign(self, model: Model, name: str, array: np.ndarray, shape: torch.Size) -> None:
+        """A projection stays a float32 CPU tensor until pack(); the rest goes to the device."""
+        projection = name.endswith(("_proj.weight", "_proj.bias")) or name == "lm_head.weight"
+        if projection:
+            _assign(model, name, array, shape, torch.device("cpu"), torch.float32)
+        else:
+            _assign(model, name, array, shape, self.device, self.dtype)
 
     def _loaded(self) -> tuple[Model, CacheStore]:
         if self._model is None or self._caches is None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from shoal.engines.args import ModelArgs
 from shoal.engines.torch.cache import KVCache
+from shoal.engines.torch.quant import Quant, pack
 from shoal.errors import UnsupportedModel
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
@@ -31,6 +32,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -107,33 +110,52 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, args.hidden_size, bias=False)
         self.q_norm: RMSNorm | None = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm: RMSNorm | None = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
+        self.qkv: nn.Module  # q, k, v fused, and the output projection: set by pack()
+        self.out: nn.Module
+
+    def pack(self, quant: Quant, device: torch.device, dtype: torch.dtype) -> None:
+        """Fuse q, k, v into one projection and put both projections in the weight format."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in parts])  # [(H + 2 KV) * D, hidden]
+        bias = torch.cat([p.bias for p in parts]) if self.q_proj.bias is not None else None
+        self.qkv = pack(weight, bias, quant, device=device, dtype=dtype)
+        self.out = pack(self.o_proj.weight, None, quant, device=device, dtype=dtype)
+        del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # [B, T, H, D]
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, KV, D]
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, KV, D]
+        h, kv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(b, t, h + 2 * kv, d)  # [B, T, H + 2 KV, D]
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = rotate(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = rotate(k.transpose(1, 2), cos, sin)  # [B, KV, T, D]
+            q, k, v = qkv.split([h, kv, kv], dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)  # [B, T, H + KV, D]
+        else:
+            qk, v = qkv.split([h + kv, kv], dim=2)
+        qk = rotate(qk.transpose(1, 2), cos, sin)  # [B, H + KV, T, D]: q and k in one rotation
+        q, k = qk.split([h, kv], dim=1)  # [B, H, T, D], [B, KV, T, D]
         v = v.transpose(1, 2)  # [B, KV, T, D]
         # Projections run batched; attention runs per item, since each has its own prefix length.
-        out = torch.cat(
-            [self._attend(q[i : i + 1], k[i], v[i], ctx, layer, i) for i in range(b)]
-        )  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # [B, T, hidden]
+        outs = [self._attend(q[i], k[i], v[i], ctx, layer, i) for i in range(b)]  # [H, T, D]
+        out = outs[0][None] if b == 1 else torch.stack(outs)  # [B, H, T, D]
+        return self.out(out.transpose(1, 2).reshape(b, t, h * d))  # [B, T, hidden]
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, layer: int, i: int) -> Tensor:
+        """One item's attention: q [H, T, D] against its cache after writing k, v [KV, T, D]."""
         keys, values = ctx.caches[i].update(layer, k, v)  # [KV, S, D] with S = start + T
+        if q.shape[1] == 1:  # decode: three small matmuls beat the fused kernel's set-up
+            kv, s, d = keys.shape
+            grouped = q.reshape(kv, -1, d)  # [KV, H / KV, D]: heads sharing a key head
+            scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(d**-0.5)  # [KV, H / KV, S]
+            out = torch.bmm(scores.softmax(dim=-1), values)  # [KV, H / KV, D]
+            return out.view(-1, 1, d)  # [H, 1, D]
         return F.scaled_dot_product_attention(
-            q,  # [1, H, T, D]
+            q[None],  # [1, H, T, D]
             keys[None],  # [1, KV, S, D]
             values[None],  # [1, KV, S, D]
             attn_mask=ctx.masks[i],
             is_causal=ctx.causal[i],
             enable_gqa=self.n_heads != self.n_kv_heads,
-        )  # [1, H, T, D]
+        )[0]  # [H, T, D]
 
 
 class MLP(nn.Module):
@@ -145,8 +167,19 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
+        self.gate_up: nn.Module  # gate and up fused, and down: set by pack()
+        self.down: nn.Module
+
+    def pack(self, quant: Quant, device: torch.device, dtype: torch.dtype) -> None:
+        """Fuse gate and up into one projection and put both in the weight format."""
+        weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # [2 * inter, hidden]
+        self.gate_up = pack(weight, None, quant, device=device, dtype=dtype)
+        self.down = pack(self.down_proj.weight, None, quant, device=device, dtype=dtype)
+        del self.gate_proj, self.up_proj, self.down_proj
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, hidden]
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [B, T, inter] each
+        return self.down(F.silu(gate) * up)  # [B, T, hidden]
 
 
 class Block(nn.Module):
@@ -158,6 +191,11 @@ class Block(nn.Module):
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def pack(self, quant: Quant, device: torch.device, dtype: torch.dtype) -> None:
+        """Replace the checkpoint's projections by fused ones in the weight format."""
+        self.self_attn.pack(quant, device, dtype)
+        self.mlp.pack(quant, device, dtype)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, layer)  # [B, T, hidden]
@@ -190,6 +228,7 @@ class Model(nn.Module):
         self.lm_head: nn.Linear | None = (
             nn.Linear(args.hidden_size, args.vocab_size, bias=False) if shard.is_last else None
         )
+        self.head: nn.Module | None = None  # lm_head in the weight format: set by pack_head()
         # Built on the CPU even under a meta-device context; the engine moves it with the model.
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
@@ -206,11 +245,18 @@ class Model(nn.Module):
         cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)  # [B, T, D]
         for layer, block in enumerate(inner.layers.values()):
             h = block(h, cos, sin, ctx, layer)  # [B, T, hidden]
-        if inner.norm is None or self.lm_head is None:
+        if inner.norm is None or self.head is None:
             return h
         if not all_logits:
             h = h[:, -1:]  # [B, 1, hidden]
-        return self.lm_head(inner.norm(h))  # [B, T or 1, vocab]
+        return self.head(inner.norm(h))  # [B, T or 1, vocab]
+
+    def pack_head(self, quant: Quant, device: torch.device, dtype: torch.dtype) -> None:
+        """Put the output head in the weight format (a tied head gets its own copy)."""
+        if self.lm_head is not None:
+            self.head = pack(self.lm_head.weight, None, quant, device=device, dtype=dtype)
+            del self.lm_head
+            self.lm_head = None
 
 
 ARCHITECTURES: dict[str, type[Model]] = {

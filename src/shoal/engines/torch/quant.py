@@ -1,0 +1,160 @@
+"""Weight formats for the torch engine's linear layers: dense, fp16, int8 and int4.
+
+Every format is a module with the same call, `y = proj(x)` for x [..., in] → y [..., out], built
+once at load time from the layer's float weight. Only PyTorch's own kernels run here:
+
+- dense: `F.linear` in the engine's dtype.
+- fp16: weights stored in half precision. On CPU, fbgemm's packed fp16 GEMM
+  (`quantized.linear_dynamic_fp16`, float32 activations); elsewhere a half-precision matmul.
+- int8: one int8 per weight, one scale per output row, weight-only (`_weight_int8pack_mm`).
+  fbgemm's dynamic int8 GEMM is faster on AVX2 but quantizes the activations too, with one scale
+  for the whole batch: SmolLM2 then loses "Paris" and a request's tokens depend on its batch
+  neighbours, so it is not used.
+- int4: groups of 32 weights along the input with a scale and an offset each, the layout of a
+  GGUF Q4_1 block, so a Q4_0/Q4_1 checkpoint is re-expressed without further loss. On CPU
+  `_weight_int4pack_mm_for_cpu`, on CUDA the tinygemm `_weight_int4pack_mm`. Its CPU kernel is
+  vectorised for AVX-512; on AVX2-only machines both int kernels are slower than fp16.
+
+Every format gives a row the same result, to float32 rounding, whatever else is in the batch, so
+continuous batching does not change a request's tokens.
+"""
+
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shoal.errors import BadRequest
+from shoal.types.weights import QUANTS, Quant
+
+INT4_GROUP = 32  # weights per scale/offset pair, as in GGUF's Q4_0/Q4_1 blocks
+
+_ops: Any = torch.ops  # the packed kernels are untyped
+
+
+def check_quant(quant: str) -> Quant:
+    """quant itself if known, else a BadRequest naming the choices."""
+    if quant not in QUANTS:
+        raise BadRequest(f"quant {quant!r} is not one of {', '.join(QUANTS)}", param="quant")
+    return cast(Quant, quant)
+
+
+def pack(
+    weight: Tensor,
+    bias: Tensor | None,
+    quant: Quant,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """A projection computing x @ weight.T + bias in the given format; weight [out, in] float."""
+    if quant == "int4" and weight.shape[1] % INT4_GROUP:
+        quant = "int8"  # a row that is not whole groups (rare): keep it 8-bit
+    if quant == "none":
+        return Dense(weight, bias, device=device, dtype=dtype)
+    if quant == "fp16":
+        if device.type == "cpu":
+            return Fp16Cpu(weight, bias)
+        return Dense(weight, bias, device=device, dtype=torch.float16)
+    if quant == "int8":
+        return Int8(weight, bias, device=device)
+    return Int4(weight, bias, device=device)
+
+
+class Dense(nn.Module):
+    """F.linear with the weight in `dtype`; the result comes back in the input's dtype."""
+
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, *, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.to(device, dtype), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(device, dtype), False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        return F.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
+
+
+class Fp16Cpu(nn.Module):
+    """fbgemm's packed half-precision weights, float32 in and out."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        b = None if bias is None else bias.float()
+        self.packed = _ops.quantized.linear_prepack_fp16(weight.float().contiguous(), b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cast(Tensor, _ops.quantized.linear_dynamic_fp16(x.float(), self.packed)).to(x.dtype)
+
+
+def _int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: (q [out, in] int8, scale [out] float32) with weight ≈ q * scale."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # [out]
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [out, in]
+    return q, scale
+
+
+class Int8(nn.Module):
+    """Weight-only int8: `_weight_int8pack_mm`, or a dequantizing matmul where it has no kernel."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, *, device: torch.device) -> None:
+        super().__init__()
+        q, scale = _int8_rows(weight)
+        self.q = nn.Buffer(q.to(device))
+        self.scale = nn.Buffer(scale.to(device))
+        self.bias = None if bias is None else nn.Buffer(bias.float().to(device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [N, in]
+        try:
+            y = torch._weight_int8pack_mm(x2, self.q, self.scale.to(x.dtype))
+        except (RuntimeError, NotImplementedError):  # no kernel for this device or dtype
+            y = F.linear(x2, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], -1)
+
+
+class Int4(nn.Module):
+    """Groups of 32 4-bit weights with a scale and an offset each, in PyTorch's packed layout."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, *, device: torch.device) -> None:
+        super().__init__()
+        out, cols = weight.shape
+        w = weight.float().reshape(out, cols // INT4_GROUP, INT4_GROUP)  # [out, groups, 32]
+        low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
+        scale = ((high - low) / 15).clamp(min=1e-12)  # [out, groups]
+        q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        q = q.reshape(out, cols)  # [out, in], values 0..15: weight ≈ q * scale + low
+        # The kernels compute (q - 8) * scale + zero, so zero = low + 8 * scale.
+        zero = low + 8 * scale
+        self.on_cuda = device.type == "cuda"
+        dtype = torch.bfloat16 if self.on_cuda else torch.float32
+        pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
+        self.scales_zeros = nn.Buffer(pairs.to(device, dtype))
+        if self.on_cuda:
+            nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)  # [out, in / 2]
+            self.packed = nn.Buffer(_ops.aten._convert_weight_to_int4pack(nibbles, 8))
+        else:
+            self.packed = nn.Buffer(_ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.bias = None if bias is None else nn.Buffer(bias.float().to(device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [N, in]
+        if self.on_cuda:
+            y = _ops.aten._weight_int4pack_mm(
+                x2.to(torch.bfloat16), self.packed, INT4_GROUP, self.scales_zeros
+            )
+        else:
+            y = _ops.aten._weight_int4pack_mm_for_cpu(
+                x2.float(), self.packed, INT4_GROUP, self.scales_zeros
+            )
+        y = cast(Tensor, y).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], -1)
