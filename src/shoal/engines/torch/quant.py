@@ -138,7 +138,8 @@ class Int4(nn.Module):
         self.scales_zeros = nn.Buffer(pairs.to(device, dtype))
         if self.on_cuda:
             nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)  # [out, in / 2]
-            self.packed = nn.Buffer(_ops.aten._convert_weight_to_int4pack(nibbles, 8))
+            tiles = next(t for t in (8, 4, 2) if cols % (16 * t) == 0)  # in / 16 k-tiles
+            self.packed = nn.Buffer(_ops.aten._convert_weight_to_int4pack(nibbles, tiles))
         else:
             self.packed = nn.Buffer(_ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         self.bias = None if bias is None else nn.Buffer(bias.float().to(device))
