@@ -37,8 +37,12 @@ class Sample:
 Runner = Callable[[Sequence[int], int], Sample]  # (prompt ids, tokens to generate) → Sample
 
 
-def shoal_runner(gguf: Path, threads: int, engine: str = "torch") -> Runner:
-    """shoal's engine behind its own scheduler (the path a request takes, minus HTTP)."""
+def shoal_runner(gguf: Path, threads: int, engine: str = "torch", quant: str = "fp16") -> Runner:
+    """shoal's engine behind its own scheduler (the path a request takes, minus HTTP).
+
+    quant is the torch engine's weight format; fp16 is what a node uses for a card that does not
+    say otherwise (ModelCard.quant).
+    """
     from shoal.engines.registry import create_engine
     from shoal.inference.pipeline import LocalPipeline
     from shoal.inference.request import Finished, GenerationRequest, SamplingParams, TextDelta
@@ -49,7 +53,11 @@ def shoal_runner(gguf: Path, threads: int, engine: str = "torch") -> Runner:
 
     source = open_weights(gguf)
     tokenizer = source.tokenizer()
-    options = {"n_threads": threads} if engine == "llamacpp" else {}
+    options: dict[str, object] = {}
+    if engine == "llamacpp":
+        options = {"n_threads": threads}
+    elif engine == "torch":
+        options = {"quant": quant}
     eng = create_engine(engine, **options)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
@@ -129,7 +137,10 @@ def llamacpp_runner(gguf: Path, threads: int) -> Runner:
 
 
 PEERS: dict[str, Callable[[Path, int], Runner]] = {
-    "shoal": shoal_runner,  # the torch engine
+    "shoal": shoal_runner,  # the torch engine, weights in the card's default format (fp16)
+    "shoal-fp32": functools.partial(shoal_runner, quant="none"),
+    "shoal-int8": functools.partial(shoal_runner, quant="int8"),
+    "shoal-int4": functools.partial(shoal_runner, quant="int4"),
     "shoal-numpy": functools.partial(shoal_runner, engine="numpy"),
     "shoal-mlx": functools.partial(shoal_runner, engine="mlx"),
     "shoal-llamacpp": functools.partial(shoal_runner, engine="llamacpp"),
@@ -138,6 +149,9 @@ PEERS: dict[str, Callable[[Path, int], Runner]] = {
 }
 PEER_MODULES = {
     "shoal": "torch",
+    "shoal-fp32": "torch",
+    "shoal-int8": "torch",
+    "shoal-int4": "torch",
     "shoal-numpy": "numpy",
     "shoal-mlx": "mlx_lm",
     "shoal-llamacpp": "llama_cpp",
