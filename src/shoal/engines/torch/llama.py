@@ -69,10 +69,12 @@ def _llama3_frequencies(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, heads, T, D] by cos, sin [B, T, D] (halves layout, as in HF checkpoints)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """Rotate x [B, heads, T, D] by cos, sin [B, 1, T, D] (halves layout, as in HF checkpoints).
+
+    sin carries the sign of the swapped halves (-sin, +sin), so the rotation of (x1, x2) to
+    (x1 cos - x2 sin, x2 cos + x1 sin) is x * cos + roll(x, D/2) * sin: three kernels, not seven.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 @dataclass
@@ -241,8 +243,8 @@ class Model(nn.Module):
         inner = self.model
         h = inner.embed_tokens(x) if inner.embed_tokens is not None else x  # [B, T, hidden]
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
-        cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)  # [B, T, D]
+        cos = torch.cat((freqs, freqs), dim=-1).cos()[:, None].to(h.dtype)  # [B, 1, T, D]
+        sin = torch.cat((-freqs, freqs), dim=-1).sin()[:, None].to(h.dtype)  # signed: rotate()
         for layer, block in enumerate(inner.layers.values()):
             h = block(h, cos, sin, ctx, layer)  # [B, T, hidden]
         if inner.norm is None or self.head is None:
