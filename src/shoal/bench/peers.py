@@ -59,13 +59,19 @@ def shoal_runner(gguf: Path, threads: int, engine: str = "torch", quant: str = "
     elif engine == "torch":
         options = {"quant": quant}
     eng = create_engine(engine, **options)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
-    eng.load(Shard.whole(ModelId("bench"), source.config.num_hidden_layers), source)
+    shard = Shard.whole(ModelId("bench"), source.config.num_hidden_layers)
+    pipeline = LocalPipeline([eng])  # one engine thread for the load and every sample
+
+    def load() -> None:
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+        eng.load(shard, source)
+
+    asyncio.run(pipeline.call(load))
     never_stop = type("NoEos", (), {"eos_token_ids": frozenset(), "stream": tokenizer.stream})()
 
     async def one(prompt: Sequence[int], n: int) -> Sample:
-        scheduler = Scheduler(LocalPipeline([eng]), never_stop, context_length=1 << 20)
+        scheduler = Scheduler(pipeline, never_stop, context_length=1 << 20)
         task = asyncio.create_task(scheduler.run())
         params = SamplingParams(temperature=0.0, max_tokens=n)
         req = GenerationRequest(

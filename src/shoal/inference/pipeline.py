@@ -7,10 +7,10 @@ the same interface.
 """
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from shoal.errors import ShoalError
 from shoal.inference.request import SamplingParams
 from shoal.inference.sampling import make_rng, sample
 from shoal.types.ids import RequestId
+
+_T = TypeVar("_T")
 
 
 class PipelineBroken(ShoalError):
@@ -89,6 +91,11 @@ class LocalPipeline:
     async def forward(self, steps: Sequence[Step]) -> list[int | None]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._step, steps)
+
+    async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """fn(*args) on the engine thread: load engines here, so that torch computes on one
+        thread only (a second thread gets a second OpenMP pool, and the two slow each other)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def free(self, request_id: RequestId) -> None:
         loop = asyncio.get_running_loop()

@@ -199,10 +199,10 @@ class StageServer:
             self._warn_once("listener", f"no listener for session {frame.session:x}")
 
     async def _on_engine(self, fn: Callable[..., _T], *args: Any, inline: bool) -> _T:
-        """fn(*args) with the engine to itself: on the loop when small, else on the engine thread.
+        """fn(*args) with the engine to itself: on the engine thread, or on the loop if inline.
 
-        A thread handoff costs about 0.2 ms on a small VM, more than a decode step of a small
-        shard; a long prefill chunk goes to the thread so the loop keeps serving meanwhile.
+        The engine thread also loaded the engine, so torch's compute stays on one thread (one
+        OpenMP pool); the handoff costs about 0.2 ms a step, and the loop keeps serving meanwhile.
         """
         async with self._engine_lock:
             if inline:

@@ -42,7 +42,10 @@ class RunnerConfig(BaseModel):
     host: str = "127.0.0.1"
     threads: int | None = None
     wire_dtype: WireDType = "float32"
-    inline_tokens: int = 16  # smaller steps skip the thread handoff (runner._on_engine)
+    # Steps of at most this many tokens run on the loop's thread instead of the engine thread
+    # (runner._on_engine). 0: torch's OpenMP pool belongs to the calling thread, and torch work
+    # on two threads of one process makes two pools that slow each other down ~2x on 2 cores.
+    inline_tokens: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     cache_dir: str | None = None  # dequantized weights cached here (models/weight_cache.py)
 
