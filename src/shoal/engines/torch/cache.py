@@ -28,6 +28,7 @@ class KVCache:
         self.chunk = chunk
         self.k = torch.empty(n_layers, n_kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # views
 
     @property
     def capacity(self) -> int:
@@ -48,6 +49,7 @@ class KVCache:
         k[:, :, : self.length] = self.k[:, :, : self.length]
         v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = k, v
+        self._layers = list(zip(k.unbind(0), v.unbind(0), strict=True))
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -55,9 +57,10 @@ class KVCache:
         """Write k, v [KV, T, D] after the committed prefix; return all of the layer's so far."""
         end = self.length + k.shape[1]
         assert end <= self.capacity, "reserve() before update()"
-        self.k[layer, :, self.length : end] = k
-        self.v[layer, :, self.length : end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        keys, values = self._layers[layer]  # [KV, capacity, D] views, made once per growth
+        keys[:, self.length : end] = k
+        values[:, self.length : end] = v
+        return keys[:, :end], values[:, :end]
 
     def advance(self, t: int) -> None:
         """Commit the t positions every layer has just written."""

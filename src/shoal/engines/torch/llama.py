@@ -137,7 +137,10 @@ class Attention(nn.Module):
         q, k = qk.split([h, kv], dim=1)  # [B, H, T, D], [B, KV, T, D]
         v = v.transpose(1, 2)  # [B, KV, T, D]
         # Projections run batched; attention runs per item, since each has its own prefix length.
-        outs = [self._attend(q[i], k[i], v[i], ctx, layer, i) for i in range(b)]  # [H, T, D]
+        if t == 1:
+            q = q * d**-0.5  # decode scales q here, once for the batch (see _attend)
+        items = zip(q.unbind(0), k.unbind(0), v.unbind(0), strict=True)
+        outs = [self._attend(qi, ki, vi, ctx, layer, i) for i, (qi, ki, vi) in enumerate(items)]
         out = outs[0][None] if b == 1 else torch.stack(outs)  # [B, H, T, D]
         return self.out(out.transpose(1, 2).reshape(b, t, h * d))  # [B, T, hidden]
 
@@ -145,9 +148,9 @@ class Attention(nn.Module):
         """One item's attention: q [H, T, D] against its cache after writing k, v [KV, T, D]."""
         keys, values = ctx.caches[i].update(layer, k, v)  # [KV, S, D] with S = start + T
         if q.shape[1] == 1:  # decode: three small matmuls beat the fused kernel's set-up
-            kv, s, d = keys.shape
-            grouped = q.reshape(kv, -1, d)  # [KV, H / KV, D]: heads sharing a key head
-            scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(d**-0.5)  # [KV, H / KV, S]
+            kv, _, d = keys.shape
+            grouped = q.reshape(kv, -1, d)  # [KV, H / KV, D], q already scaled by D^-1/2
+            scores = torch.bmm(grouped, keys.transpose(1, 2))  # [KV, H / KV, S]
             out = torch.bmm(scores.softmax(dim=-1), values)  # [KV, H / KV, D]
             return out.view(-1, 1, d)  # [H, 1, D]
         return F.scaled_dot_product_attention(
