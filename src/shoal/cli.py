@@ -50,7 +50,7 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quant",
         choices=QUANTS,
-        help="torch weight format (default: the model card's, fp16 for smollm2; SHOAL_QUANT)",
+        help="weight format (default: the model card's, int4 for smollm2; SHOAL_QUANT)",
     )
     p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
     p.add_argument("--max-batch", type=int, help="requests decoded together (default 8)")

@@ -1,10 +1,12 @@
 """Quantized SmolLM2 on the torch engine: logits near fp32, Paris, and batching that keeps tokens.
 
-Tolerances are the largest |logit difference| to fp32 at any prompt position (SmolLM2's logits
-span about 29). fp16 rounds each weight at 2^-11 (measured 0.04). int4 holds the GGUF's Q4_1
-layers exactly and keeps the head in fp16, so it is as close as fp16 (0.02). int8 has one scale
-per row, coarser than Q4_1's one per 32 weights (1.9), so it is also held to fp32's top token at
-most positions.
+Tolerances are on |logit difference| to fp32 over every prompt position (SmolLM2's logits span
+about 29): its largest and its mean. fp16 rounds each weight at 2^-11 (measured max 0.04). int4
+and int8 run shoal's block kernels, which quantize activations to int8 per block of 32 as
+llama.cpp does, so they are held to llama.cpp's own distance from fp32 on the same GGUF, measured
+at max 2.59, mean 0.22, top token at every position; int4 (which holds the file's Q4_1 layers
+exactly) measured max 2.22, mean 0.23; int8 (re-quantized from Q4_1) max 2.48, mean 0.39 and the
+top token at 95 % of positions.
 """
 
 import asyncio
@@ -26,7 +28,8 @@ from tests.helpers.smollm2 import SMOLLM
 pytestmark = pytest.mark.slow
 LAYERS = 30
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-TOLERANCE = {"fp16": 0.1, "int8": 3.0, "int4": 0.1}  # max |Δ logit| against fp32
+TOLERANCE = {"fp16": 0.1, "int8": 3.0, "int4": 3.0}  # max |Δ logit| against fp32
+MEAN = {"fp16": 0.01, "int8": 0.5, "int4": 0.3}  # mean |Δ logit| against fp32
 TOP1 = {"fp16": 1.0, "int8": 0.9, "int4": 1.0}  # share of positions with fp32's top token
 
 
@@ -66,7 +69,9 @@ def test_quantized_logits_stay_near_fp32_and_answer_paris(
     engine = load(source, quant)
     logits = engine.forward([StepInput(RequestId("r"), prompt, 0)], all_logits=True)[0]
     assert logits.shape == fp32_logits.shape
-    assert float(np.abs(logits - fp32_logits).max()) <= TOLERANCE[quant]
+    error = np.abs(logits - fp32_logits)
+    assert float(error.max()) <= TOLERANCE[quant]
+    assert float(error.mean()) <= MEAN[quant]
     agree = float((logits.argmax(-1) == fp32_logits.argmax(-1)).mean())
     assert agree >= TOP1[quant]
     answer = source.tokenizer().decode(greedy(engine, prompt, 8))
@@ -74,7 +79,7 @@ def test_quantized_logits_stay_near_fp32_and_answer_paris(
 
 
 def test_the_card_states_the_default_format() -> None:
-    assert Catalog().get("smollm2-135m").quant == "fp16"
+    assert Catalog().get("smollm2-135m").quant == "int4"
 
 
 async def _generate(scheduler: Scheduler, rid: str, prompt: list[int], n: int) -> list[int]:

@@ -55,14 +55,15 @@ def _torch(variant: str, quant: str = "none") -> Callable[[], Case]:
     return make
 
 
-def _other(engine: str, variant: str) -> Callable[[], Case]:
+def _other(engine: str, variant: str, quant: str | None = None) -> Callable[[], Case]:
     """An engine checked against the same tiny model the torch cases use."""
 
     def make() -> Case:
         pytest.importorskip("transformers")
         from tests.helpers.tiny import tiny_source
 
-        return Case(engine, tiny_source(variant), exact=False)
+        options = {} if quant is None else {"quant": quant}
+        return Case(engine, tiny_source(variant), exact=False, options=options)
 
     return make
 
@@ -91,8 +92,12 @@ CASES = {
     "torch-fp16-llama": _torch("llama", "fp16"),
     "torch-int8-qwen3": _torch("qwen3", "int8"),
     "torch-int4-llama": _torch("llama", "int4"),
+    "torch-int4-qwen2": _torch("qwen2", "int4"),  # q/k/v bias through the native decoder
     "numpy-llama": _other("numpy", "llama"),
     "numpy-qwen3": _other("numpy", "qwen3"),
+    "numpy-int4-llama": _other("numpy", "llama", quant="int4"),
+    "numpy-int8-qwen3": _other("numpy", "qwen3", quant="int8"),
+    "numpy-int4-qwen2": _other("numpy", "qwen2", quant="int4"),
     "mlx-llama": _other("mlx", "llama"),
     "mlx-qwen3": _other("mlx", "qwen3"),
     "torch-cuda-llama": _cuda("llama"),

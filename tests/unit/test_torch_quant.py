@@ -4,13 +4,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from shoal.engines import native  # noqa: E402
 from shoal.engines.torch.engine import TorchEngine  # noqa: E402
-from shoal.engines.torch.quant import INT4_GROUP, pack  # noqa: E402
+from shoal.engines.torch.quant import INT4_GROUP, Blocked, pack  # noqa: E402
 from shoal.errors import BadRequest  # noqa: E402
 
 CPU = torch.device("cpu")
 # Error of y = x @ W.T relative to max |y|, for weights ~N(0, 1): fp16 rounds at 2^-11, int8 per
-# row at amax / 254, int4 per group of 32 at (max - min) / 30.
+# block (or row) at amax / 254, int4 per group of 32 at (max - min) / 30; the block kernels add
+# int8 activations per block of 32 (amax / 254 again).
 TOLERANCE = {"none": 0.0, "fp16": 1e-3, "int8": 0.02, "int4": 0.08}
 
 
@@ -38,18 +40,34 @@ def test_a_row_gets_the_same_result_in_any_batch(quant: str) -> None:
 
 
 def test_int4_holds_a_gguf_q4_1_matrix_without_loss() -> None:
-    # Q4_1: each block of 32 is q * d + m with q in 0..15; a full block uses both 0 and 15.
+    # Q4_1: each block of 32 is q * d + m with q in 0..15, d and m fp16; a full block uses 0 and 15.
     gen = torch.Generator().manual_seed(2)
     rows, blocks = 48, 4
     q = torch.randint(0, 16, (rows, blocks, INT4_GROUP), generator=gen).float()
     q[..., 0], q[..., 1] = 0, 15
-    d = torch.rand(rows, blocks, 1, generator=gen) * 0.01
-    m = torch.randn(rows, blocks, 1, generator=gen) * 0.01
+    d = (torch.rand(rows, blocks, 1, generator=gen) * 0.01).half().float()
+    m = (torch.randn(rows, blocks, 1, generator=gen) * 0.01).half().float()
     weight = (q * d + m).reshape(rows, blocks * INT4_GROUP)
-    x = torch.randn(5, blocks * INT4_GROUP, generator=gen)
-    want = x @ weight.T
-    got = pack(weight, None, "int4", device=CPU, dtype=torch.float32)(x)
-    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    proj = pack(weight, None, "int4", device=CPU, dtype=torch.float32)
+    assert isinstance(proj, Blocked), "the block kernels should compile on a machine with cc"
+    held = torch.from_numpy(proj.blocks.dequantize())
+    assert torch.equal(held, weight)
+
+
+def test_int8_holds_a_gguf_q8_0_matrix_without_loss() -> None:
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (40, 3, INT4_GROUP), generator=gen).float()
+    q[..., 0] = 127  # llama.cpp's quantizer maps each block's largest magnitude to ±127
+    d = (torch.rand(40, 3, 1, generator=gen) * 0.01).half().float()
+    weight = (q * d).reshape(40, 3 * INT4_GROUP)
+    proj = pack(weight, None, "int8", device=CPU, dtype=torch.float32)
+    assert isinstance(proj, Blocked)
+    assert torch.equal(torch.from_numpy(proj.blocks.dequantize()), weight)
+
+
+def test_the_block_kernels_compile_for_this_machine() -> None:
+    lib = native.library()
+    assert lib is not None, "cc failed: see the warning logged by shoal.engines.native"
 
 
 def test_an_unknown_format_is_refused_with_the_choices() -> None:

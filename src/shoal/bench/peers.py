@@ -37,11 +37,11 @@ class Sample:
 Runner = Callable[[Sequence[int], int], Sample]  # (prompt ids, tokens to generate) → Sample
 
 
-def shoal_runner(gguf: Path, threads: int, engine: str = "torch", quant: str = "fp16") -> Runner:
+def shoal_runner(gguf: Path, threads: int, engine: str = "torch", quant: str = "int4") -> Runner:
     """shoal's engine behind its own scheduler (the path a request takes, minus HTTP).
 
-    quant is the torch engine's weight format; fp16 is what a node uses for a card that does not
-    say otherwise (ModelCard.quant).
+    quant is the torch and numpy engines' weight format; int4 is what the smollm2 card states
+    (a card that states none gets fp16, ModelCard.quant).
     """
     from shoal.engines.registry import create_engine
     from shoal.inference.pipeline import LocalPipeline
@@ -58,6 +58,8 @@ def shoal_runner(gguf: Path, threads: int, engine: str = "torch", quant: str = "
         options = {"n_threads": threads}
     elif engine == "torch":
         options = {"quant": quant}
+    elif engine == "numpy":
+        options = {"quant": quant, "threads": threads}
     eng = create_engine(engine, **options)
     shard = Shard.whole(ModelId("bench"), source.config.num_hidden_layers)
     pipeline = LocalPipeline([eng])  # one engine thread for the load and every sample
@@ -143,11 +145,13 @@ def llamacpp_runner(gguf: Path, threads: int) -> Runner:
 
 
 PEERS: dict[str, Callable[[Path, int], Runner]] = {
-    "shoal": shoal_runner,  # the torch engine, weights in the card's default format (fp16)
+    "shoal": shoal_runner,  # the torch engine, weights in the card's default format (int4)
     "shoal-fp32": functools.partial(shoal_runner, quant="none"),
+    "shoal-fp16": functools.partial(shoal_runner, quant="fp16"),
     "shoal-int8": functools.partial(shoal_runner, quant="int8"),
     "shoal-int4": functools.partial(shoal_runner, quant="int4"),
-    "shoal-numpy": functools.partial(shoal_runner, engine="numpy"),
+    "shoal-numpy": functools.partial(shoal_runner, engine="numpy", quant="none"),
+    "shoal-numpy-int4": functools.partial(shoal_runner, engine="numpy", quant="int4"),
     "shoal-mlx": functools.partial(shoal_runner, engine="mlx"),
     "shoal-llamacpp": functools.partial(shoal_runner, engine="llamacpp"),
     "transformers": transformers_runner,
@@ -156,9 +160,11 @@ PEERS: dict[str, Callable[[Path, int], Runner]] = {
 PEER_MODULES = {
     "shoal": "torch",
     "shoal-fp32": "torch",
+    "shoal-fp16": "torch",
     "shoal-int8": "torch",
     "shoal-int4": "torch",
     "shoal-numpy": "numpy",
+    "shoal-numpy-int4": "numpy",
     "shoal-mlx": "mlx_lm",
     "shoal-llamacpp": "llama_cpp",
     "transformers": "transformers",

@@ -60,8 +60,8 @@ class ModelCard(_Frozen):
     context_length: int = Field(gt=0)
     storage_bytes: int = Field(gt=0)  # bytes of the weights on disk
     quantization: str  # "4bit", "8bit", "fp16", "Q4_1", ...: the format on disk
-    # The torch engine's weight format for this model unless a node says otherwise (--quant):
-    # none (the engine's dtype), fp16, int8 or int4; see engines/torch/quant.py.
+    # The torch and numpy engines' weight format for this model unless a node says otherwise
+    # (--quant): none (the engine's dtype), fp16, int8 or int4; see engines/torch/quant.py.
     quant: Quant = "fp16"
     license: str
     description: str = ""

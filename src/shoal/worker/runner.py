@@ -86,6 +86,8 @@ def load_engine(config: RunnerConfig) -> Engine:
         options = {"n_threads": config.threads, "n_gpu_layers": 0 if config.device == "cpu" else -1}
     elif config.engine == "torch":
         options = {"device": config.device, "dtype": config.dtype, "quant": config.quant}
+    elif config.engine == "numpy":
+        options = {"quant": config.quant, "threads": config.threads}
     else:
         options = {}
     engine = create_engine(config.engine, **options)

@@ -38,7 +38,7 @@ class RunnerConfig(BaseModel):
     engine: str = "torch"
     device: str | None = None
     dtype: DType = "float32"  # torch only
-    quant: Quant = "none"  # torch only: engines/torch/quant.py
+    quant: Quant = "none"  # torch and numpy: engines/torch/quant.py, engines/numpy/llama.py
     host: str = "127.0.0.1"
     threads: int | None = None
     wire_dtype: WireDType = "float32"

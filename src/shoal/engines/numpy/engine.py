@@ -2,15 +2,17 @@
 
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
 from shoal.engines.numpy.cache import CacheStore
-from shoal.engines.numpy.llama import Context, Model, build_model, model_args
+from shoal.engines.numpy.llama import Context, Formats, Model, build_model, model_args
 from shoal.errors import BadRequest
 from shoal.types.ids import RequestId
 from shoal.types.shard import Shard
+from shoal.types.weights import QUANTS, Quant
 
 log = logging.getLogger(__name__)
 
@@ -20,31 +22,64 @@ DTYPES = {"float32": np.float32}
 
 
 class NumpyEngine:
-    """The Engine protocol over the numpy model files; weights, caches and I/O in float32."""
+    """The Engine protocol over the numpy model files; caches and I/O in float32.
+
+    quant int8 or int4 holds the projections in native blocks (llama.py); none and fp16 (numpy
+    has no fast half-precision matmul) keep float32. threads: the block kernels' threads (default:
+    every CPU).
+    """
 
     name = "numpy"
 
-    def __init__(self, dtype: str = "float32") -> None:
+    def __init__(
+        self, dtype: str = "float32", quant: str = "none", threads: int | None = None
+    ) -> None:
         if dtype not in DTYPES:
             raise BadRequest(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", param="dtype")
+        if quant not in QUANTS:
+            raise BadRequest(f"quant {quant!r} is not one of {', '.join(QUANTS)}", param="quant")
         self.dtype = DTYPES[dtype]
+        self.quant = cast(Quant, quant)
+        self.threads = threads
         self._model: Model | None = None
         self._caches: CacheStore | None = None
 
     def load(self, shard: Shard, source: WeightSource, progress: ProgressFn | None = None) -> None:
         """Build the shard's modules from exactly its tensors, transposed once for `x @ W`."""
         args = model_args(source.config, shard)  # refuse an unknown model before reading it
-        model = build_model(args, shard, source.tensors(shard), progress)
+        formats = Formats.of(self.quant, self.threads)
+        model = build_model(args, shard, source.tensors(shard), progress, formats)
         self._model = model
         self._caches = CacheStore(
             shard.end - shard.start, args.num_key_value_heads, args.head_dim, self.dtype
         )
-        log.info("loaded %s on numpy (float32)", shard)
+        held = "float32" if formats.lib is None else f"{formats.kind} blocks"
+        log.info("loaded %s on numpy (weights %s)", shard, held)
 
     def forward(self, batch: Sequence[StepInput], *, all_logits: bool = False) -> list[np.ndarray]:
-        """Run every item after its cached prefix, all their rows in one pass."""
-        model, caches = self._loaded()
+        """Run every item after its cached prefix, all their rows in one pass.
+
+        With a native decoder, items of one position (decode) run in a pass of their own, so an
+        item takes the same path alone as in any batch: int8 activations round discretely, and
+        two paths that differ in float rounding can round a value apart.
+        """
+        model, _ = self._loaded()
         self._check(batch)
+        if model.decoder is None:
+            return self._pass(batch, all_logits)
+        outputs: list[np.ndarray] = [np.empty(0)] * len(batch)
+        single = [i for i, item in enumerate(batch) if item.length == 1]
+        longer = [i for i, item in enumerate(batch) if item.length != 1]
+        for group in (single, longer):
+            if group:
+                out = self._pass([batch[i] for i in group], all_logits)
+                for i, row in zip(group, out, strict=True):
+                    outputs[i] = row
+        return outputs
+
+    def _pass(self, batch: Sequence[StepInput], all_logits: bool) -> list[np.ndarray]:
+        """One pass over checked items: their rows concatenated."""
+        model, caches = self._loaded()
         if not batch:
             return []
         first = model.shard.is_first

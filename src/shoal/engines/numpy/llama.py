@@ -2,24 +2,32 @@
 
 The same math and names as the torch model file, with no framework: float32 arrays, weights
 transposed once at load so every projection is `x @ W`. Module names match Hugging Face checkpoint
-keys, so `model.layers.12.self_attn.q_proj.weight` is taken by the module of that name. The rows
-of one pass are every item's tokens concatenated ([N] ids or [N, hidden]); only attention, which
-needs each item's own prefix, runs per item.
+keys, so `model.layers.12.self_attn.q_proj.weight` is taken by the module of that name; q, k, v
+become one projection, as do gate and up. The rows of one pass are every item's tokens
+concatenated ([N] ids or [N, hidden]); only attention, which needs each item's own prefix, runs
+per item.
+
+With quant int8 or int4 the projections are block-quantized (shoal.engines.native: GGUF's Q8_0
+and Q4_1 layouts, a kernel compiled for this CPU), the head in int8, and a decode step of every
+layer is one native call. Without a C compiler they stay float32.
 """
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from shoal.engines import native
 from shoal.engines.args import ModelArgs
 from shoal.engines.base import ProgressFn
 from shoal.engines.numpy.cache import KVCache
 from shoal.errors import UnsupportedModel
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
+from shoal.types.weights import Quant
 
 F32 = np.float32
 QUERY_BLOCK = 256  # queries attended at once: bounds the scores of a long prefill
@@ -79,6 +87,61 @@ class Linear:
         if self.bias is not None:
             y += self.bias
         return y
+
+
+class BlockLinear:
+    """x @ W.T (+ b) with W in blocks of 32 (native.BlockWeights), quantized once at load."""
+
+    def __init__(self, blocks: native.BlockWeights, bias: np.ndarray | None, threads: int) -> None:
+        self.blocks, self.bias, self.threads = blocks, bias, threads
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.blocks.matmul(x, self.threads)  # [N, out]
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+Projection = Linear | BlockLinear
+
+
+@dataclass(frozen=True)
+class Formats:
+    """How the model holds its projections: float32, or native blocks ("q8"/"q4") and threads."""
+
+    lib: native.Library | None = None
+    kind: native.Kind = "q8"
+    threads: int = 1
+
+    @classmethod
+    def of(cls, quant: Quant, threads: int | None) -> "Formats":
+        """Blocks for int8/int4 where the kernels compile; float32 for none, fp16 or no compiler."""
+        lib = native.library() if quant in ("int8", "int4") else None
+        if lib is None:
+            return cls()
+        return cls(lib, "q8" if quant == "int8" else "q4", max(1, threads or os.cpu_count() or 1))
+
+    def projection(
+        self, weight: np.ndarray, bias: np.ndarray | None = None, *, kind: native.Kind | None = None
+    ) -> Projection:
+        """The [out, in] weight as a projection in this format (kind overrides q8/q4)."""
+        if self.lib is None or weight.shape[1] % native.BLOCK:
+            return Linear(weight, bias)
+        blocks = native.BlockWeights.quantize(self.lib, weight, kind or self.kind, self.threads)
+        return BlockLinear(blocks, bias, self.threads)
+
+
+def take_fused(
+    ckpt: Checkpoint, names: Sequence[str], n_in: int, sizes: Sequence[int], bias: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The [out, in] weights of several projections stacked into one (and their biases)."""
+    weight = np.concatenate(
+        [ckpt.take(f"{n}.weight", (size, n_in)) for n, size in zip(names, sizes, strict=True)]
+    )
+    if not bias:
+        return weight, None
+    biases = [ckpt.take(f"{n}.bias", (size,)) for n, size in zip(names, sizes, strict=True)]
+    return weight, np.concatenate(biases)
 
 
 class RMSNorm:
@@ -161,14 +224,15 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> n
 class Attention:
     """Grouped-query attention over each item's cached prefix plus its new rows."""
 
-    def __init__(self, args: ModelArgs, ckpt: Checkpoint, name: str) -> None:
+    def __init__(self, args: ModelArgs, ckpt: Checkpoint, name: str, formats: Formats) -> None:
         self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
         self.head_dim = d = args.head_dim
-        hidden, bias = args.hidden_size, args.attention_bias
-        self.q_proj = Linear.take(ckpt, f"{name}.q_proj", hidden, self.n_heads * d, bias)
-        self.k_proj = Linear.take(ckpt, f"{name}.k_proj", hidden, self.n_kv_heads * d, bias)
-        self.v_proj = Linear.take(ckpt, f"{name}.v_proj", hidden, self.n_kv_heads * d, bias)
-        self.o_proj = Linear.take(ckpt, f"{name}.o_proj", self.n_heads * d, hidden)
+        hidden = args.hidden_size
+        names = [f"{name}.{p}_proj" for p in "qkv"]
+        sizes = [self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d]
+        weight, bias = take_fused(ckpt, names, hidden, sizes, args.attention_bias)
+        self.qkv = formats.projection(weight, bias)  # [N, hidden] → [N, (H + 2 KV) * D]
+        self.o_proj = formats.projection(ckpt.take(f"{name}.o_proj.weight", (hidden, sizes[0])))
         eps = args.rms_norm_eps
         self.q_norm = RMSNorm(ckpt, f"{name}.q_norm", d, eps) if args.qk_norm else None
         self.k_norm = RMSNorm(ckpt, f"{name}.k_norm", d, eps) if args.qk_norm else None
@@ -176,10 +240,9 @@ class Attention:
     def __call__(
         self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, ctx: Context, layer: int
     ) -> np.ndarray:
-        n = x.shape[0]
-        q = self.q_proj(x).reshape(n, self.n_heads, self.head_dim)  # [N, H, D]
-        k = self.k_proj(x).reshape(n, self.n_kv_heads, self.head_dim)  # [N, KV, D]
-        v = self.v_proj(x).reshape(n, self.n_kv_heads, self.head_dim)  # [N, KV, D]
+        n, h, kv, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(x).reshape(n, h + 2 * kv, d)  # [N, H + 2 KV, D]
+        q, k, v = qkv[:, :h], qkv[:, h : h + kv], qkv[:, h + kv :]  # [N, H | KV | KV, D]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # [N, H, D], [N, KV, D]
@@ -202,26 +265,29 @@ class Attention:
 class MLP:
     """SiLU-gated feed-forward."""
 
-    def __init__(self, args: ModelArgs, ckpt: Checkpoint, name: str) -> None:
+    def __init__(self, args: ModelArgs, ckpt: Checkpoint, name: str, formats: Formats) -> None:
         hidden, inner = args.hidden_size, args.intermediate_size
-        self.gate_proj = Linear.take(ckpt, f"{name}.gate_proj", hidden, inner)
-        self.up_proj = Linear.take(ckpt, f"{name}.up_proj", hidden, inner)
-        self.down_proj = Linear.take(ckpt, f"{name}.down_proj", inner, hidden)
+        names = [f"{name}.gate_proj", f"{name}.up_proj"]
+        weight, _ = take_fused(ckpt, names, hidden, [inner, inner], bias=False)
+        self.inner = inner
+        self.gate_up = formats.projection(weight)  # [N, hidden] → [N, 2 * inner]
+        self.down_proj = formats.projection(ckpt.take(f"{name}.down_proj.weight", (hidden, inner)))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        gate = self.gate_proj(x)  # [N, inner]
+        gate_up = self.gate_up(x)  # [N, 2 * inner]
+        gate, up = gate_up[:, : self.inner], gate_up[:, self.inner :]  # [N, inner] each
         # silu(g) = g * sigmoid(g), with sigmoid as tanh: no overflow for large negative g.
         act = gate * (F32(0.5) + F32(0.5) * np.tanh(F32(0.5) * gate))  # [N, inner]
-        return self.down_proj(act * self.up_proj(x))  # [N, hidden]
+        return self.down_proj(act * up)  # [N, hidden]
 
 
 class Block:
     """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual."""
 
-    def __init__(self, args: ModelArgs, ckpt: Checkpoint, name: str) -> None:
+    def __init__(self, args: ModelArgs, ckpt: Checkpoint, name: str, formats: Formats) -> None:
         eps = args.rms_norm_eps
-        self.self_attn = Attention(args, ckpt, f"{name}.self_attn")
-        self.mlp = MLP(args, ckpt, f"{name}.mlp")
+        self.self_attn = Attention(args, ckpt, f"{name}.self_attn", formats)
+        self.mlp = MLP(args, ckpt, f"{name}.mlp", formats)
         self.input_layernorm = RMSNorm(ckpt, f"{name}.input_layernorm", args.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(
             ckpt, f"{name}.post_attention_layernorm", args.hidden_size, eps
@@ -238,9 +304,15 @@ class Model:
     """The shard of a causal LM: token ids or hidden states in, hidden states or logits out."""
 
     def __init__(
-        self, args: ModelArgs, shard: Shard, ckpt: Checkpoint, progress: ProgressFn | None = None
+        self,
+        args: ModelArgs,
+        shard: Shard,
+        ckpt: Checkpoint,
+        progress: ProgressFn | None = None,
+        formats: Formats | None = None,
     ) -> None:
         self.args, self.shard = args, shard
+        formats = formats or Formats()
         hidden, vocab, eps = args.hidden_size, args.vocab_size, args.rms_norm_eps
         total = shard.end - shard.start
         if progress is not None:
@@ -249,18 +321,58 @@ class Model:
         # Keyed by global index: `model.layers.12.…` on a shard [10, 20) is layers[12].
         self.layers: dict[int, Block] = {}
         for i in range(shard.start, shard.end):
-            self.layers[i] = Block(args, ckpt, f"model.layers.{i}")
+            self.layers[i] = Block(args, ckpt, f"model.layers.{i}", formats)
             if progress is not None:
                 progress(i - shard.start + 1, total)
         self.norm = RMSNorm(ckpt, "model.norm", hidden, eps) if shard.is_last else None
-        self.lm_head = Linear.take(ckpt, "lm_head", hidden, vocab) if shard.is_last else None
-        # [vocab, hidden]; tied on a whole model, a view of the head's [hidden, vocab]: one copy.
+        # The head stays 8-bit under int4, as GGUFs keep it (4 bits cost accuracy there).
+        head = ckpt.take("lm_head.weight", (vocab, hidden)) if shard.is_last else None
+        self.lm_head = None if head is None else formats.projection(head, kind="q8")
+        # [vocab, hidden]; tied on a whole float model, a view of the head's [hidden, vocab].
         self.embed_tokens: np.ndarray | None = None
-        if embed is not None and self.lm_head is not None and args.tie_word_embeddings:
+        if embed is not None and isinstance(self.lm_head, Linear) and args.tie_word_embeddings:
             self.embed_tokens = self.lm_head.weight.T
         elif embed is not None:
             self.embed_tokens = np.ascontiguousarray(embed, dtype=F32)
         self.inv_freq = rope_frequencies(args)  # [D/2]
+        self.decoder = self._decoder(formats)  # one native call per decode step, or None
+        self.threads = formats.threads
+
+    def _decoder(self, formats: Formats) -> native.Decoder | None:
+        """The native decode step, when every layer's projections are blocks."""
+        if formats.lib is None or not self.layers:
+            return None
+        layers = []
+        for block in self.layers.values():
+            attn, mlp = block.self_attn, block.mlp
+            projections = (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down_proj)
+            if not all(isinstance(p, BlockLinear) for p in projections):
+                return None
+            qkv, o, gate_up, down = (cast(BlockLinear, p) for p in projections)
+            layers.append(
+                native.DecoderLayer(
+                    qkv.blocks,
+                    o.blocks,
+                    gate_up.blocks,
+                    down.blocks,
+                    block.input_layernorm.weight,
+                    block.post_attention_layernorm.weight,
+                    qkv.bias,
+                    None if attn.q_norm is None else attn.q_norm.weight,
+                    None if attn.k_norm is None else attn.k_norm.weight,
+                )
+            )
+        a = self.args
+        return native.Decoder(
+            formats.lib,
+            hidden=a.hidden_size,
+            heads=a.num_attention_heads,
+            kv_heads=a.num_key_value_heads,
+            head_dim=a.head_dim,
+            inter=a.intermediate_size,
+            eps=a.rms_norm_eps,
+            layers=layers,
+        )
 
     def __call__(
         self, x: np.ndarray, positions: np.ndarray, ctx: Context, *, all_logits: bool = True
@@ -273,8 +385,24 @@ class Model:
         h = self.embed_tokens[x] if self.embed_tokens is not None else x  # [N, hidden]
         angles = positions.astype(F32)[:, None] * self.inv_freq  # [N, D/2]
         cos, sin = np.cos(angles), np.sin(angles)  # [N, D/2]
-        for layer, block in enumerate(self.layers.values()):
-            h = block(h, cos, sin, ctx, layer)  # [N, hidden]
+        if self.decoder is not None and len(ctx.caches) == h.shape[0]:  # one row per item
+            h = np.array(h, dtype=F32, order="C")  # advanced in place
+            full_cos = np.concatenate((cos, cos), axis=-1)  # [N, D]; held while the call runs
+            signed_sin = np.concatenate((-sin, sin), axis=-1)  # [N, D]: x cos + roll(x) sin
+            self.decoder.step(
+                h.ctypes.data,
+                h.shape[0],
+                full_cos.ctypes.data,
+                signed_sin.ctypes.data,
+                np.array([c.k.ctypes.data for c in ctx.caches], np.uint64),
+                np.array([c.v.ctypes.data for c in ctx.caches], np.uint64),
+                np.array([c.capacity for c in ctx.caches], np.int64),
+                np.array([c.length for c in ctx.caches], np.int64),
+                self.threads,
+            )
+        else:
+            for layer, block in enumerate(self.layers.values()):
+                h = block(h, cos, sin, ctx, layer)  # [N, hidden]
         if self.norm is None or self.lm_head is None:
             return h
         if not all_logits:
@@ -307,9 +435,10 @@ def build_model(
     shard: Shard,
     tensors: Mapping[str, np.ndarray],
     progress: ProgressFn | None = None,
+    formats: Formats | None = None,
 ) -> Model:
     """The model file for args.model_type, built from exactly the shard's tensors."""
     ckpt = Checkpoint(tensors)
-    model = ARCHITECTURES[args.model_type](args, shard, ckpt, progress)
+    model = ARCHITECTURES[args.model_type](args, shard, ckpt, progress, formats)
     ckpt.finish(f"{args.model_type} shard {shard}")
     return model

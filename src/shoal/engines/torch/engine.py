@@ -10,7 +10,7 @@ from torch import nn
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
 from shoal.engines.torch.cache import CacheStore
 from shoal.engines.torch.llama import Block, Context, Model, attention_mask, build_model
-from shoal.engines.torch.quant import Quant, check_quant
+from shoal.engines.torch.quant import Quant, check_quant, head_format
 from shoal.errors import BadRequest, UnsupportedModel
 from shoal.types.ids import RequestId
 from shoal.types.shard import Shard
@@ -76,8 +76,9 @@ class TorchEngine:
         if model.args.tie_word_embeddings and shard.is_whole and self.quant == "none":
             assert model.lm_head is not None and model.model.embed_tokens is not None
             model.lm_head.weight = model.model.embed_tokens.weight  # one copy, not two
-        # A 4-bit head costs accuracy that 4-bit layers do not (GGUFs keep it at 6-8 bits).
-        model.pack_head("fp16" if self.quant == "int4" else self.quant, self.device, self.dtype)
+        model.pack_head(head_format(self.quant, self.device), self.device, self.dtype)
+        if self.dtype == torch.float32:
+            model.pack_decoder()  # decode steps in one native call where the formats allow
         self._model = model.to(self.device).eval()  # moves the rope buffer; weights are there
         args = model.args
         self._caches = CacheStore(

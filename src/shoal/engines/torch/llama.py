@@ -9,15 +9,17 @@ qwen2 differs by a bias on q/k/v, qwen3 by an RMSNorm on each head of q and k; m
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shoal.engines import native
 from shoal.engines.args import ModelArgs
 from shoal.engines.torch.cache import KVCache
-from shoal.engines.torch.quant import Quant, pack
+from shoal.engines.torch.quant import Blocked, Quant, pack
 from shoal.errors import UnsupportedModel
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
@@ -234,6 +236,7 @@ class Model(nn.Module):
             nn.Linear(args.hidden_size, args.vocab_size, bias=False) if shard.is_last else None
         )
         self.head: nn.Module | None = None  # lm_head in the weight format: set by pack_head()
+        self.decoder: native.Decoder | None = None  # one-call decode steps: set by pack_decoder()
         # Built on the CPU even under a meta-device context; the engine moves it with the model.
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
@@ -248,13 +251,79 @@ class Model(nn.Module):
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         cos = torch.cat((freqs, freqs), dim=-1).cos()[:, None].to(h.dtype)  # [B, 1, T, D]
         sin = torch.cat((-freqs, freqs), dim=-1).sin()[:, None].to(h.dtype)  # signed: rotate()
-        for layer, block in enumerate(inner.layers.values()):
-            h = block(h, cos, sin, ctx, layer)  # [B, T, hidden]
+        if self.decoder is not None and h.shape[1] == 1 and _native_caches(ctx.caches):
+            h = self._decode_native(self.decoder, h, cos, sin, ctx.caches)
+        else:
+            for layer, block in enumerate(inner.layers.values()):
+                h = block(h, cos, sin, ctx, layer)  # [B, T, hidden]
         if inner.norm is None or self.head is None:
             return h
         if not all_logits:
             h = h[:, -1:]  # [B, 1, hidden]
         return self.head(inner.norm(h))  # [B, T or 1, vocab]
+
+    def pack_decoder(self) -> None:
+        """Decode steps in one native call when every projection is in block format (CPU)."""
+        lib = native.library()
+        blocks = list(self.model.layers.values())
+        if lib is None or not blocks:
+            return
+        layers = []
+        for block in blocks:
+            assert isinstance(block, Block)
+            attn, mlp = block.self_attn, block.mlp
+            projections = (attn.qkv, attn.out, mlp.gate_up, mlp.down)
+            if not all(isinstance(p, Blocked) for p in projections):
+                return
+            qkv, out, gate_up, down = (cast(Blocked, p) for p in projections)
+            layers.append(
+                native.DecoderLayer(
+                    qkv.blocks,
+                    out.blocks,
+                    gate_up.blocks,
+                    down.blocks,
+                    _array(block.input_layernorm.weight),
+                    _array(block.post_attention_layernorm.weight),
+                    None if qkv.bias is None else _array(qkv.bias),
+                    None if attn.q_norm is None else _array(attn.q_norm.weight),
+                    None if attn.k_norm is None else _array(attn.k_norm.weight),
+                )
+            )
+        a = self.args
+        self.decoder = native.Decoder(
+            lib,
+            hidden=a.hidden_size,
+            heads=a.num_attention_heads,
+            kv_heads=a.num_key_value_heads,
+            head_dim=a.head_dim,
+            inter=a.intermediate_size,
+            eps=a.rms_norm_eps,
+            layers=layers,
+        )
+
+    def _decode_native(
+        self,
+        decoder: native.Decoder,
+        h: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        caches: Sequence[KVCache],
+    ) -> Tensor:
+        """h [B, 1, hidden] through every layer in one call; keys and values go to the caches."""
+        h = h.float().contiguous().clone()  # written in place
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()  # [B, 1, 1, D]
+        decoder.step(
+            h.data_ptr(),
+            h.shape[0],
+            cos.data_ptr(),
+            sin.data_ptr(),
+            np.array([c.k.data_ptr() for c in caches], np.uint64),
+            np.array([c.v.data_ptr() for c in caches], np.uint64),
+            np.array([c.capacity for c in caches], np.int64),
+            np.array([c.length for c in caches], np.int64),
+            torch.get_num_threads(),
+        )
+        return h
 
     def pack_head(self, quant: Quant, device: torch.device, dtype: torch.dtype) -> None:
         """Put the output head in the weight format (a tied head gets its own copy)."""
@@ -262,6 +331,19 @@ class Model(nn.Module):
             self.head = pack(self.lm_head.weight, None, quant, device=device, dtype=dtype)
             del self.lm_head
             self.lm_head = None
+
+
+def _array(t: Tensor) -> np.ndarray:
+    """A CPU float32 tensor's memory as a numpy array (no copy when it is already contiguous)."""
+    return np.ascontiguousarray(t.detach().float().cpu().numpy())
+
+
+def _native_caches(caches: Sequence[KVCache]) -> bool:
+    """Whether the native decoder can write these caches: contiguous float32 on the CPU."""
+    return all(
+        c.k.device.type == "cpu" and c.k.dtype == torch.float32 and c.k.is_contiguous()
+        for c in caches
+    )
 
 
 ARCHITECTURES: dict[str, type[Model]] = {

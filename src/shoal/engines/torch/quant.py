@@ -11,9 +11,14 @@ once at load time from the layer's float weight. Only PyTorch's own kernels run 
   for the whole batch: SmolLM2 then loses "Paris" and a request's tokens depend on its batch
   neighbours, so it is not used.
 - int4: groups of 32 weights along the input with a scale and an offset each, the layout of a
-  GGUF Q4_1 block, so a Q4_0/Q4_1 checkpoint is re-expressed without further loss. On CPU
-  `_weight_int4pack_mm_for_cpu`, on CUDA the tinygemm `_weight_int4pack_mm`. Its CPU kernel is
-  vectorised for AVX-512; on AVX2-only machines both int kernels are slower than fp16.
+  GGUF Q4_1 block, so a Q4_0/Q4_1 checkpoint is re-expressed without further loss. On CUDA the
+  tinygemm `_weight_int4pack_mm`.
+
+On CPU, int8 and int4 use shoal's block kernels (`shoal.engines.native`, GGUF's Q8_0 and Q4_1
+blocks, activations in int8 per block as llama.cpp does) where they compile: PyTorch's own int8
+and int4 CPU kernels are vectorised for AVX-512 only, and on AVX2 machines were 3-6x slower
+than fp16 (bench/engine_step.py), while the block kernels are faster than fp16. Without them,
+int8 is `_weight_int8pack_mm` (one scale per row) and int4 `_weight_int4pack_mm_for_cpu`.
 
 Every format gives a row the same result, to float32 rounding, whatever else is in the batch, so
 continuous batching does not change a request's tokens.
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shoal.engines import native
 from shoal.errors import BadRequest
 from shoal.types.weights import QUANTS, Quant
 
@@ -40,6 +46,18 @@ def check_quant(quant: str) -> Quant:
     return cast(Quant, quant)
 
 
+def head_format(quant: Quant, device: torch.device) -> Quant:
+    """The output head's format under `quant`.
+
+    A 4-bit head costs accuracy that 4-bit layers do not, so GGUFs keep it at 6-8 bits: under
+    int4 the head is 8-bit blocks (Q8_0, as the GGUF has it) where the block kernels run, else
+    fp16 (PyTorch's per-row int8 is coarser).
+    """
+    if quant != "int4":
+        return quant
+    return "int8" if device.type == "cpu" and native.library() is not None else "fp16"
+
+
 def pack(
     weight: Tensor,
     bias: Tensor | None,
@@ -51,6 +69,9 @@ def pack(
     """A projection computing x @ weight.T + bias in the given format; weight [out, in] float."""
     if quant == "int4" and weight.shape[1] % INT4_GROUP:
         quant = "int8"  # a row that is not whole groups (rare): keep it 8-bit
+    blocks = native.library() if device.type == "cpu" else None
+    if quant in ("int8", "int4") and blocks is not None and weight.shape[1] % native.BLOCK == 0:
+        return Blocked(blocks, weight, bias, "q8" if quant == "int8" else "q4")
     if quant == "none":
         return Dense(weight, bias, device=device, dtype=dtype)
     if quant == "fp16":
@@ -159,3 +180,26 @@ class Int4(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], -1)
+
+
+class Blocked(nn.Module):
+    """GGUF-style blocks of 32 (q8: Q8_0, q4: Q4_1) through shoal's native CPU kernels."""
+
+    def __init__(
+        self, lib: native.Library, weight: Tensor, bias: Tensor | None, kind: native.Kind
+    ) -> None:
+        super().__init__()
+        threads = torch.get_num_threads()
+        self.blocks = native.BlockWeights.quantize(lib, weight.float().numpy(), kind, threads)
+        self.bias = None if bias is None else nn.Buffer(bias.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The integer kernel serves prefill too: at 128-512 positions it beat expanding the
+        # blocks to float32 for a float GEMM by 1.3-2x (measured on a 2-core AVX2 VM).
+        shape, blocks = x.shape, self.blocks
+        x2 = x.reshape(-1, shape[-1]).float().contiguous()  # [N, in]
+        y = torch.empty(x2.shape[0], blocks.n)
+        blocks.matmul_into(x2.data_ptr(), x2.shape[0], y.data_ptr(), torch.get_num_threads())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], -1)

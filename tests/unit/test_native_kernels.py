@@ -1,0 +1,258 @@
+"""shoal.engines.native: block formats, their products, and the one-call decode step.
+
+Each check runs on the build for this CPU (AVX2 here) and on the plain-C build that CPUs without
+AVX2 get, and the two must agree.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shoal.engines import native
+
+BUILDS = {"simd": False, "portable": True}
+
+
+@pytest.fixture(params=list(BUILDS))
+def lib(request: pytest.FixtureRequest) -> native.Library:
+    built = native.library(portable=BUILDS[request.param])
+    assert built is not None, "the kernels must compile where a C compiler exists"
+    return built
+
+
+def gguf_like(kind: native.Kind, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """A matrix a GGUF Q8_0 / Q4_1 block holds exactly: fp16 scales, full-range values."""
+    rng = np.random.default_rng(seed)
+    blocks = (n, k // 32, 32)
+    if kind == "q8":
+        q = rng.integers(-127, 128, blocks).astype(np.float32)
+        q[..., 0] = 127
+        d = (rng.random((*blocks[:2], 1)) * 0.02).astype(np.float16).astype(np.float32)
+        return (q * d).reshape(n, k)
+    q = rng.integers(0, 16, blocks).astype(np.float32)
+    q[..., 0], q[..., 1] = 0, 15
+    d = (rng.random((*blocks[:2], 1)) * 0.02).astype(np.float16).astype(np.float32)
+    m = (rng.standard_normal((*blocks[:2], 1)) * 0.05).astype(np.float16).astype(np.float32)
+    return (q * d + m).reshape(n, k)
+
+
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+@pytest.mark.parametrize("n", [8, 61, 96])  # 61: q4's last group of 8 rows is padded
+def test_a_gguf_block_matrix_is_held_exactly(lib: native.Library, kind: str, n: int) -> None:
+    weight = gguf_like(kind, n, 96)  # type: ignore[arg-type]
+    blocks = native.BlockWeights.quantize(lib, weight, kind, threads=2)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(blocks.dequantize(), weight)
+
+
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+def test_the_product_is_within_the_activation_rounding_bound(
+    lib: native.Library, kind: str
+) -> None:
+    # Activations are rounded to int8 per block of 32: each by at most amax / 254 of its block.
+    rng = np.random.default_rng(1)
+    n, k = 45, 128
+    weight = rng.standard_normal((n, k)).astype(np.float32)
+    blocks = native.BlockWeights.quantize(lib, weight, kind, threads=2)  # type: ignore[arg-type]
+    held = blocks.dequantize()
+    x = rng.standard_normal((11, k)).astype(np.float32) * np.linspace(0.1, 10, k, dtype=np.float32)
+    step = np.abs(x.reshape(11, k // 32, 32)).max(-1) / 254  # [rows, blocks]
+    bound = np.repeat(step, 32, axis=1) @ np.abs(held).T  # [rows, n]
+    error = np.abs(blocks.matmul(x, threads=2) - x @ held.T)
+    assert (error <= bound * 1.01 + 1e-4).all()
+    assert error.max() > 0  # activations really were rounded: the bound is not vacuous
+
+
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+def test_a_row_gets_the_same_bits_in_any_batch(lib: native.Library, kind: str) -> None:
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((40, 64)).astype(np.float32)
+    blocks = native.BlockWeights.quantize(lib, weight, kind, threads=2)  # type: ignore[arg-type]
+    x = rng.standard_normal((19, 64)).astype(np.float32)  # tiles of 8, 8 and 3 rows
+    batched = blocks.matmul(x, threads=2)
+    for i in range(19):
+        np.testing.assert_array_equal(blocks.matmul(x[i : i + 1], threads=1)[0], batched[i])
+
+
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+def test_the_portable_build_computes_what_the_simd_build_does(kind: str) -> None:
+    simd, portable = native.library(), native.library(portable=True)
+    assert simd is not None and portable is not None
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((33, 160)).astype(np.float32)
+    a = native.BlockWeights.quantize(simd, weight, kind)  # type: ignore[arg-type]
+    b = native.BlockWeights.quantize(portable, weight, kind)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.scales, b.scales)
+    x = rng.standard_normal((5, 160)).astype(np.float32)
+    np.testing.assert_allclose(a.matmul(x), b.matmul(x), rtol=1e-5, atol=1e-4)
+
+
+def test_an_input_width_that_is_not_whole_blocks_is_refused(lib: native.Library) -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.BlockWeights.quantize(lib, np.zeros((4, 40), np.float32), "q8")
+
+
+# ---- the decode step ---------------------------------------------------------------------------
+
+HIDDEN, HEADS, KV, HEAD_DIM, INTER, LAYERS = 64, 4, 2, 16, 96, 2
+
+
+class Tiny:
+    """Random layers for Decoder, with caches [layers, KV, capacity, D] per item."""
+
+    def __init__(self, lib: native.Library, *, bias: bool = False, qk_norm: bool = False) -> None:
+        rng = np.random.default_rng(4)
+        width = (HEADS + 2 * KV) * HEAD_DIM
+
+        def blocks(n: int, k: int) -> native.BlockWeights:
+            w = (rng.standard_normal((n, k)) * k**-0.5).astype(np.float32)
+            return native.BlockWeights.quantize(lib, w, "q4", threads=2)
+
+        def vector(size: int, around: float) -> np.ndarray:
+            return (around + 0.1 * rng.standard_normal(size)).astype(np.float32)
+
+        layers = [
+            native.DecoderLayer(
+                blocks(width, HIDDEN),
+                blocks(HIDDEN, HEADS * HEAD_DIM),
+                blocks(2 * INTER, HIDDEN),
+                blocks(HIDDEN, INTER),
+                vector(HIDDEN, 1.0),
+                vector(HIDDEN, 1.0),
+                vector(width, 0.0) if bias else None,
+                vector(HEAD_DIM, 1.0) if qk_norm else None,
+                vector(HEAD_DIM, 1.0) if qk_norm else None,
+            )
+            for _ in range(LAYERS)
+        ]
+        self.decoder = native.Decoder(
+            lib,
+            hidden=HIDDEN,
+            heads=HEADS,
+            kv_heads=KV,
+            head_dim=HEAD_DIM,
+            inter=INTER,
+            eps=1e-5,
+            layers=layers,
+        )
+        self.rng = rng
+
+    def caches(self, items: int, capacity: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        shape = (items, LAYERS, KV, capacity, HEAD_DIM)
+        k = self.rng.standard_normal(shape).astype(np.float32)
+        return k, self.rng.standard_normal(shape).astype(np.float32)
+
+    def step(self, h: np.ndarray, k: np.ndarray, v: np.ndarray, positions: list[int]) -> np.ndarray:
+        """h [B, hidden] after every layer; k, v [B, layers, KV, capacity, D], written in place."""
+        out = np.array(h, np.float32, order="C")
+        angles = np.asarray(positions, np.float32)[:, None] * 0.3 ** np.arange(HEAD_DIM // 2)
+        cos = np.concatenate([np.cos(angles)] * 2, -1).astype(np.float32)  # [B, D]
+        sin = np.concatenate([-np.sin(angles), np.sin(angles)], -1).astype(np.float32)
+        self.decoder.step(
+            out.ctypes.data,
+            len(positions),
+            cos.ctypes.data,
+            sin.ctypes.data,
+            np.array([k[b].ctypes.data for b in range(len(positions))], np.uint64),
+            np.array([v[b].ctypes.data for b in range(len(positions))], np.uint64),
+            np.full(len(positions), k.shape[3], np.int64),
+            np.asarray(positions, np.int64),
+            2,
+        )
+        return out
+
+
+@pytest.mark.parametrize("variant", [{}, {"bias": True}, {"qk_norm": True}])
+def test_items_of_a_decode_batch_get_what_they_get_alone(
+    lib: native.Library, variant: dict[str, bool]
+) -> None:
+    tiny = Tiny(lib, **variant)
+    h = tiny.rng.standard_normal((3, HIDDEN)).astype(np.float32)
+    k, v = tiny.caches(3)
+    positions = [0, 7, 20]  # each item attends over its own prefix length
+    k_alone, v_alone = k.copy(), v.copy()
+    together = tiny.step(h, k, v, positions)
+    for b, pos in enumerate(positions):
+        alone = tiny.step(h[b : b + 1], k_alone[b : b + 1], v_alone[b : b + 1], [pos])
+        np.testing.assert_array_equal(alone[0], together[b])
+    np.testing.assert_array_equal(k, k_alone)  # the same keys and values were written
+    np.testing.assert_array_equal(v, v_alone)
+
+
+def test_a_step_writes_its_position_and_leaves_the_rest_of_the_cache(
+    lib: native.Library,
+) -> None:
+    tiny = Tiny(lib)
+    k, v = tiny.caches(1)
+    before_k, before_v = k.copy(), v.copy()
+    out = tiny.step(tiny.rng.standard_normal((1, HIDDEN)).astype(np.float32), k, v, [5])
+    assert np.isfinite(out).all()
+    changed = (k != before_k).any(axis=(0, 1, 2, 4))  # [capacity]
+    assert changed.tolist() == [i == 5 for i in range(k.shape[3])]
+    assert ((v != before_v).any(axis=(0, 1, 2, 4)) == changed).all()
+
+
+def test_the_portable_decode_step_computes_what_the_simd_one_does() -> None:
+    simd, portable = native.library(), native.library(portable=True)
+    assert simd is not None and portable is not None
+    a, b = Tiny(simd, qk_norm=True), Tiny(portable, qk_norm=True)
+    h = np.random.default_rng(5).standard_normal((2, HIDDEN)).astype(np.float32)
+    ka, va = a.caches(2)
+    kb, vb = ka.copy(), va.copy()
+    np.testing.assert_allclose(
+        a.step(h, ka, va, [3, 30]), b.step(h, kb, vb, [3, 30]), rtol=1e-3, atol=1e-3
+    )
+
+
+def test_a_position_past_the_cache_is_refused(lib: native.Library) -> None:
+    tiny = Tiny(lib)
+    k, v = tiny.caches(1, capacity=4)
+    with pytest.raises(ValueError, match="no room"):
+        tiny.step(np.zeros((1, HIDDEN), np.float32), k, v, [4])
+
+
+# ---- building ----------------------------------------------------------------------------------
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", **env},
+        timeout=120,
+    )
+
+
+def test_the_kernels_can_be_turned_off() -> None:
+    done = run_python("from shoal.engines import native; print(native.library())", SHOAL_NATIVE="0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+
+
+def test_a_compiler_that_fails_leaves_the_kernels_off_with_one_warning(tmp_path: Path) -> None:
+    code = (
+        "import logging; logging.basicConfig(level=logging.WARNING);"
+        "from shoal.engines import native; print(native.library())"
+    )
+    done = run_python(code, CC="/bin/false", XDG_CACHE_HOME=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+    warnings = [line for line in done.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "did not compile" in warnings[0]
+
+
+def test_kernels_are_compiled_once_and_cached(tmp_path: Path) -> None:
+    code = "from shoal.engines import native; print(native.library().path)"
+    first = run_python(code, XDG_CACHE_HOME=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    built = Path(first.stdout.strip())
+    assert built.is_relative_to(tmp_path / "shoal" / "kernels")
+    stamp = built.stat().st_mtime_ns
+    second = run_python(code, XDG_CACHE_HOME=str(tmp_path))
+    assert second.returncode == 0, second.stderr
+    assert Path(second.stdout.strip()) == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary left
