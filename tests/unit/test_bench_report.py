@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from shoal.bench import engines, inference, stats, tables
+from shoal.bench.engines import summarise, summarise_streams
 from shoal.bench.failover import _resumption
-from shoal.bench.peers import PEERS
+from shoal.bench.peers import PEERS, steady_decode_rate
 from shoal.bench.report import comparison, output_paths
 from shoal.bench.seed import SEED
 from shoal.bench.stream import StreamSample, _parse, _take, aggregate_tok_s
@@ -215,3 +216,37 @@ def test_an_engines_only_report_has_only_the_engines_table() -> None:
     assert [s.title.split(",")[0] for s in tables.sections(report)] == [
         "Engines in-process on the same GGUF"
     ]
+
+
+def test_the_steady_decode_rate_counts_only_while_every_stream_decodes() -> None:
+    # Stream a: prompt at 0, tokens at 1..10 (one a second). Stream b: prompt at 0, its first
+    # token at 4 (a later prefill), then 5..8. All decode from 4 to 8: a gives 4 tokens in that
+    # window (5, 6, 7, 8), b gives 4 (5..8): 8 tokens in 4 s.
+    a = [0.0, *range(1, 11)]
+    b = [0.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert steady_decode_rate([a, b]) == 2.0
+    assert steady_decode_rate([a]) == 1.0  # one stream: its own decode rate
+    # Never all at once (b starts after a ends): every token over the whole span.
+    assert steady_decode_rate([[0.0, 1.0, 2.0], [0.0, 3.0, 4.0]]) == 1.0
+
+
+def test_streams_are_summarised_as_multiples_of_one_stream() -> None:
+    results = {
+        "shoal": {
+            "samples": [
+                {"streams": 1, "run": 0, "prompt_tokens": 8, "tok_s": 100.0},
+                {"streams": 8, "run": 0, "prompt_tokens": 8, "tok_s": 380.0},
+                {"streams": 8, "run": 1, "prompt_tokens": 8, "tok_s": 420.0},
+                {"prompt_tokens": 8, "gen_tokens": 4, "run": 0}
+                | {"generated": 4, "ttft_s": 0.1, "decode_s": 0.1},
+            ]
+        },
+        "llamacpp": {"samples": []},
+    }
+    summary = summarise_streams(results)
+    assert summary == {"shoal": {"1": 100.0, "8": 400.0, "x8": 4.0}}
+    assert [r["peer"] for r in summarise(results)] == ["shoal"]  # stream samples left out
+    report = {"peers": {"streams": summary}}
+    section = tables.streams_section(report)
+    assert section.headers[1:] == ("1 streams tok/s", "8 streams tok/s", "8 ÷ 1")
+    assert section.rows == [("shoal", "100.0", "400.0", "4.00")]

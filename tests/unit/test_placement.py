@@ -34,10 +34,12 @@ IID = InstanceId("i1")
 SMOL: dict[str, Any] = dict(
     id="smollm2-135m", layers=30, hidden_size=576, heads=9, kv_heads=3, head_dim=64,
     vocab_size=49152, context_length=8192, storage_bytes=98362432, quantization="Q4_1",
+    quant="none",  # weights held at float32: the memory numbers below assume it
 )  # fmt: skip
 LLAMA70: dict[str, Any] = dict(
     id="llama-3.1-70b", layers=80, hidden_size=8192, heads=64, kv_heads=8, head_dim=128,
     vocab_size=128256, context_length=131072, storage_bytes=38769 * MIB, quantization="4bit",
+    quant="none",
 )  # fmt: skip
 
 
@@ -113,6 +115,35 @@ def test_memory_model_smollm2() -> None:
     assert mem.total_bytes() == 30 * (mem.layer_bytes + mem.kv_layer_bytes) + 2 * embed * 4
     assert mem.stage_bytes(0, 10) + mem.stage_bytes(10, 30) == mem.total_bytes()
     assert memory_model(card(SMOL), context=100, sequences=3).kv_layer_bytes == 1536 * 300
+
+
+@pytest.mark.parametrize(
+    ("quant", "engine", "weight", "head"),
+    [("none", None, 4.0, 4.0), ("fp16", "torch", 2.0, 2.0), ("int8", "torch", 34 / 32, 34 / 32),
+     ("int4", "torch", 20 / 32, 2.0), ("int4", "numpy", 20 / 32, 2.0), ("fp16", "numpy", 4.0, 4.0),
+     ("int4", "llamacpp", 4.0, 4.0)],
+)  # fmt: skip
+def test_weights_are_budgeted_in_the_format_the_engine_holds(
+    quant: str, engine: str | None, weight: float, head: float
+) -> None:
+    # Q4_1 stores 5 bits a weight, so a layer's share of the file scales by weight * 8 / 5.
+    mem = memory_model(card(SMOL, quant=quant), engine=engine)
+    embed = 49152 * 576
+    per_layer_storage = (98362432 - embed * 5.0 / 8) / 30
+    assert mem.layer_bytes == pytest.approx(per_layer_storage * weight * 8 / 5.0, abs=1)
+    assert mem.head_bytes == pytest.approx(embed * head, abs=1)
+    assert mem.embed_bytes == embed * 4  # a float32 lookup table whatever the format
+    assert mem.params_per_layer == pytest.approx(per_layer_storage * 8 / 5.0, abs=1)
+
+
+def test_int4_fits_where_float32_does_not() -> None:
+    # The 70B at float32 needs ~276 GiB: four 96 GiB nodes. At int4 its layers take a sixth of
+    # that, and the whole model fits one of them.
+    nodes = [big(n, 400.0, 96) for n in "abcd"]
+    assert len(layers_of(place(card(LLAMA70), nodes, instance_id=IID))) == 4
+    int4 = card(LLAMA70, quant="int4")
+    result = place(int4, nodes, instance_id=IID)
+    assert len(layers_of(result)) == 1
 
 
 def cuda(free_gib: int) -> GpuInfo:

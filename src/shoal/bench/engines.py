@@ -40,7 +40,13 @@ def installed(peer: str) -> bool:
 
 
 def run_peer(
-    peer: str, gguf: Path, threads: int, prompts: list[int], gens: list[int], runs: int
+    peer: str,
+    gguf: Path,
+    threads: int,
+    prompts: list[int],
+    gens: list[int],
+    runs: int,
+    streams: list[int],
 ) -> dict[str, Any]:
     """One peer's samples from its own process, or why there are none."""
     if not installed(peer):
@@ -48,6 +54,7 @@ def run_peer(
     cmd = [sys.executable, "-m", "shoal.bench.worker", "--peer", peer, "--gguf", str(gguf)]
     cmd += ["--threads", str(threads), "--runs", str(runs)]
     cmd += ["--prompt-tokens", *map(str, prompts), "--gen-tokens", *map(str, gens)]
+    cmd += ["--streams", *map(str, streams)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -67,11 +74,16 @@ def run_peers(
     grid: tuple[list[int], list[int]],
     runs: int,
     tick: Callable[[str], None],
+    streams: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Every peer in turn (tick(name) after each); the raw results and their summary."""
+    """Every peer in turn (tick(name) after each); the raw results and their summary.
+
+    streams: for shoal's peers, also k requests decoding at once through one scheduler (the
+    first prompt length, the longest output), as steady-state aggregate tok/s.
+    """
     results = {}
     for peer in peers:
-        results[peer] = run_peer(peer, gguf, threads, *grid, runs)
+        results[peer] = run_peer(peer, gguf, threads, *grid, runs, streams or [])
         tick(peer)
     return {
         "baseline": BASELINE,
@@ -79,6 +91,7 @@ def run_peers(
         "threads": threads,
         "results": results,
         "summary": summarise(results),
+        "streams": summarise_streams(results),
     }
 
 
@@ -100,6 +113,8 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
     for peer, result in results.items():
         cells: dict[tuple[int, int], list[dict[str, Any]]] = {}
         for s in result.get("samples", []):
+            if "streams" in s:
+                continue  # summarise_streams
             cells.setdefault((s["prompt_tokens"], s["gen_tokens"]), []).append(s)
         for (prompt, gen), samples in sorted(cells.items()):
             rows.append(
@@ -112,3 +127,20 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
             row["decode_x_shoal"] = row["decode_tok_s"] / mine["decode_tok_s"]
             row["ttft_x_shoal"] = row["ttft_ms"] / mine["ttft_ms"]
     return rows
+
+
+def summarise_streams(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per peer: median aggregate tok/s per number of streams, and each as a multiple of one."""
+    out: dict[str, dict[str, float]] = {}
+    for peer, result in results.items():
+        by_k: dict[int, list[float]] = {}
+        for s in result.get("samples", []):
+            if "streams" in s:
+                by_k.setdefault(s["streams"], []).append(s["tok_s"])
+        if not by_k:
+            continue
+        rates = {k: median(v) for k, v in sorted(by_k.items())}
+        out[peer] = {str(k): r for k, r in rates.items()}
+        if 1 in rates and rates[1] > 0:
+            out[peer] |= {f"x{k}": r / rates[1] for k, r in rates.items() if k != 1}
+    return out

@@ -72,27 +72,63 @@ def shoal_runner(gguf: Path, threads: int, engine: str = "torch", quant: str = "
     asyncio.run(pipeline.call(load))
     never_stop = type("NoEos", (), {"eos_token_ids": frozenset(), "stream": tokenizer.stream})()
 
-    async def one(prompt: Sequence[int], n: int) -> Sample:
-        scheduler = Scheduler(pipeline, never_stop, context_length=1 << 20)
-        task = asyncio.create_task(scheduler.run())
+    async def timed(scheduler: Scheduler, prompt: Sequence[int], n: int) -> list[float]:
+        """When each token of one greedy generation came out (perf_counter), prompt sent at [0]."""
         params = SamplingParams(temperature=0.0, max_tokens=n)
         req = GenerationRequest(
             RequestId(f"b{time.monotonic_ns()}"), ModelId("bench"), tuple(prompt), params
         )
-        start = time.perf_counter()
-        first = last = start
-        count = 0
+        times = [time.perf_counter()]
         async for event in scheduler.generate(req):
             if isinstance(event, TextDelta) and event.token_ids:
-                last = time.perf_counter()
-                first = last if count == 0 else first
-                count += len(event.token_ids)
+                times += [time.perf_counter()] * len(event.token_ids)
             elif isinstance(event, Finished):
-                count = event.completion_tokens
-        task.cancel()
-        return Sample(len(prompt), count, first - start, last - first)
+                del times[1 + event.completion_tokens :]
+        return times
 
-    return lambda prompt, n: asyncio.run(one(prompt, n))
+    async def one(prompt: Sequence[int], n: int) -> Sample:
+        scheduler = Scheduler(pipeline, never_stop, context_length=1 << 20)
+        task = asyncio.create_task(scheduler.run())
+        times = await timed(scheduler, prompt, n)
+        task.cancel()
+        first = times[1] if len(times) > 1 else times[0]
+        return Sample(len(prompt), len(times) - 1, first - times[0], times[-1] - first)
+
+    async def many(prompt: Sequence[int], n: int, streams: int) -> float:
+        scheduler = Scheduler(pipeline, never_stop, context_length=1 << 20, max_batch=streams)
+        task = asyncio.create_task(scheduler.run())
+        # Different requests: each prompt starts at another token of the same text.
+        runs = [timed(scheduler, [*prompt[i:], *prompt[:i]], n) for i in range(streams)]
+        times = await asyncio.gather(*runs)
+        task.cancel()
+        return steady_decode_rate(times)
+
+    return SchedulerRunner(
+        lambda prompt, n: asyncio.run(one(prompt, n)),
+        lambda prompt, n, k: asyncio.run(many(prompt, n, k)),
+    )
+
+
+def steady_decode_rate(streams: Sequence[Sequence[float]]) -> float:
+    """Aggregate tokens/s while every stream decodes: from the last stream's first token to the
+    first stream's last, so prefills (one per stream) and lone stragglers are left out."""
+    start = max(t[1] for t in streams)
+    end = min(t[-1] for t in streams)
+    if end <= start:  # no moment when all decoded at once: the whole span instead
+        start, end = min(t[0] for t in streams), max(t[-1] for t in streams)
+        return sum(len(t) - 1 for t in streams) / (end - start)
+    return sum(sum(1 for x in t[1:] if start < x <= end) for t in streams) / (end - start)
+
+
+@dataclass(frozen=True)
+class SchedulerRunner:
+    """A Runner that can also run several requests at once through one scheduler."""
+
+    run: Runner
+    streams: Callable[[Sequence[int], int, int], float]  # (prompt, tokens, streams) → tok/s
+
+    def __call__(self, prompt: Sequence[int], n: int) -> Sample:
+        return self.run(prompt, n)
 
 
 def transformers_runner(gguf: Path, threads: int) -> Runner:

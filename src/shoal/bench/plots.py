@@ -105,6 +105,8 @@ def _ttft_series(report: dict[str, Any]) -> dict[str, list[float]]:
         series[key] = [s["ttft_ms"] for s in c["samples"]]
     for peer, result in report.get("peers", {}).get("results", {}).items():
         for s in result.get("samples", []):
+            if "streams" in s:
+                continue  # an aggregate rate, no TTFT
             key = f"{peer} · {s['prompt_tokens']}+{s['gen_tokens']}"
             series.setdefault(key, []).append(s["ttft_s"] * 1000)
     return series

@@ -220,7 +220,9 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         if gguf is not None:
             with steps.phase("peers", len(peers)) as tick:
                 grid = (args.prompt_tokens, args.gen_tokens)
-                out["peers"] = engines.run_peers(peers, gguf, args.threads, grid, args.runs, tick)
+                out["peers"] = engines.run_peers(
+                    peers, gguf, args.threads, grid, args.runs, tick, args.concurrency
+                )
         elif args.suite == "full":
             out["peers"] = {"skipped": "--no-peers"}
         if with_cluster and nodes:

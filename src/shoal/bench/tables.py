@@ -182,6 +182,23 @@ def peers_section(report: dict[str, Any]) -> Section:
     return Section(title, headers, rows)
 
 
+def streams_section(report: dict[str, Any]) -> Section:
+    streams = report["peers"]["streams"]
+    counts = sorted({int(k) for rates in streams.values() for k in rates if k.isdigit()})
+    rows = []
+    for peer, rates in streams.items():
+        cells = [_f(rates[str(k)], 1) if str(k) in rates else "—" for k in counts]
+        ratios = [_f(rates[f"x{k}"]) if f"x{k}" in rates else "—" for k in counts if k != 1]
+        rows.append((peer, *cells, *ratios))
+    headers = (
+        "engine",
+        *(f"{k} streams tok/s" for k in counts),
+        *(f"{k} ÷ 1" for k in counts if k != 1),
+    )
+    title = "Continuous batching in-process: aggregate decode tok/s while every stream decodes"
+    return Section(title, headers, rows)
+
+
 def failover_section(report: dict[str, Any]) -> Section:
     f = report["failover"]
     stage = f["stage"]
@@ -248,6 +265,7 @@ BUILDERS: list[tuple[Callable[[dict[str, Any]], bool], Callable[[dict[str, Any]]
     (lambda r: "splits" in r.get("inference", {}), splits_section),
     (lambda r: "inference" in r, concurrency_section),
     (lambda r: "summary" in r.get("peers", {}), peers_section),
+    (lambda r: bool(r.get("peers", {}).get("streams")), streams_section),
     (lambda r: "failover" in r, failover_section),
 ]
 

@@ -10,7 +10,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from shoal.bench.peers import PEERS
+from shoal.bench.peers import PEERS, SchedulerRunner
 
 TEXT = (
     "The history of the city is long and full of change. Merchants came by river and by road, "
@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, nargs="+", required=True)
     p.add_argument("--gen-tokens", type=int, nargs="+", required=True)
     p.add_argument("--runs", type=int, required=True)
+    p.add_argument("--streams", type=int, nargs="*", default=[], help="concurrent requests")
     args = p.parse_args()
     runner = PEERS[args.peer](args.gguf, args.threads)
     runner(prompt_ids(args.gguf, 8), 4)  # warm-up: first-call allocations and lazy inits
@@ -46,6 +47,11 @@ def main() -> None:
         for gen, run in itertools.product(args.gen_tokens, range(args.runs)):
             sample = runner(prompt, gen)
             out.append({"gen_tokens": gen, "run": run, **asdict(sample)})
+    if isinstance(runner, SchedulerRunner):  # continuous batching: k requests at once
+        prompt, gen = prompt_ids(args.gguf, args.prompt_tokens[0]), max(args.gen_tokens)
+        for k, run in itertools.product(args.streams, range(args.runs)):
+            rate = runner.streams(prompt, gen, k)
+            out.append({"streams": k, "run": run, "prompt_tokens": len(prompt), "tok_s": rate})
     json.dump(out, sys.stdout)
 
 

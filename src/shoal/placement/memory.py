@@ -1,13 +1,17 @@
 """The memory model: the bytes a pipeline stage of a model holds, and what a node offers.
 
-An engine dequantizes on load and holds every weight at `dtype_bytes` (the torch engine uses
-float32, 4 bytes, today), whatever the file's quantization. So a transformer layer costs its share
-of the file, scaled from the file's bits per weight to the engine's:
+The torch and numpy engines dequantize on load and hold a projection weight in the card's
+`quant` (`weight_bytes`: none = the engine's dtype, fp16 = 2, int8 = 34/32 for Q8_0 blocks,
+int4 = 20/32 for Q4_1 blocks; numpy has no fp16 and holds float32). llama.cpp and MLX keep the
+file's format, but are still planned at `dtype_bytes` (the safe side, as before formats). So a
+transformer layer costs its share of the file, scaled from the file's bits per weight to the
+engine's:
 
-    layer weights = (storage_bytes - embedding storage) / layers * 8 * dtype_bytes / bits_per_weight
-    embeddings    = vocab * hidden * dtype_bytes, held by the first stage
-    head          = the same again, held by the last stage (counted even when tied: the engine
-                    holds its own copy on each stage that needs it)
+    layer weights = (storage_bytes - embedding storage) / layers * 8 * weight_bytes / bits
+    embeddings    = vocab * hidden * dtype_bytes, held by the first stage (a lookup table)
+    head          = vocab * hidden * head bytes, held by the last stage (counted even when tied:
+                    the engine holds its own copy on each stage that needs it); under int4 the
+                    head is 8-bit on CPU and fp16 on CUDA, so it counts 2 bytes
     KV cache      = 2 * kv_heads * head_dim * dtype_bytes per layer per token, for `context`
                     tokens times `sequences` concurrent sequences
     headroom      = 10 % of the node's usable memory + 256 MiB, never planned into
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from shoal.errors import BadRequest
 from shoal.types.model_card import ModelCard
 from shoal.types.profile import NodeProfile
+from shoal.types.weights import Quant
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -33,6 +38,8 @@ HEADROOM_FIXED = 256 * MIB
 DEFAULT_DTYPE_BYTES = 4  # the torch engine's float32
 DEFAULT_CONTEXT = 4096  # tokens of KV cache planned when the caller names none
 GPU_ENGINES = frozenset({"torch", "mlx", "llamacpp"})  # engines that run on a node's GPUs
+FORMAT_ENGINES = frozenset({"torch", "numpy"})  # engines that hold weights in the card's quant
+_QUANT_BYTES: dict[Quant, float] = {"fp16": 2.0, "int8": 34 / 32, "int4": 20 / 32}
 
 # Bits per weight of each quantization label, block scales included (lower case, "-" → "_").
 _BITS: dict[str, float] = {
@@ -58,18 +65,30 @@ def bits_per_weight(quantization: str) -> float:
     return UNKNOWN_BITS
 
 
+def held_bytes(card: ModelCard, engine: str | None, dtype_bytes: int) -> tuple[float, float]:
+    """Bytes per weight an engine (None: torch) holds for projections and head."""
+    if engine is not None and engine not in FORMAT_ENGINES:
+        return float(dtype_bytes), float(dtype_bytes)
+    quant = card.quant
+    if engine == "numpy" and quant == "fp16":
+        quant = "none"  # numpy has no half-precision matmul
+    weight = _QUANT_BYTES.get(quant, float(dtype_bytes))
+    return weight, (2.0 if quant == "int4" else weight)
+
+
 @dataclass(frozen=True)
 class MemoryModel:
-    """Resident bytes of a model's parts at one engine dtype, for one planned context."""
+    """Resident bytes of a model's parts in one engine's formats, for one planned context."""
 
     n_layers: int
     layer_bytes: int  # weights of one transformer layer
     kv_layer_bytes: int  # KV cache of one layer for the whole context and all sequences
     embed_bytes: int
     head_bytes: int
-    dtype_bytes: int
+    dtype_bytes: int  # activations and KV cache
     context: int
     sequences: int
+    weight_bytes: float = 4.0  # bytes per projection weight as held
 
     @property
     def per_layer(self) -> int:
@@ -79,7 +98,7 @@ class MemoryModel:
     @property
     def params_per_layer(self) -> float:
         """Weights in one layer."""
-        return self.layer_bytes / self.dtype_bytes
+        return self.layer_bytes / self.weight_bytes
 
     def stage_bytes(self, start: int, end: int) -> int:
         """Bytes a stage holding layers [start, end) needs, with embeddings/head at the ends."""
@@ -107,23 +126,27 @@ def memory_model(
     context: int | None = None,
     sequences: int = 1,
     dtype_bytes: int = DEFAULT_DTYPE_BYTES,
+    engine: str | None = None,
 ) -> MemoryModel:
-    """The memory model of `card` held at `dtype_bytes`, with KV cache for context × sequences."""
+    """The memory model of `card` on `engine` (None: torch's), activations and KV cache at
+    `dtype_bytes`, with KV cache for context × sequences."""
     tokens = default_context(card) if context is None else context
     if tokens < 1 or sequences < 1 or dtype_bytes < 1:
         raise BadRequest("context, sequences and dtype_bytes must be at least 1", param="context")
     bits = bits_per_weight(card.quantization)
+    weight, head = held_bytes(card, engine, dtype_bytes)
     embed_params = card.vocab_size * card.hidden_size
     layer_storage = max(card.storage_bytes - embed_params * bits / 8, 0.0) / card.layers
     return MemoryModel(
         n_layers=card.layers,
-        layer_bytes=math.ceil(layer_storage * 8 * dtype_bytes / bits),
+        layer_bytes=math.ceil(layer_storage * 8 * weight / bits),
         kv_layer_bytes=2 * card.kv_heads * card.head_dim * dtype_bytes * tokens * sequences,
         embed_bytes=embed_params * dtype_bytes,
-        head_bytes=embed_params * dtype_bytes,
+        head_bytes=math.ceil(embed_params * head),
         dtype_bytes=dtype_bytes,
         context=tokens,
         sequences=sequences,
+        weight_bytes=weight,
     )
 
 

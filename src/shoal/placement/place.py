@@ -210,7 +210,9 @@ def place(
     hop_s: float = DEFAULT_HOP_S,
 ) -> Placement | NoFit:
     """Where to run `card` over the profiled nodes under `policy`, or why it cannot run."""
-    mem = memory_model(card, context=context, sequences=sequences, dtype_bytes=dtype_bytes)
+    mem = memory_model(
+        card, context=context, sequences=sequences, dtype_bytes=dtype_bytes, engine=engine
+    )
     nodes = survey(profiles, mem, engine=engine)
     if overrides is not None:
         result = _overridden(mem, nodes, overrides, links, hop_s)

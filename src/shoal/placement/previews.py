@@ -98,7 +98,9 @@ def previews(
     hop_s: float = DEFAULT_HOP_S,
 ) -> list[Preview]:
     """Every sensible placement of `card`: fitting ones fastest first, then the misfits."""
-    mem = memory_model(card, context=context, sequences=sequences, dtype_bytes=dtype_bytes)
+    mem = memory_model(
+        card, context=context, sequences=sequences, dtype_bytes=dtype_bytes, engine=engine
+    )
     nodes = survey(profiles, mem, engine=engine)
     found: dict[tuple[object, ...], Preview] = {}
 
