@@ -95,7 +95,7 @@ def test_an_input_width_that_is_not_whole_blocks_is_refused(lib: native.Library)
         native.BlockWeights.quantize(lib, np.zeros((4, 40), np.float32), "q8")
 
 
-# ---- the decode step ---------------------------------------------------------------------------
+# ---- a forward pass ------------------------------------------------------------------------------
 
 HIDDEN, HEADS, KV, HEAD_DIM, INTER, LAYERS = 64, 4, 2, 16, 96, 2
 
@@ -136,6 +136,7 @@ class Tiny:
             head_dim=HEAD_DIM,
             inter=INTER,
             eps=1e-5,
+            inv_freq=(0.3 ** np.arange(HEAD_DIM // 2)).astype(np.float32),
             layers=layers,
         )
         self.rng = rng
@@ -145,73 +146,95 @@ class Tiny:
         k = self.rng.standard_normal(shape).astype(np.float32)
         return k, self.rng.standard_normal(shape).astype(np.float32)
 
-    def step(self, h: np.ndarray, k: np.ndarray, v: np.ndarray, positions: list[int]) -> np.ndarray:
-        """h [B, hidden] after every layer; k, v [B, layers, KV, capacity, D], written in place."""
+    def hidden(self, rows: int) -> np.ndarray:
+        return self.rng.standard_normal((rows, HIDDEN)).astype(np.float32)
+
+    def forward(
+        self, h: np.ndarray, k: np.ndarray, v: np.ndarray, rows: list[tuple[int, int]]
+    ) -> np.ndarray:
+        """h [rows, hidden] after every layer, row r being (item, position); k, v [items,
+        layers, KV, capacity, D] are written in place."""
         out = np.array(h, np.float32, order="C")
-        angles = np.asarray(positions, np.float32)[:, None] * 0.3 ** np.arange(HEAD_DIM // 2)
-        cos = np.concatenate([np.cos(angles)] * 2, -1).astype(np.float32)  # [B, D]
-        sin = np.concatenate([-np.sin(angles), np.sin(angles)], -1).astype(np.float32)
-        self.decoder.step(
+        items = k.shape[0]
+        self.decoder.forward(
             out.ctypes.data,
-            len(positions),
-            cos.ctypes.data,
-            sin.ctypes.data,
-            np.array([k[b].ctypes.data for b in range(len(positions))], np.uint64),
-            np.array([v[b].ctypes.data for b in range(len(positions))], np.uint64),
-            np.full(len(positions), k.shape[3], np.int64),
-            np.asarray(positions, np.int64),
+            np.array([i for i, _ in rows], np.int64),
+            np.array([p for _, p in rows], np.int64),
+            np.array([k[i].ctypes.data for i in range(items)], np.uint64),
+            np.array([v[i].ctypes.data for i in range(items)], np.uint64),
+            np.full(items, k.shape[3], np.int64),
             2,
         )
         return out
 
 
 @pytest.mark.parametrize("variant", [{}, {"bias": True}, {"qk_norm": True}])
-def test_items_of_a_decode_batch_get_what_they_get_alone(
+def test_items_of_a_batch_get_what_they_get_alone(
     lib: native.Library, variant: dict[str, bool]
 ) -> None:
     tiny = Tiny(lib, **variant)
-    h = tiny.rng.standard_normal((3, HIDDEN)).astype(np.float32)
+    h = tiny.hidden(3)
     k, v = tiny.caches(3)
     positions = [0, 7, 20]  # each item attends over its own prefix length
     k_alone, v_alone = k.copy(), v.copy()
-    together = tiny.step(h, k, v, positions)
+    together = tiny.forward(h, k, v, list(enumerate(positions)))
     for b, pos in enumerate(positions):
-        alone = tiny.step(h[b : b + 1], k_alone[b : b + 1], v_alone[b : b + 1], [pos])
+        alone = tiny.forward(h[b : b + 1], k_alone[b : b + 1], v_alone[b : b + 1], [(0, pos)])
         np.testing.assert_array_equal(alone[0], together[b])
     np.testing.assert_array_equal(k, k_alone)  # the same keys and values were written
     np.testing.assert_array_equal(v, v_alone)
 
 
-def test_a_step_writes_its_position_and_leaves_the_rest_of_the_cache(
+def test_a_prompt_gives_the_bits_that_decoding_it_row_by_row_gives(lib: native.Library) -> None:
+    # What failover relies on: replaying a request's tokens as one prompt rebuilds exactly the
+    # cache and the hidden states it had, so greedy decoding continues with the same tokens.
+    tiny = Tiny(lib, qk_norm=True)
+    h = tiny.hidden(6)
+    k, v = tiny.caches(1)
+    k_steps, v_steps = k.copy(), v.copy()
+    prompt = tiny.forward(h, k, v, [(0, p) for p in range(6)])
+    steps = np.concatenate(
+        [tiny.forward(h[p : p + 1], k_steps, v_steps, [(0, p)]) for p in range(6)]
+    )
+    np.testing.assert_array_equal(prompt, steps)
+    np.testing.assert_array_equal(k[:, :, :, :6], k_steps[:, :, :, :6])
+    np.testing.assert_array_equal(v[:, :, :, :6], v_steps[:, :, :, :6])
+
+
+def test_a_pass_writes_its_positions_and_leaves_the_rest_of_the_cache(
     lib: native.Library,
 ) -> None:
     tiny = Tiny(lib)
-    k, v = tiny.caches(1)
+    k, v = tiny.caches(2)
     before_k, before_v = k.copy(), v.copy()
-    out = tiny.step(tiny.rng.standard_normal((1, HIDDEN)).astype(np.float32), k, v, [5])
+    out = tiny.forward(tiny.hidden(3), k, v, [(0, 5), (1, 2), (1, 3)])
     assert np.isfinite(out).all()
-    changed = (k != before_k).any(axis=(0, 1, 2, 4))  # [capacity]
-    assert changed.tolist() == [i == 5 for i in range(k.shape[3])]
-    assert ((v != before_v).any(axis=(0, 1, 2, 4)) == changed).all()
+    for item, written in ((0, {5}), (1, {2, 3})):
+        changed = (k[item] != before_k[item]).any(axis=(0, 1, 3))  # [capacity]
+        assert changed.tolist() == [i in written for i in range(k.shape[3])]
+        assert ((v[item] != before_v[item]).any(axis=(0, 1, 3)) == changed).all()
 
 
-def test_the_portable_decode_step_computes_what_the_simd_one_does() -> None:
+def test_the_portable_pass_computes_what_the_simd_one_does() -> None:
     simd, portable = native.library(), native.library(portable=True)
     assert simd is not None and portable is not None
     a, b = Tiny(simd, qk_norm=True), Tiny(portable, qk_norm=True)
-    h = np.random.default_rng(5).standard_normal((2, HIDDEN)).astype(np.float32)
+    h = a.hidden(2)
     ka, va = a.caches(2)
     kb, vb = ka.copy(), va.copy()
+    rows = [(0, 3), (1, 30)]
     np.testing.assert_allclose(
-        a.step(h, ka, va, [3, 30]), b.step(h, kb, vb, [3, 30]), rtol=1e-3, atol=1e-3
+        a.forward(h, ka, va, rows), b.forward(h, kb, vb, rows), rtol=1e-3, atol=1e-3
     )
 
 
-def test_a_position_past_the_cache_is_refused(lib: native.Library) -> None:
+def test_a_position_past_the_cache_or_an_unknown_item_is_refused(lib: native.Library) -> None:
     tiny = Tiny(lib)
     k, v = tiny.caches(1, capacity=4)
     with pytest.raises(ValueError, match="no room"):
-        tiny.step(np.zeros((1, HIDDEN), np.float32), k, v, [4])
+        tiny.forward(tiny.hidden(1), k, v, [(0, 4)])
+    with pytest.raises(ValueError, match="no cache"):
+        tiny.forward(tiny.hidden(1), k, v, [(1, 0)])
 
 
 # ---- building ----------------------------------------------------------------------------------

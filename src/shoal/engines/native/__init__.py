@@ -79,13 +79,20 @@ class Dims(ctypes.Structure):
         ("head_dim", c_int64),
         ("inter", c_int64),
         ("eps", ctypes.c_float),
+        ("inv_freq", c_void_p),
     ]
 
 
-class Caches(ctypes.Structure):
-    """blockq.c's shoal_caches."""
+class Rows(ctypes.Structure):
+    """blockq.c's shoal_rows."""
 
-    _fields_ = [("k", c_void_p), ("v", c_void_p), ("capacity", c_void_p), ("position", c_void_p)]
+    _fields_ = [
+        ("item", c_void_p),
+        ("position", c_void_p),
+        ("k", c_void_p),
+        ("v", c_void_p),
+        ("capacity", c_void_p),
+    ]
 
 
 _P = ctypes.POINTER
@@ -95,9 +102,10 @@ _SIGNATURES = {
     "shoal_quantize_q4": (None, [c_void_p, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int]),
     "shoal_dequantize": (None, [_P(Matrix), c_void_p, c_int]),
     "shoal_matmul": (c_int, [_P(Matrix), c_void_p, c_int64, c_void_p, c_int]),
-    "shoal_decode": (
-        c_int,
-        [_P(Dims), _P(Layer), c_int64, c_void_p, c_int64, c_void_p, c_void_p, _P(Caches), c_int],
+    "shoal_forward": (c_int, [_P(Dims), _P(Layer), c_int64, c_void_p, c_int64, _P(Rows), c_int]),
+    "shoal_rms_norm": (
+        None,
+        [c_void_p, c_int64, c_int64, c_void_p, ctypes.c_float, c_void_p, c_int],
     ),
 }
 
@@ -307,12 +315,14 @@ def _vector(array: np.ndarray | None, size: int) -> int | None:
 
 
 class Decoder:
-    """One decode step through a shard's layers in a single native call (blockq.c).
+    """A forward pass through a shard's layers in a single native call (blockq.c shoal_forward).
 
-    Per layer: RMSNorm, the fused q/k/v product, q/k norms and rotation, the new keys and values
-    written into each item's cache, attention over the cached prefix, the output product added
-    to the residual, RMSNorm, gate/up, SiLU(gate) * up, the down product added to the residual.
-    Every step of it is per row, so an item's result does not depend on the batch.
+    Per layer: RMSNorm, the fused q/k/v product, q/k norms and rotation, every row's keys and
+    values written into its item's cache, causal attention over the item's cached positions, the
+    output product added to the residual, RMSNorm, gate/up, SiLU(gate) * up, the down product
+    added to the residual. Every step is per row and in a fixed order, so a row's result does not
+    depend on the rest of the batch, nor on whether it came in a prompt or alone: replaying a
+    request's tokens as one prompt (failover) rebuilds exactly the cache and logits it had.
     """
 
     MAX_HEAD_DIM = 512
@@ -327,10 +337,11 @@ class Decoder:
         head_dim: int,
         inter: int,
         eps: float,
+        inv_freq: np.ndarray,
         layers: list[DecoderLayer],
     ) -> None:
         if head_dim > self.MAX_HEAD_DIM or head_dim % 2 or heads % kv_heads:
-            raise ValueError(f"no native decode for {heads}/{kv_heads} heads of {head_dim}")
+            raise ValueError(f"no native forward for {heads}/{kv_heads} heads of {head_dim}")
         width = (heads + 2 * kv_heads) * head_dim
         expected = {
             "qkv": (width, hidden),
@@ -358,46 +369,52 @@ class Decoder:
                 )
             )
         self.lib = lib
-        self.hidden, self.head_dim = hidden, head_dim
-        self.dims = Dims(hidden, heads, kv_heads, head_dim, inter, eps)
+        self.hidden, self.head_dim, self.eps = hidden, head_dim, eps
+        self.inv_freq = np.ascontiguousarray(inv_freq, dtype=np.float32)
+        freq = _vector(self.inv_freq, head_dim // 2)
+        self.dims = Dims(hidden, heads, kv_heads, head_dim, inter, eps, freq)
         self._layers = (Layer * len(structs))(*structs)
         self._count = len(structs)
         self._keep = layers  # the arrays the structs point into
 
-    def step(
+    def forward(
         self,
         h: int,
-        batch: int,
-        cos: int,
-        sin: int,
+        item: np.ndarray,
+        position: np.ndarray,
         k: np.ndarray,
         v: np.ndarray,
         capacity: np.ndarray,
-        position: np.ndarray,
         threads: int | None = None,
     ) -> None:
-        """Advance h [batch, hidden] (float32 at address h) through every layer, in place.
+        """Advance h [rows, hidden] (float32 at address h) through every layer, in place.
 
-        cos, sin: addresses of float32 [batch, head_dim], each item's rotation (sin signed: -sin
-        on the first half). k, v: uint64 [batch] addresses of each item's float32 cache
-        [layers, kv_heads, capacity, head_dim]; the step writes position `position[b]` of item b.
+        Row r is position position[r] of item item[r] (int64 [rows]). k, v: uint64 [items],
+        addresses of each item's float32 cache [layers, kv_heads, capacity, head_dim]; capacity:
+        int64 [items]. Every row's keys and values are written at its position.
         """
+        rows, items = len(item), len(k)
+        _address(item, np.int64, (rows,))
+        _address(position, np.int64, (rows,))
         for array, dtype in ((k, np.uint64), (v, np.uint64), (capacity, np.int64)):
-            _address(array, dtype, (batch,))
-        _address(position, np.int64, (batch,))
-        if np.any(position >= capacity):
+            _address(array, dtype, (items,))
+        if rows and (item.min() < 0 or item.max() >= items):
+            raise ValueError("a row names an item that has no cache")
+        if rows and np.any((position < 0) | (position >= capacity[item])):
             raise ValueError("a cache has no room for the position it is to write")
-        caches = Caches(k.ctypes.data, v.ctypes.data, capacity.ctypes.data, position.ctypes.data)
-        status = self.lib.lib.shoal_decode(
-            ctypes.byref(self.dims),
-            self._layers,
-            self._count,
-            h,
-            batch,
-            cos,
-            sin,
-            ctypes.byref(caches),
+        frame = Rows(item.ctypes.data, position.ctypes.data, k.ctypes.data, v.ctypes.data,
+                     capacity.ctypes.data)  # fmt: skip
+        status = self.lib.lib.shoal_forward(
+            ctypes.byref(self.dims), self._layers, self._count, h, rows, ctypes.byref(frame),
             _threads(threads),
-        )
+        )  # fmt: skip
         if status:
-            raise MemoryError(f"no memory for a native decode step of {batch} rows")
+            raise MemoryError(f"no memory for a native pass of {rows} rows")
+
+    def rms_norm(
+        self, x: int, rows: int, weight: np.ndarray, out: int, threads: int | None
+    ) -> None:
+        """out [rows, hidden] = RMSNorm(x) with weight [hidden], at raw float32 addresses: the
+        final norm, by the same code as the layers' so a row is the same in any batch."""
+        w = _vector(weight, self.hidden)
+        self.lib.lib.shoal_rms_norm(x, rows, self.hidden, w, self.eps, out, _threads(threads))

@@ -194,7 +194,7 @@ static void quantize_rows(const float *x, int64_t rows, int64_t k, int8_t *qx, f
     }
 }
 
-/* ---- one weight row against up to 4 activation rows -------------------------------------- */
+/* ---- products: a q8 row or a group of 8 q4 rows against up to TILE activation rows ------- */
 
 #define TILE 8
 
@@ -453,7 +453,7 @@ int shoal_matmul(const shoal_matrix *m, const float *x, int64_t rows, float *y, 
     return status;
 }
 
-/* ---- one decode step of a Llama-family shard ---------------------------------------------- */
+/* ---- a forward pass of a Llama-family shard -------------------------------------------- */
 
 typedef struct {
     shoal_matrix qkv, o, gate_up, down; /* q, k, v fused; gate and up fused */
@@ -465,15 +465,18 @@ typedef struct {
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter;
     float eps;
+    const float *inv_freq; /* [head_dim / 2]: the rotary frequencies, rope scaling applied */
 } shoal_dims;
 
-/* Where the step writes and reads each item's keys and values: item b's cache is
- * [layers, kv_heads, capacity[b], head_dim] float32 at k[b] and v[b]; it holds position[b]
- * positions, and the step writes position position[b]. */
+/* The rows of a pass and the caches they belong to. Row r is position position[r] of item
+ * item[r]; item i's cache is [layers, kv_heads, capacity[i], head_dim] float32 at k[i] and v[i].
+ * A pass writes every row's keys and values at its position, then each row attends to its
+ * item's positions 0 .. position[r]. */
 typedef struct {
+    const int64_t *item, *position;
     float *const *k, *const *v;
-    const int64_t *capacity, *position;
-} shoal_caches;
+    const int64_t *capacity;
+} shoal_rows;
 
 static void rms_norm_row(const float *x, const float *weight, int64_t dim, float eps, float *out) {
     float sum = 0.0f;
@@ -481,6 +484,12 @@ static void rms_norm_row(const float *x, const float *weight, int64_t dim, float
     for (int64_t j = 0; j < dim; j++) sum += x[j] * x[j];
     float inv = 1.0f / sqrtf(sum / (float)dim + eps);
     for (int64_t j = 0; j < dim; j++) out[j] = x[j] * inv * weight[j];
+}
+
+void shoal_rms_norm(const float *x, int64_t rows, int64_t dim, const float *weight, float eps,
+                    float *out, int threads) {
+#pragma omp parallel for num_threads(threads) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++) rms_norm_row(x + r * dim, weight, dim, eps, out + r * dim);
 }
 
 /* x [head_dim] rotated in place by the halves layout: x cos + roll(x, D/2) sin (sin signed) */
@@ -557,27 +566,25 @@ static void head_values(const float *p, const float *values, int64_t n, int64_t 
     }
 }
 
-/* qkv [batch, (H + 2 KV) D] → attention output [batch, H D]: norms and rotation of q and k,
- * k and v written to the caches, then each query head against its group's keys. */
+/* qkv [rows, (H + 2 KV) D] → attention output [rows, H D]: norms and rotation of q and k, keys
+ * and values written to the caches, then each query head against its group's keys. */
 static int attend(const shoal_dims *dm, const shoal_layer *l, int64_t layer, float *qkv,
-                  int64_t batch, const float *cos, const float *sin, const shoal_caches *c,
+                  int64_t rows, const float *cos, const float *sin, const shoal_rows *c,
                   float *out, int threads) {
     int64_t H = dm->heads, KV = dm->kv_heads, D = dm->head_dim, width = (H + 2 * KV) * D;
     int64_t longest = 0;
-    for (int64_t b = 0; b < batch; b++)
-        if (c->position[b] + 1 > longest) longest = c->position[b] + 1;
+    for (int64_t r = 0; r < rows; r++)
+        if (c->position[r] + 1 > longest) longest = c->position[r] + 1;
     int status = 0;
-    /* q and k: norm and rotate in place; k and v to the cache */
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < batch * (H + KV); i++) {
-        int64_t b = i / (H + KV), head = i % (H + KV);
-        float *x = qkv + b * width + head * D, tmp[512];
-        if (D > 512) continue; /* refused by the caller */
+    for (int64_t i = 0; i < rows * (H + KV); i++) {
+        int64_t r = i / (H + KV), head = i % (H + KV), b = c->item[r];
+        float *x = qkv + r * width + head * D, tmp[512];
         const float *nw = head < H ? l->q_norm : l->k_norm;
         if (nw) rms_norm_row(x, nw, D, dm->eps, x);
-        rotate(x, cos + b * D, sin + b * D, D, tmp);
+        rotate(x, cos + r * D, sin + r * D, D, tmp);
         if (head >= H) {
-            int64_t g = head - H, at = ((layer * KV + g) * c->capacity[b] + c->position[b]) * D;
+            int64_t g = head - H, at = ((layer * KV + g) * c->capacity[b] + c->position[r]) * D;
             memcpy(c->k[b] + at, x, (size_t)D * sizeof(float));
             memcpy(c->v[b] + at, x + KV * D, (size_t)D * sizeof(float));
         }
@@ -591,10 +598,11 @@ static int attend(const shoal_dims *dm, const shoal_layer *l, int64_t layer, flo
             status = -1;
         }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < batch * H; i++) {
+        for (int64_t i = 0; i < rows * H; i++) {
             if (!scores) continue;
-            int64_t b = i / H, head = i % H, g = head / (H / KV), n = c->position[b] + 1;
-            const float *q = qkv + b * width + head * D;
+            int64_t r = i / H, head = i % H, b = c->item[r], g = head / (H / KV);
+            int64_t n = c->position[r] + 1;
+            const float *q = qkv + r * width + head * D;
             const float *keys = c->k[b] + (layer * KV + g) * c->capacity[b] * D;
             const float *values = c->v[b] + (layer * KV + g) * c->capacity[b] * D;
             float top = -INFINITY, total = 0.0f;
@@ -604,7 +612,7 @@ static int attend(const shoal_dims *dm, const shoal_layer *l, int64_t layer, flo
             exp_in_place(scores, n);
             for (int64_t s = 0; s < n; s++) total += scores[s];
             for (int64_t s = 0; s < n; s++) scores[s] /= total;
-            head_values(scores, values, n, D, out + b * H * D + head * D);
+            head_values(scores, values, n, D, out + r * H * D + head * D);
         }
         free(scores);
     }
@@ -624,49 +632,56 @@ static void silu_gate(const float *gate_up, int64_t rows, int64_t inter, float *
     }
 }
 
-/* h [batch, hidden], the residual stream of one position per item, through `count` layers
- * (local indexes first .. first + count - 1 of the caches). cos and sin [batch, head_dim] are
- * each item's rotation at its position. Returns 0, or -1 when out of memory or head_dim > 512. */
-int shoal_decode(const shoal_dims *dm, const shoal_layer *layers, int64_t count, float *h,
-                 int64_t batch, const float *cos, const float *sin, const shoal_caches *caches,
-                 int threads) {
+/* h [rows, hidden], the residual stream, through `count` layers (local indexes 0 .. count - 1
+ * of the caches), in place. Every step is per row, in the same order whatever the other rows, so
+ * a row's result is the same in any batch: a prompt's rows give exactly what decoding them one
+ * by one gives. Returns 0, or -1 when out of memory or head_dim is odd or over 512. */
+int shoal_forward(const shoal_dims *dm, const shoal_layer *layers, int64_t count, float *h,
+                  int64_t rows, const shoal_rows *c, int threads) {
     int64_t hidden = dm->hidden, H = dm->heads, KV = dm->kv_heads, D = dm->head_dim;
     int64_t inter = dm->inter, width = (H + 2 * KV) * D;
     if (D > 512 || D % 2) return -1;
     int64_t widest = hidden > H * D ? hidden : H * D;
     if (inter > widest) widest = inter;
     Activations a;
-    float *normed = malloc((size_t)(batch * widest) * sizeof(float));
-    float *qkv = malloc((size_t)(batch * width) * sizeof(float));
-    float *gate_up = malloc((size_t)(batch * 2 * inter) * sizeof(float));
-    int status = activations_alloc(&a, batch, widest);
-    if (!normed || !qkv || !gate_up) status = -1;
+    float *normed = malloc((size_t)(rows * widest) * sizeof(float));
+    float *qkv = malloc((size_t)(rows * width) * sizeof(float));
+    float *gate_up = malloc((size_t)(rows * 2 * inter) * sizeof(float));
+    float *cos = malloc((size_t)(rows * D) * sizeof(float));
+    float *sin = malloc((size_t)(rows * D) * sizeof(float));
+    int status = activations_alloc(&a, rows, widest);
+    if (!normed || !qkv || !gate_up || !cos || !sin) status = -1;
+    for (int64_t r = 0; r < rows && status == 0; r++) /* halves layout; sin signed: rotate() */
+        for (int64_t j = 0; j < D / 2; j++) {
+            float angle = (float)c->position[r] * dm->inv_freq[j];
+            cos[r * D + j] = cos[r * D + j + D / 2] = cosf(angle);
+            sin[r * D + j] = -sinf(angle);
+            sin[r * D + j + D / 2] = sinf(angle);
+        }
     for (int64_t li = 0; li < count && status == 0; li++) {
         const shoal_layer *l = layers + li;
-#pragma omp parallel for num_threads(threads) if (batch > 1)
-        for (int64_t b = 0; b < batch; b++)
-            rms_norm_row(h + b * hidden, l->attn_norm, hidden, dm->eps, normed + b * hidden);
-        quantize_rows(normed, batch, hidden, a.q, a.d, a.s, threads);
-        product(&l->qkv, &a, batch, qkv, 0, threads);
+        shoal_rms_norm(h, rows, hidden, l->attn_norm, dm->eps, normed, threads);
+        quantize_rows(normed, rows, hidden, a.q, a.d, a.s, threads);
+        product(&l->qkv, &a, rows, qkv, 0, threads);
         if (l->qkv_bias)
-            for (int64_t b = 0; b < batch; b++)
-                for (int64_t j = 0; j < width; j++) qkv[b * width + j] += l->qkv_bias[j];
-        status = attend(dm, l, li, qkv, batch, cos, sin, caches, normed, threads);
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t j = 0; j < width; j++) qkv[r * width + j] += l->qkv_bias[j];
+        status = attend(dm, l, li, qkv, rows, cos, sin, c, normed, threads);
         if (status) break;
-        quantize_rows(normed, batch, H * D, a.q, a.d, a.s, threads);
-        product(&l->o, &a, batch, h, 1, threads);
-#pragma omp parallel for num_threads(threads) if (batch > 1)
-        for (int64_t b = 0; b < batch; b++)
-            rms_norm_row(h + b * hidden, l->mlp_norm, hidden, dm->eps, normed + b * hidden);
-        quantize_rows(normed, batch, hidden, a.q, a.d, a.s, threads);
-        product(&l->gate_up, &a, batch, gate_up, 0, threads);
-        silu_gate(gate_up, batch, inter, normed, threads);
-        quantize_rows(normed, batch, inter, a.q, a.d, a.s, threads);
-        product(&l->down, &a, batch, h, 1, threads);
+        quantize_rows(normed, rows, H * D, a.q, a.d, a.s, threads);
+        product(&l->o, &a, rows, h, 1, threads);
+        shoal_rms_norm(h, rows, hidden, l->mlp_norm, dm->eps, normed, threads);
+        quantize_rows(normed, rows, hidden, a.q, a.d, a.s, threads);
+        product(&l->gate_up, &a, rows, gate_up, 0, threads);
+        silu_gate(gate_up, rows, inter, normed, threads);
+        quantize_rows(normed, rows, inter, a.q, a.d, a.s, threads);
+        product(&l->down, &a, rows, h, 1, threads);
     }
     activations_free(&a);
     free(normed);
     free(qkv);
     free(gate_up);
+    free(cos);
+    free(sin);
     return status;
 }

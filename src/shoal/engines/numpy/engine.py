@@ -64,18 +64,10 @@ class NumpyEngine:
         log.info("loaded %s on numpy (weights %s)", shard, held)
 
     def forward(self, batch: Sequence[StepInput], *, all_logits: bool = False) -> list[np.ndarray]:
-        """Run every item after its cached prefix, all their rows in one pass.
-
-        With a native decoder, items of one position (decode) run in a pass of their own, so an
-        item takes the same path alone as in any batch: int8 activations round discretely, and
-        two paths that differ in float rounding can round a value apart.
-        """
-        model, _ = self._loaded()
+        """Run every item after its cached prefix, all their rows in one pass."""
         self._check(batch)
         with self._one_blas_thread():
-            if model.decoder is None:
-                return self._pass(batch, all_logits)
-            return self._grouped(batch, all_logits)
+            return self._pass(batch, all_logits)
 
     @contextlib.contextmanager
     def _one_blas_thread(self) -> Iterator[None]:
@@ -84,18 +76,6 @@ class NumpyEngine:
             return
         with self._blas.limit(limits=1):
             yield
-
-    def _grouped(self, batch: Sequence[StepInput], all_logits: bool) -> list[np.ndarray]:
-        """Single-position items in one pass (the native decoder), the rest in another."""
-        outputs: list[np.ndarray] = [np.empty(0)] * len(batch)
-        single = [i for i, item in enumerate(batch) if item.length == 1]
-        longer = [i for i, item in enumerate(batch) if item.length != 1]
-        for group in (single, longer):
-            if group:
-                out = self._pass([batch[i] for i in group], all_logits)
-                for i, row in zip(group, out, strict=True):
-                    outputs[i] = row
-        return outputs
 
     def _pass(self, batch: Sequence[StepInput], all_logits: bool) -> list[np.ndarray]:
         """One pass over checked items: their rows concatenated."""

@@ -8,7 +8,7 @@ concatenated ([N] ids or [N, hidden]); only attention, which needs each item's o
 per item.
 
 With quant int8 or int4 the projections are block-quantized (shoal.engines.native: GGUF's Q8_0
-and Q4_1 layouts, a kernel compiled for this CPU), the head in int8, and a decode step of every
+and Q4_1 layouts, a kernel compiled for this CPU), the head in int8, and a pass through every
 layer is one native call. Without a C compiler they stay float32.
 """
 
@@ -371,6 +371,7 @@ class Model:
             head_dim=a.head_dim,
             inter=a.intermediate_size,
             eps=a.rms_norm_eps,
+            inv_freq=self.inv_freq,
             layers=layers,
         )
 
@@ -383,31 +384,49 @@ class Model:
         Writes each item's keys and values into its cache; the caller commits them.
         """
         h = self.embed_tokens[x] if self.embed_tokens is not None else x  # [N, hidden]
+        if self.decoder is not None:
+            return self._forward_native(self.decoder, h, positions, ctx, all_logits)
         angles = positions.astype(F32)[:, None] * self.inv_freq  # [N, D/2]
         cos, sin = np.cos(angles), np.sin(angles)  # [N, D/2]
-        if self.decoder is not None and len(ctx.caches) == h.shape[0]:  # one row per item
-            h = np.array(h, dtype=F32, order="C")  # advanced in place
-            full_cos = np.concatenate((cos, cos), axis=-1)  # [N, D]; held while the call runs
-            signed_sin = np.concatenate((-sin, sin), axis=-1)  # [N, D]: x cos + roll(x) sin
-            self.decoder.step(
-                h.ctypes.data,
-                h.shape[0],
-                full_cos.ctypes.data,
-                signed_sin.ctypes.data,
-                np.array([c.k.ctypes.data for c in ctx.caches], np.uint64),
-                np.array([c.v.ctypes.data for c in ctx.caches], np.uint64),
-                np.array([c.capacity for c in ctx.caches], np.int64),
-                np.array([c.length for c in ctx.caches], np.int64),
-                self.threads,
-            )
-        else:
-            for layer, block in enumerate(self.layers.values()):
-                h = block(h, cos, sin, ctx, layer)  # [N, hidden]
+        for layer, block in enumerate(self.layers.values()):
+            h = block(h, cos, sin, ctx, layer)  # [N, hidden]
         if self.norm is None or self.lm_head is None:
             return h
         if not all_logits:
             h = h[[rows.stop - 1 for rows in ctx.rows]]  # [items, hidden]
         return self.lm_head(self.norm(h))  # [N or items, vocab]
+
+    def _forward_native(
+        self,
+        decoder: native.Decoder,
+        h: np.ndarray,
+        positions: np.ndarray,
+        ctx: Context,
+        all_logits: bool,
+    ) -> np.ndarray:
+        """Every row through every layer in one native call, then the final norm and head."""
+        h = np.array(h, dtype=F32, order="C")  # advanced in place
+        item = np.concatenate(
+            [np.full(r.stop - r.start, i, np.int64) for i, r in enumerate(ctx.rows)]
+        )  # [N]
+        decoder.forward(
+            h.ctypes.data,
+            item,
+            positions.astype(np.int64),
+            np.array([c.k.ctypes.data for c in ctx.caches], np.uint64),
+            np.array([c.v.ctypes.data for c in ctx.caches], np.uint64),
+            np.array([c.capacity for c in ctx.caches], np.int64),
+            self.threads,
+        )
+        if self.norm is None or self.lm_head is None:
+            return h
+        if not all_logits:
+            h = np.ascontiguousarray(h[[rows.stop - 1 for rows in ctx.rows]])  # [items, hidden]
+        normed = np.empty_like(h)
+        decoder.rms_norm(
+            h.ctypes.data, h.shape[0], self.norm.weight, normed.ctypes.data, self.threads
+        )
+        return self.lm_head(normed)  # [N or items, vocab]
 
 
 ARCHITECTURES: dict[str, type[Model]] = {

@@ -248,14 +248,13 @@ class Model(nn.Module):
         # Writes each item's keys and values into ctx.caches[i]; the caller commits them.
         inner = self.model
         h = inner.embed_tokens(x) if inner.embed_tokens is not None else x  # [B, T, hidden]
+        if self.decoder is not None and _native_caches(ctx.caches):
+            return self._forward_native(self.decoder, h, positions, ctx.caches, all_logits)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         cos = torch.cat((freqs, freqs), dim=-1).cos()[:, None].to(h.dtype)  # [B, 1, T, D]
         sin = torch.cat((-freqs, freqs), dim=-1).sin()[:, None].to(h.dtype)  # signed: rotate()
-        if self.decoder is not None and h.shape[1] == 1 and _native_caches(ctx.caches):
-            h = self._decode_native(self.decoder, h, cos, sin, ctx.caches)
-        else:
-            for layer, block in enumerate(inner.layers.values()):
-                h = block(h, cos, sin, ctx, layer)  # [B, T, hidden]
+        for layer, block in enumerate(inner.layers.values()):
+            h = block(h, cos, sin, ctx, layer)  # [B, T, hidden]
         if inner.norm is None or self.head is None:
             return h
         if not all_logits:
@@ -298,32 +297,43 @@ class Model(nn.Module):
             head_dim=a.head_dim,
             inter=a.intermediate_size,
             eps=a.rms_norm_eps,
+            inv_freq=self.inv_freq.numpy(),
             layers=layers,
         )
 
-    def _decode_native(
+    def _forward_native(
         self,
         decoder: native.Decoder,
         h: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        positions: Tensor,
         caches: Sequence[KVCache],
+        all_logits: bool,
     ) -> Tensor:
-        """h [B, 1, hidden] through every layer in one call; keys and values go to the caches."""
-        h = h.float().contiguous().clone()  # written in place
-        cos, sin = cos.float().contiguous(), sin.float().contiguous()  # [B, 1, 1, D]
-        decoder.step(
-            h.data_ptr(),
-            h.shape[0],
-            cos.data_ptr(),
-            sin.data_ptr(),
+        """h [B, T, hidden] through every layer in one call, then the final norm and the head."""
+        b, t, hidden = h.shape
+        rows = h.float().reshape(b * t, hidden).contiguous().clone()  # advanced in place
+        threads = torch.get_num_threads()
+        decoder.forward(
+            rows.data_ptr(),
+            np.repeat(np.arange(b, dtype=np.int64), t),
+            positions.cpu().numpy().astype(np.int64).reshape(-1),
             np.array([c.k.data_ptr() for c in caches], np.uint64),
             np.array([c.v.data_ptr() for c in caches], np.uint64),
             np.array([c.capacity for c in caches], np.int64),
-            np.array([c.length for c in caches], np.int64),
-            torch.get_num_threads(),
+            threads,
         )
-        return h
+        out = rows.view(b, t, hidden)
+        norm = self.model.norm
+        if norm is None or self.head is None:
+            return out
+        if not all_logits:
+            out = out[:, -1:].contiguous()  # [B, 1, hidden]
+        normed = torch.empty_like(out)
+        weight = _array(norm.weight)
+        decoder.rms_norm(
+            out.data_ptr(), out.shape[0] * out.shape[1], weight, normed.data_ptr(), threads
+        )
+        return self.head(normed)  # [B, T or 1, vocab]
 
     def pack_head(self, quant: Quant, device: torch.device, dtype: torch.dtype) -> None:
         """Put the output head in the weight format (a tied head gets its own copy)."""
