@@ -2,11 +2,11 @@
 
 Tolerances are on |logit difference| to fp32 over every prompt position (SmolLM2's logits span
 about 29): its largest and its mean. fp16 rounds each weight at 2^-11 (measured max 0.04). int4
-and int8 run shoal's block kernels, which quantize activations to int8 per block of 32 as
-llama.cpp does, so they are held to about llama.cpp's own distance from fp32 on the same GGUF,
-measured at max 2.59, mean 0.22, fp32's top token at all 42 positions. int4 (which holds the
-file's Q4_1 layers exactly) measured max 2.67, mean 0.24, the top token at 41 of 42; int8
-(re-quantized from Q4_1) max 2.36, mean 0.39, 40 of 42.
+and int8 run shoal's block kernels, whose activations are two int8 digits per block of 32 (about
+15 bits). int4 holds the file's Q4_1 layers exactly and measured max 0.03, mean 0.003, where
+llama.cpp on the same GGUF (one int8 digit) is at max 2.59, mean 0.22. int8 re-quantizes the
+Q4_1 weights to Q8_0 blocks, a second rounding: max 1.37, mean 0.20, fp32's top token at 41 of
+42 positions.
 """
 
 import asyncio
@@ -28,9 +28,9 @@ from tests.helpers.smollm2 import SMOLLM
 pytestmark = pytest.mark.slow
 LAYERS = 30
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-TOLERANCE = {"fp16": 0.1, "int8": 3.0, "int4": 3.0}  # max |Δ logit| against fp32
-MEAN = {"fp16": 0.01, "int8": 0.5, "int4": 0.3}  # mean |Δ logit| against fp32
-TOP1 = {"fp16": 1.0, "int8": 0.9, "int4": 0.95}  # share of positions with fp32's top token
+TOLERANCE = {"fp16": 0.1, "int8": 2.0, "int4": 0.1}  # max |Δ logit| against fp32
+MEAN = {"fp16": 0.01, "int8": 0.3, "int4": 0.01}  # mean |Δ logit| against fp32
+TOP1 = {"fp16": 1.0, "int8": 0.9, "int4": 1.0}  # share of positions with fp32's top token
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,10 @@
 
 `BlockWeights` holds a [n, k] matrix in blocks of 32 along k, GGUF's own layouts: "q8" (int8
 and an fp16 scale per block, Q8_0) and "q4" (4-bit, an fp16 scale and minimum per block, Q4_1).
-A Q8_0 or Q4_1 checkpoint is held exactly. The product quantizes each activation row to int8 per
-block, as llama.cpp does, so a row's result does not depend on the rest of the batch.
+A Q8_0 or Q4_1 checkpoint is held exactly. The product writes each activation as two int8 digits
+per block of 32 (15 bits; llama.cpp uses one, 8 bits) and sums integer products, so a row's
+result does not depend on the rest of the batch. `Decoder` runs a whole pass through a shard's
+layers in one call.
 
 The kernels are blockq.c, compiled on first use with the system's C compiler for this CPU
 (-march=native: AVX2 where it exists) and cached under $XDG_CACHE_HOME/shoal/kernels. Where no

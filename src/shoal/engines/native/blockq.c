@@ -10,10 +10,10 @@
  * value 4c + e of row 8g + l in its low nibble and value 16 + 4c + e in its high one, then
  * 8 fp16 scales and 8 fp16 minimums, one per lane, in their own arrays [groups, k / 32, 8].
  *
- * y = x @ W^T quantizes each row of x to int8 per block of 32 (one fp32 scale per block, so a
- * row's result never depends on the other rows) and sums integer products, as llama.cpp does;
- * with AVX2, maddubs multiplies 32 pairs at once. Without AVX2 the same arithmetic runs in plain
- * C. Dequantizing to float32 is here too, for prefill (a float GEMM wins at many rows).
+ * y = x @ W^T writes each row of x as two int8 digits per block of 32 (one fp32 scale per block,
+ * so a row's result never depends on the other rows; see quantize_rows) and sums integer
+ * products; with AVX2, maddubs multiplies 32 pairs at once. Without AVX2 the same arithmetic runs
+ * in plain C. shoal_forward runs a Llama-family shard's layers over a batch of rows in one call.
  *
  * Compiled at first use for the machine it runs on (shoal/engines/native/__init__.py); threads
  * come from OpenMP, the runtime torch uses, so both share one pool.
@@ -172,25 +172,33 @@ void shoal_quantize_q4(const float *w, int64_t n, int64_t k, uint8_t *q, uint16_
     }
 }
 
-/* ---- activations: int8 per block of 32, a scale and the block's sum ----------------------- */
+/* ---- activations: two int8 digits per value, a scale and the exact sum per block of 32 ---- */
 
-static void quantize_rows(const float *x, int64_t rows, int64_t k, int8_t *qx, float *dx,
-                          float *sx, int threads) {
+/* x = d * (254 q1 + q2): q1 = round(x / (254 d)) in [-127, 127] with d = amax / (127 * 254), and
+ * q2 in [-127, 127] the rounded remainder. So a product costs two integer dot products and is
+ * as precise as 15-bit activations: one int8 digit alone (llama.cpp's Q8 activations) turned
+ * SmolLM2's answer to "What is the capital of France?" from Paris to "L'Étoile, ...". */
+static void quantize_rows(const float *x, int64_t rows, int64_t k, int8_t *q1, int8_t *q2,
+                          float *dx, float *sx, int threads) {
     int64_t nb = k / QK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 1)
     for (int64_t i = 0; i < rows * nb; i++) {
         const float *v = x + i * QK;
-        float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = max_of(amax, fabsf(v[j]));
-        float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
+        float amax = 0.0f, sum = 0.0f;
         for (int j = 0; j < QK; j++) {
-            int r = (int)nearbyintf(v[j] * inv);
-            qx[i * QK + j] = (int8_t)r;
-            sum += r;
+            amax = max_of(amax, fabsf(v[j]));
+            sum += v[j];
         }
-        dx[i] = scale;
-        sx[i] = scale * (float)sum;
+        float coarse = amax / 127.0f, fine = coarse / 254.0f;
+        float inv_coarse = amax > 0.0f ? 127.0f / amax : 0.0f, inv_fine = 254.0f * inv_coarse;
+        for (int j = 0; j < QK; j++) {
+            float high = nearbyintf(v[j] * inv_coarse);
+            float low = nearbyintf((v[j] - high * coarse) * inv_fine);
+            q1[i * QK + j] = (int8_t)high;
+            q2[i * QK + j] = (int8_t)(low > 127.0f ? 127.0f : low < -127.0f ? -127.0f : low);
+        }
+        dx[i] = fine;
+        sx[i] = sum;
     }
 }
 
@@ -217,14 +225,15 @@ static inline __m256 dot_u8_s8(__m256i a, __m256i b) {
  * blocks at once (one fp16 conversion of 8 scales, one multiply), then broadcast from memory. */
 
 static inline __attribute__((always_inline)) void row_q8(const int8_t *w, const uint16_t *wd,
-                                                         int64_t nb, const int8_t *qx,
-                                                         const float *dx, const int rows,
-                                                         float *out) {
+                                                         int64_t nb, const int8_t *q1,
+                                                         const int8_t *q2, const float *dx,
+                                                         const int rows, float *out) {
     int64_t k = nb * QK;
 #ifdef SHOAL_AVX2
     /* two accumulators a row, for even and odd blocks: one alone waits on the FMA's latency */
     __m256 acc[2][TILE];
     float scale[TILE][8];
+    const __m256 radix = _mm256_set1_ps(254.0f);
     for (int r = 0; r < rows; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
         int count = nb - b0 < 8 ? (int)(nb - b0) : 8;
@@ -243,8 +252,10 @@ static inline __attribute__((always_inline)) void row_q8(const int8_t *w, const 
             __m256i wabs = _mm256_sign_epi8(wv, wv); /* |w| for maddubs; x takes w's sign */
             __m256 *a = acc[j & 1];
             for (int r = 0; r < rows; r++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + r * k + b * QK));
-                __m256 p = dot_u8_s8(wabs, _mm256_sign_epi8(xv, wv));
+                __m256i x1 = _mm256_loadu_si256((const __m256i *)(q1 + r * k + b * QK));
+                __m256i x2 = _mm256_loadu_si256((const __m256i *)(q2 + r * k + b * QK));
+                __m256 p = _mm256_fmadd_ps(dot_u8_s8(wabs, _mm256_sign_epi8(x1, wv)), radix,
+                                           dot_u8_s8(wabs, _mm256_sign_epi8(x2, wv)));
                 a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[r][j]), p, a[r]);
             }
         }
@@ -254,9 +265,12 @@ static inline __attribute__((always_inline)) void row_q8(const int8_t *w, const 
     for (int r = 0; r < rows; r++) {
         float acc = 0.0f;
         for (int64_t b = 0; b < nb; b++) {
-            int sum = 0;
-            for (int j = 0; j < QK; j++) sum += (int)w[b * QK + j] * (int)qx[r * k + b * QK + j];
-            acc += half_to_float(wd[b]) * dx[r * nb + b] * (float)sum;
+            int high = 0, low = 0;
+            for (int j = 0; j < QK; j++) {
+                high += (int)w[b * QK + j] * (int)q1[r * k + b * QK + j];
+                low += (int)w[b * QK + j] * (int)q2[r * k + b * QK + j];
+            }
+            acc += half_to_float(wd[b]) * dx[r * nb + b] * ((float)high * 254.0f + (float)low);
         }
         out[r] = acc;
     }
@@ -267,14 +281,15 @@ static inline __attribute__((always_inline)) void row_q8(const int8_t *w, const 
  * row r, lane l for weight row 8g + l. */
 static inline __attribute__((always_inline)) void group_q4(const uint8_t *w, const uint16_t *wd,
                                                            const uint16_t *wm, int64_t nb,
-                                                           const int8_t *qx, const float *dx,
-                                                           const float *sx, const int rows,
-                                                           float out[][LANES]) {
+                                                           const int8_t *q1, const int8_t *q2,
+                                                           const float *dx, const float *sx,
+                                                           const int rows, float out[][LANES]) {
     int64_t k = nb * QK;
 #ifdef SHOAL_AVX2
     __m256 acc[TILE];
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256 radix = _mm256_set1_ps(254.0f);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = w + b * (LANES * QK / 2);
         __m256i wv[8]; /* wv[c]: values 4c..4c+3 of each lane (c < 8, 16 + ... for c >= 4) */
@@ -285,14 +300,21 @@ static inline __attribute__((always_inline)) void group_q4(const uint8_t *w, con
         }
         __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * LANES)));
         for (int r = 0; r < rows; r++) {
-            const int8_t *xb = qx + r * k + b * QK;
-            __m256i sum = _mm256_setzero_si256(); /* int16: 8 pairs of at most 2 * 15 * 127 */
+            const int8_t *h = q1 + r * k + b * QK, *l = q2 + r * k + b * QK;
+            /* int16 sums: 8 pairs of at most 2 * 15 * 127 each, no overflow */
+            __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();
             for (int c = 0; c < 8; c++) {
-                int32_t four;
-                memcpy(&four, xb + (c < 4 ? 4 * c : 16 + 4 * (c - 4)), 4);
-                sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wv[c], _mm256_set1_epi32(four)));
+                int at = c < 4 ? 4 * c : 16 + 4 * (c - 4);
+                int32_t four_high, four_low;
+                memcpy(&four_high, h + at, 4);
+                memcpy(&four_low, l + at, 4);
+                high = _mm256_add_epi16(high,
+                                        _mm256_maddubs_epi16(wv[c], _mm256_set1_epi32(four_high)));
+                low = _mm256_add_epi16(low,
+                                       _mm256_maddubs_epi16(wv[c], _mm256_set1_epi32(four_low)));
             }
-            __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
+            __m256 p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(high, ones)), radix,
+                                       _mm256_cvtepi32_ps(_mm256_madd_epi16(low, ones)));
             acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(ws, _mm256_set1_ps(dx[r * nb + b])), acc[r]);
         }
     }
@@ -308,14 +330,17 @@ static inline __attribute__((always_inline)) void group_q4(const uint8_t *w, con
             float acc = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
                 const uint8_t *wb = w + b * (LANES * QK / 2);
-                const int8_t *xb = qx + r * k + b * QK;
-                int sum = 0;
+                const int8_t *h = q1 + r * k + b * QK, *lo = q2 + r * k + b * QK;
+                int high = 0, low = 0;
                 for (int c = 0; c < 4; c++)
                     for (int e = 0; e < 4; e++) {
                         uint8_t byte = wb[32 * c + 4 * l + e];
-                        sum += (byte & 0x0f) * xb[4 * c + e] + (byte >> 4) * xb[16 + 4 * c + e];
+                        int a = byte & 0x0f, z = byte >> 4, at = 4 * c + e;
+                        high += a * h[at] + z * h[16 + at];
+                        low += a * lo[at] + z * lo[16 + at];
                     }
-                acc += half_to_float(wd[b * LANES + l]) * dx[r * nb + b] * (float)sum +
+                acc += half_to_float(wd[b * LANES + l]) * dx[r * nb + b] *
+                           ((float)high * 254.0f + (float)low) +
                        half_to_float(wm[b * LANES + l]) * sx[r * nb + b];
             }
             out[r][l] = acc;
@@ -362,21 +387,23 @@ void shoal_dequantize(const shoal_matrix *m, float *w, int threads) {
     }
 }
 
-/* Activation rows quantized for a product: int8 values, per-block scale and sum. */
+/* Activation rows quantized for a product: two int8 digits, per-block scale and sum. */
 typedef struct {
-    int8_t *q;
+    int8_t *q, *q2;
     float *d, *s;
 } Activations;
 
 static int activations_alloc(Activations *a, int64_t rows, int64_t k) {
     a->q = malloc((size_t)(rows * k));
+    a->q2 = malloc((size_t)(rows * k));
     a->d = malloc((size_t)(rows * (k / QK)) * sizeof(float));
     a->s = malloc((size_t)(rows * (k / QK)) * sizeof(float));
-    return a->q && a->d && a->s ? 0 : -1;
+    return a->q && a->q2 && a->d && a->s ? 0 : -1;
 }
 
 static void activations_free(Activations *a) {
     free(a->q);
+    free(a->q2);
     free(a->d);
     free(a->s);
 }
@@ -391,19 +418,19 @@ static void product(const shoal_matrix *m, const Activations *a, int64_t rows, f
             const int8_t *wi = (const int8_t *)m->values + i * k;
             const uint16_t *di = m->scales + i * nb;
             for (int64_t r = 0; r < rows; r += TILE) {
-                const int8_t *qx = a->q + r * k;
+                const int8_t *qx = a->q + r * k, *qx2 = a->q2 + r * k;
                 const float *dx = a->d + r * nb;
                 int tile = rows - r < TILE ? (int)(rows - r) : TILE;
                 float out[TILE] = {0};
                 switch (tile) {
-                case 8: row_q8(wi, di, nb, qx, dx, 8, out); break;
-                case 7: row_q8(wi, di, nb, qx, dx, 7, out); break;
-                case 6: row_q8(wi, di, nb, qx, dx, 6, out); break;
-                case 5: row_q8(wi, di, nb, qx, dx, 5, out); break;
-                case 4: row_q8(wi, di, nb, qx, dx, 4, out); break;
-                case 3: row_q8(wi, di, nb, qx, dx, 3, out); break;
-                case 2: row_q8(wi, di, nb, qx, dx, 2, out); break;
-                default: row_q8(wi, di, nb, qx, dx, 1, out); break;
+                case 8: row_q8(wi, di, nb, qx, qx2, dx, 8, out); break;
+                case 7: row_q8(wi, di, nb, qx, qx2, dx, 7, out); break;
+                case 6: row_q8(wi, di, nb, qx, qx2, dx, 6, out); break;
+                case 5: row_q8(wi, di, nb, qx, qx2, dx, 5, out); break;
+                case 4: row_q8(wi, di, nb, qx, qx2, dx, 4, out); break;
+                case 3: row_q8(wi, di, nb, qx, qx2, dx, 3, out); break;
+                case 2: row_q8(wi, di, nb, qx, qx2, dx, 2, out); break;
+                default: row_q8(wi, di, nb, qx, qx2, dx, 1, out); break;
                 }
                 for (int t = 0; t < tile; t++) {
                     float *yi = y + (r + t) * n + i;
@@ -420,19 +447,19 @@ static void product(const shoal_matrix *m, const Activations *a, int64_t rows, f
         const uint16_t *dg = m->scales + g * nb * LANES, *mg = m->minimums + g * nb * LANES;
         int lanes = n - g * LANES < LANES ? (int)(n - g * LANES) : LANES;
         for (int64_t r = 0; r < rows; r += TILE) {
-            const int8_t *qx = a->q + r * k;
+            const int8_t *qx = a->q + r * k, *qx2 = a->q2 + r * k;
             const float *dx = a->d + r * nb, *sx = a->s + r * nb;
             int tile = rows - r < TILE ? (int)(rows - r) : TILE;
             float out[TILE][LANES] = {{0}};
             switch (tile) {
-            case 8: group_q4(wg, dg, mg, nb, qx, dx, sx, 8, out); break;
-            case 7: group_q4(wg, dg, mg, nb, qx, dx, sx, 7, out); break;
-            case 6: group_q4(wg, dg, mg, nb, qx, dx, sx, 6, out); break;
-            case 5: group_q4(wg, dg, mg, nb, qx, dx, sx, 5, out); break;
-            case 4: group_q4(wg, dg, mg, nb, qx, dx, sx, 4, out); break;
-            case 3: group_q4(wg, dg, mg, nb, qx, dx, sx, 3, out); break;
-            case 2: group_q4(wg, dg, mg, nb, qx, dx, sx, 2, out); break;
-            default: group_q4(wg, dg, mg, nb, qx, dx, sx, 1, out); break;
+            case 8: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 8, out); break;
+            case 7: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 7, out); break;
+            case 6: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 6, out); break;
+            case 5: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 5, out); break;
+            case 4: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 4, out); break;
+            case 3: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 3, out); break;
+            case 2: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 2, out); break;
+            default: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 1, out); break;
             }
             for (int t = 0; t < tile; t++) {
                 float *yr = y + (r + t) * n + g * LANES;
@@ -446,7 +473,7 @@ int shoal_matmul(const shoal_matrix *m, const float *x, int64_t rows, float *y, 
     Activations a;
     int status = activations_alloc(&a, rows, m->k);
     if (status == 0) {
-        quantize_rows(x, rows, m->k, a.q, a.d, a.s, threads);
+        quantize_rows(x, rows, m->k, a.q, a.q2, a.d, a.s, threads);
         product(m, &a, rows, y, 0, threads);
     }
     activations_free(&a);
@@ -661,20 +688,20 @@ int shoal_forward(const shoal_dims *dm, const shoal_layer *layers, int64_t count
     for (int64_t li = 0; li < count && status == 0; li++) {
         const shoal_layer *l = layers + li;
         shoal_rms_norm(h, rows, hidden, l->attn_norm, dm->eps, normed, threads);
-        quantize_rows(normed, rows, hidden, a.q, a.d, a.s, threads);
+        quantize_rows(normed, rows, hidden, a.q, a.q2, a.d, a.s, threads);
         product(&l->qkv, &a, rows, qkv, 0, threads);
         if (l->qkv_bias)
             for (int64_t r = 0; r < rows; r++)
                 for (int64_t j = 0; j < width; j++) qkv[r * width + j] += l->qkv_bias[j];
         status = attend(dm, l, li, qkv, rows, cos, sin, c, normed, threads);
         if (status) break;
-        quantize_rows(normed, rows, H * D, a.q, a.d, a.s, threads);
+        quantize_rows(normed, rows, H * D, a.q, a.q2, a.d, a.s, threads);
         product(&l->o, &a, rows, h, 1, threads);
         shoal_rms_norm(h, rows, hidden, l->mlp_norm, dm->eps, normed, threads);
-        quantize_rows(normed, rows, hidden, a.q, a.d, a.s, threads);
+        quantize_rows(normed, rows, hidden, a.q, a.q2, a.d, a.s, threads);
         product(&l->gate_up, &a, rows, gate_up, 0, threads);
         silu_gate(gate_up, rows, inter, normed, threads);
-        quantize_rows(normed, rows, inter, a.q, a.d, a.s, threads);
+        quantize_rows(normed, rows, inter, a.q, a.q2, a.d, a.s, threads);
         product(&l->down, &a, rows, h, 1, threads);
     }
     activations_free(&a);
