@@ -154,15 +154,26 @@ def library(portable: bool = False) -> Library | None:
     return None
 
 
+def _cpu() -> bytes:
+    """What -march=native depends on: the CPU's model and feature flags where Linux lists them,
+    so a cache shared by machines with different CPUs (an NFS home) never serves one the other's
+    build."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            lines = [line for line in f if line.startswith((b"model name", b"flags"))]
+        return b"".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor().encode()
+
+
 def _build(compiler: str, flags: list[str]) -> Path:
-    """Compile blockq.c with flags into the cache (once per source, flags and compiler)."""
+    """Compile blockq.c with flags into the cache (once per source, flags, compiler and CPU)."""
     source = SOURCE.read_bytes()
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, check=True, timeout=30
     ).stdout
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(flags).encode(), version, platform.machine().encode()])
-    ).hexdigest()[:16]
+    parts = [source, " ".join(flags).encode(), version, platform.machine().encode(), _cpu()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = cache_dir() / f"blockq-{key}.so"
     if target.exists():
         return target
