@@ -78,7 +78,7 @@ class TorchEngine:
             model.lm_head.weight = model.model.embed_tokens.weight  # one copy, not two
         model.pack_head(head_format(self.quant, self.device), self.device, self.dtype)
         if self.dtype == torch.float32:
-            model.pack_decoder()  # decode steps in one native call where the formats allow
+            model.pack_decoder()  # every pass in one native call where the formats allow
         self._model = model.to(self.device).eval()  # moves the rope buffer; weights are there
         args = model.args
         self._caches = CacheStore(

@@ -236,7 +236,7 @@ class Model(nn.Module):
             nn.Linear(args.hidden_size, args.vocab_size, bias=False) if shard.is_last else None
         )
         self.head: nn.Module | None = None  # lm_head in the weight format: set by pack_head()
-        self.decoder: native.Decoder | None = None  # one-call decode steps: set by pack_decoder()
+        self.decoder: native.Decoder | None = None  # one-call passes: set by pack_decoder()
         # Built on the CPU even under a meta-device context; the engine moves it with the model.
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
@@ -262,7 +262,7 @@ class Model(nn.Module):
         return self.head(inner.norm(h))  # [B, T or 1, vocab]
 
     def pack_decoder(self) -> None:
-        """Decode steps in one native call when every projection is in block format (CPU)."""
+        """Every pass in one native call when every projection is in block format (CPU)."""
         lib = native.library()
         blocks = list(self.model.layers.values())
         if lib is None or not blocks:

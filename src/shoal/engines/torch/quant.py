@@ -1,7 +1,8 @@
 """Weight formats for the torch engine's linear layers: dense, fp16, int8 and int4.
 
 Every format is a module with the same call, `y = proj(x)` for x [..., in] → y [..., out], built
-once at load time from the layer's float weight. Only PyTorch's own kernels run here:
+once at load time from the layer's float weight. PyTorch's own kernels, and on CPU shoal's block
+kernels for int8 and int4 (below):
 
 - dense: `F.linear` in the engine's dtype.
 - fp16: weights stored in half precision. On CPU, fbgemm's packed fp16 GEMM
@@ -194,8 +195,8 @@ class Blocked(nn.Module):
         self.bias = None if bias is None else nn.Buffer(bias.float())
 
     def forward(self, x: Tensor) -> Tensor:
-        # The integer kernel serves prefill too: at 128-512 positions it beat expanding the
-        # blocks to float32 for a float GEMM by 1.3-2x (measured on a 2-core AVX2 VM).
+        # Any number of rows: at 128-512 the integer kernel beat expanding the blocks to float32
+        # for a float GEMM (measured on a 2-core AVX2 VM), and a row's bits never depend on it.
         shape, blocks = x.shape, self.blocks
         x2 = x.reshape(-1, shape[-1]).float().contiguous()  # [N, in]
         y = torch.empty(x2.shape[0], blocks.n)
