@@ -29,6 +29,8 @@ from typing import Literal
 
 import numpy as np
 
+from shoal.engines.args import ModelArgs
+
 log = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per block along the input dimension
@@ -389,6 +391,23 @@ class Decoder:
         self._layers = (Layer * len(structs))(*structs)
         self._count = len(structs)
         self._keep = layers  # the arrays the structs point into
+
+    @classmethod
+    def for_model(
+        cls, lib: Library, args: ModelArgs, inv_freq: np.ndarray, layers: list[DecoderLayer]
+    ) -> "Decoder":
+        """The decoder of a Llama-family model file's layers (its arguments and rope)."""
+        return cls(
+            lib,
+            hidden=args.hidden_size,
+            heads=args.num_attention_heads,
+            kv_heads=args.num_key_value_heads,
+            head_dim=args.head_dim,
+            inter=args.intermediate_size,
+            eps=args.rms_norm_eps,
+            inv_freq=inv_freq,
+            layers=layers,
+        )
 
     def forward(
         self,

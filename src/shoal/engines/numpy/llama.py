@@ -362,18 +362,7 @@ class Model:
                     None if attn.k_norm is None else attn.k_norm.weight,
                 )
             )
-        a = self.args
-        return native.Decoder(
-            formats.lib,
-            hidden=a.hidden_size,
-            heads=a.num_attention_heads,
-            kv_heads=a.num_key_value_heads,
-            head_dim=a.head_dim,
-            inter=a.intermediate_size,
-            eps=a.rms_norm_eps,
-            inv_freq=self.inv_freq,
-            layers=layers,
-        )
+        return native.Decoder.for_model(formats.lib, self.args, self.inv_freq, layers)
 
     def __call__(
         self, x: np.ndarray, positions: np.ndarray, ctx: Context, *, all_logits: bool = True

@@ -237,6 +237,7 @@ class Model(nn.Module):
         )
         self.head: nn.Module | None = None  # lm_head in the weight format: set by pack_head()
         self.decoder: native.Decoder | None = None  # one-call passes: set by pack_decoder()
+        self._final_norm: np.ndarray | None = None  # model.norm's weight for the decoder
         # Built on the CPU even under a meta-device context; the engine moves it with the model.
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
@@ -288,18 +289,9 @@ class Model(nn.Module):
                     None if attn.k_norm is None else _array(attn.k_norm.weight),
                 )
             )
-        a = self.args
-        self.decoder = native.Decoder(
-            lib,
-            hidden=a.hidden_size,
-            heads=a.num_attention_heads,
-            kv_heads=a.num_key_value_heads,
-            head_dim=a.head_dim,
-            inter=a.intermediate_size,
-            eps=a.rms_norm_eps,
-            inv_freq=self.inv_freq.numpy(),
-            layers=layers,
-        )
+        self.decoder = native.Decoder.for_model(lib, self.args, self.inv_freq.numpy(), layers)
+        if self.model.norm is not None:  # the final norm's weight, as the native norm takes it
+            self._final_norm = _array(self.model.norm.weight)
 
     def _forward_native(
         self,
@@ -323,13 +315,12 @@ class Model(nn.Module):
             threads,
         )
         out = rows.view(b, t, hidden)
-        norm = self.model.norm
-        if norm is None or self.head is None:
+        weight = self._final_norm
+        if weight is None or self.head is None:
             return out
         if not all_logits:
             out = out[:, -1:].contiguous()  # [B, 1, hidden]
         normed = torch.empty_like(out)
-        weight = _array(norm.weight)
         decoder.rms_norm(
             out.data_ptr(), out.shape[0] * out.shape[1], weight, normed.data_ptr(), threads
         )
