@@ -2,9 +2,9 @@
 
 `BlockWeights` holds a [n, k] matrix in blocks of 32 along k, GGUF's own layouts: "q8" (int8
 and an fp16 scale per block, Q8_0) and "q4" (4-bit, an fp16 scale and minimum per block, Q4_1).
-A Q8_0 or Q4_1 checkpoint is held exactly. The product writes each activation as two int8 digits
-per block of 32 (15 bits; llama.cpp uses one, 8 bits) and sums integer products, so a row's
-result does not depend on the rest of the batch. `Decoder` runs a whole pass through a shard's
+A Q8_0 or Q4_1 checkpoint is held exactly. The product writes each activation as a 15-bit integer
+per block of 32 (llama.cpp uses 8 bits) and sums integer products exactly, so a row's result does
+not depend on the rest of the batch. `Decoder` runs a whole pass through a shard's
 layers in one call.
 
 The kernels are blockq.c, compiled on first use with the system's C compiler for this CPU
@@ -34,7 +34,7 @@ from shoal.engines.args import ModelArgs
 log = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per block along the input dimension
-LANES = 8  # q4 rows interleaved per group
+LANES = 8  # rows interleaved per group
 Kind = Literal["q8", "q4"]
 SOURCE = Path(__file__).with_name("blockq.c")
 _ATTEMPTS = (  # tried in order; the first that compiles is used
@@ -212,6 +212,11 @@ def _threads(threads: int | None) -> int:
     return max(1, threads or os.cpu_count() or 1)
 
 
+def _grouped(n: int, k: int) -> tuple[int, int]:
+    """(groups of 8 rows, blocks per row) of an [n, k] block matrix."""
+    return -(-n // LANES), k // BLOCK
+
+
 def _address(array: np.ndarray, dtype: type, shape: tuple[int, ...]) -> int:
     """The data address of a C-contiguous array of dtype and shape, after checking all three."""
     if array.dtype != dtype or array.shape != shape or not array.flags.c_contiguous:
@@ -222,9 +227,9 @@ def _address(array: np.ndarray, dtype: type, shape: tuple[int, ...]) -> int:
 class BlockWeights:
     """A [n, k] matrix in blocks of 32 along k (k a multiple of 32), as numpy arrays.
 
-    q8: values int8 [n, k], scales fp16 [n, k / 32]. q4: rows interleaved by 8 (blockq.c),
-    values uint8 [groups, k / 32, 128], scales and minimums fp16 [groups, k / 32, 8], with
-    groups = ceil(n / 8).
+    Rows are interleaved by 8 (blockq.c), groups = ceil(n / 8): q8 values int8
+    [groups, k / 32, 256], q4 values uint8 [groups, k / 32, 128]; scales (and q4's minimums) fp16
+    [groups, k / 32, 8].
     """
 
     def __init__(
@@ -239,14 +244,13 @@ class BlockWeights:
         self.lib, self.kind, self.n = lib, kind, n
         self.k = scales.shape[1] * BLOCK
         self.values, self.scales, self.minimums = values, scales, minimums
+        shape = _grouped(n, self.k)
+        _address(scales, np.float16, (*shape, LANES))
         if kind == "q8":
-            _address(values, np.int8, (n, self.k))
-            _address(scales, np.float16, (n, self.k // BLOCK))
+            _address(values, np.int8, (*shape, LANES * BLOCK))
         else:
             assert minimums is not None
-            shape = (-(-n // LANES), self.k // BLOCK)
             _address(values, np.uint8, (*shape, LANES * BLOCK // 2))
-            _address(scales, np.float16, (*shape, LANES))
             _address(minimums, np.float16, (*shape, LANES))
         self.matrix = Matrix(
             8 if kind == "q8" else 4,
@@ -267,16 +271,15 @@ class BlockWeights:
         if k % BLOCK:
             raise ValueError(f"input dimension {k} is not a multiple of {BLOCK}")
         t = _threads(threads)
+        shape = _grouped(n, k)
+        scales = np.empty((*shape, LANES), np.float16)
         if kind == "q8":
-            values = np.empty((n, k), np.int8)
-            scales = np.empty((n, k // BLOCK), np.float16)
+            values = np.empty((*shape, LANES * BLOCK), np.int8)
             lib.lib.shoal_quantize_q8(
                 w.ctypes.data, n, k, values.ctypes.data, scales.ctypes.data, t
             )
             return cls(lib, kind, n, values, scales, None)
-        shape = (-(-n // LANES), k // BLOCK)
         values = np.empty((*shape, LANES * BLOCK // 2), np.uint8)
-        scales = np.empty((*shape, LANES), np.float16)
         minimums = np.empty_like(scales)
         lib.lib.shoal_quantize_q4(
             w.ctypes.data, n, k, values.ctypes.data, scales.ctypes.data, minimums.ctypes.data, t

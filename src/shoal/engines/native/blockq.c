@@ -3,17 +3,20 @@
  * Weights are held in blocks of 32 along the input dimension, as GGUF does:
  *   q8: 32 int8 values and one fp16 scale d:             w = d * q      (GGUF Q8_0)
  *   q4: 32 4-bit values, an fp16 scale d and minimum m:  w = d * q + m  (GGUF Q4_1)
- * q8 is row-major: values [n, k] int8, scales [n, k / 32] fp16.
- * q4 interleaves 8 rows ("lanes"), so one vector register holds 4 values of each of 8 rows and
- * one pass over a block yields 8 outputs: rows go in groups of 8 (the last padded with zeros);
- * group g, block b has 128 bytes of values, where byte 32c + 4l + e (c < 4, l < 8, e < 4) holds
- * value 4c + e of row 8g + l in its low nibble and value 16 + 4c + e in its high one, then
- * 8 fp16 scales and 8 fp16 minimums, one per lane, in their own arrays [groups, k / 32, 8].
+ * Rows go in groups of 8 ("lanes"; the last group padded with zeros) so that one pass over a
+ * block yields 8 outputs. A vector register holds two rows, lane j in its low 128 bits and lane
+ * j + 4 in its high ones, so an activation row's values reach it by one 16-byte broadcast.
+ * Group g, block b holds
+ *   q4: 128 bytes; bytes 32 j + 16 h + e (j < 4, h < 2, e < 16) are lane 4 h + j's GGUF qs[e]:
+ *       value e in the low nibble and value 16 + e in the high one;
+ *   q8: 256 bytes; bytes 16 (4 j + c) + 8 h + e (c < 4, e < 8) are lane 4 h + j's value 8 c + e;
+ * and fp16 scales (and q4 minimums) in their own arrays [groups, k / 32, 8], one per lane.
  *
- * y = x @ W^T writes each row of x as two int8 digits per block of 32 (one fp32 scale per block,
- * so a row's result never depends on the other rows; see quantize_rows) and sums integer
- * products; with AVX2, maddubs multiplies 32 pairs at once. Without AVX2 the same arithmetic runs
- * in plain C. shoal_forward runs a Llama-family shard's layers over a batch of rows in one call.
+ * y = x @ W^T writes each row of x as 15-bit integers, one fp32 scale per block of 32 (so a
+ * row's result never depends on the other rows; see quantize_rows), and sums each block's
+ * integer products exactly: with AVX2, the block's weights are widened to int16 once for all
+ * rows and madd multiplies 16 pairs at once. Without AVX2 the same arithmetic runs in plain C.
+ * shoal_forward runs a Llama-family shard's layers over a batch of rows in one call.
  *
  * Compiled at first use for the machine it runs on (shoal/engines/native/__init__.py); threads
  * come from OpenMP, the runtime torch uses, so both share one pool.
@@ -119,29 +122,44 @@ static void exp_in_place(float *x, int64_t n) {
 
 /* ---- quantizing weights (load time) -------------------------------------------------------- */
 
+#define LANES 8 /* rows per group */
+
+/* where value v (< 32) of lane l sits in a group's block (see the layouts at the top) */
+static inline int64_t q8_at(int l, int v) { return 16 * (4 * (l % 4) + v / 8) + 8 * (l / 4) + v % 8; }
+static inline int64_t q4_at(int l, int v) { return 32 * (l % 4) + 16 * (l / 4) + v % 16; }
+
 void shoal_quantize_q8(const float *w, int64_t n, int64_t k, int8_t *q, uint16_t *d, int threads) {
-    int64_t nb = k / QK;
+    int64_t nb = k / QK, groups = (n + LANES - 1) / LANES;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < n * nb; i++) {
-        const float *v = w + i * QK;
-        float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = max_of(amax, fabsf(v[j]));
-        d[i] = float_to_half(amax / 127.0f);
-        float scale = half_to_float(d[i]), inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-        for (int j = 0; j < QK; j++) {
-            float r = nearbyintf(v[j] * inv);
-            q[i * QK + j] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+    for (int64_t i = 0; i < groups * nb; i++) { /* group g = i / nb, block b = i % nb */
+        int64_t g = i / nb, b = i % nb;
+        int8_t *out = q + i * (LANES * QK);
+        for (int l = 0; l < LANES; l++) {
+            int64_t row = g * LANES + l;
+            if (row >= n) {
+                d[i * LANES + l] = 0;
+                for (int j = 0; j < QK; j++) out[q8_at(l, j)] = 0;
+                continue;
+            }
+            const float *v = w + row * k + b * QK;
+            float amax = 0.0f;
+            for (int j = 0; j < QK; j++) amax = max_of(amax, fabsf(v[j]));
+            uint16_t dh = float_to_half(amax / 127.0f);
+            d[i * LANES + l] = dh;
+            float scale = half_to_float(dh), inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+            for (int j = 0; j < QK; j++) {
+                float r = nearbyintf(v[j] * inv);
+                out[q8_at(l, j)] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+            }
         }
     }
 }
-
-#define LANES 8 /* q4 rows per group */
 
 void shoal_quantize_q4(const float *w, int64_t n, int64_t k, uint8_t *q, uint16_t *d, uint16_t *m,
                        int threads) {
     int64_t nb = k / QK, groups = (n + LANES - 1) / LANES;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < groups * nb; i++) { /* group g = i / nb, block b = i % nb */
+    for (int64_t i = 0; i < groups * nb; i++) {
         int64_t g = i / nb, b = i % nb;
         uint8_t *out = q + i * (LANES * QK / 2);
         memset(out, 0, LANES * QK / 2);
@@ -165,21 +183,20 @@ void shoal_quantize_q4(const float *w, int64_t n, int64_t k, uint8_t *q, uint16_
             for (int j = 0; j < QK; j++) {
                 float r = nearbyintf((v[j] - low) * inv);
                 uint8_t value = (uint8_t)(r < 0.0f ? 0.0f : r > 15.0f ? 15.0f : r);
-                int high = j >= QK / 2, c = (j % (QK / 2)) / 4, e = j % 4;
-                out[32 * c + 4 * l + e] |= (uint8_t)(value << (high ? 4 : 0));
+                out[q4_at(l, j)] |= (uint8_t)(value << (j < QK / 2 ? 0 : 4));
             }
         }
     }
 }
 
-/* ---- activations: two int8 digits per value, a scale and the exact sum per block of 32 ---- */
+/* ---- activations: 15-bit integers, a scale and the exact sum per block of 32 ------------- */
 
 /* x = d * (254 q1 + q2): q1 = round(x / (254 d)) in [-127, 127] with d = amax / (127 * 254), and
- * q2 in [-127, 127] the rounded remainder. So a product costs two integer dot products and is
- * as precise as 15-bit activations: one int8 digit alone (llama.cpp's Q8 activations) turned
+ * q2 in [-127, 127] the rounded remainder, held joined as one int16 (|254 q1 + q2| <= 32385).
+ * That is as precise as 15-bit activations: 8 bits (llama.cpp's Q8 activations) turned
  * SmolLM2's answer to "What is the capital of France?" from Paris to "L'Étoile, ...". */
-static void quantize_rows(const float *x, int64_t rows, int64_t k, int8_t *q1, int8_t *q2,
-                          float *dx, float *sx, int threads) {
+static void quantize_rows(const float *x, int64_t rows, int64_t k, int16_t *q, float *dx,
+                          float *sx, int threads) {
     int64_t nb = k / QK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 1)
     for (int64_t i = 0; i < rows * nb; i++) {
@@ -194,15 +211,22 @@ static void quantize_rows(const float *x, int64_t rows, int64_t k, int8_t *q1, i
         for (int j = 0; j < QK; j++) {
             float high = nearbyintf(v[j] * inv_coarse);
             float low = nearbyintf((v[j] - high * coarse) * inv_fine);
-            q1[i * QK + j] = (int8_t)high;
-            q2[i * QK + j] = (int8_t)(low > 127.0f ? 127.0f : low < -127.0f ? -127.0f : low);
+            low = low > 127.0f ? 127.0f : low < -127.0f ? -127.0f : low;
+            q[i * QK + j] = (int16_t)(254 * (int)high + (int)low);
         }
         dx[i] = fine;
         sx[i] = sum;
     }
 }
 
-/* ---- products: a q8 row or a group of 8 q4 rows against up to TILE activation rows ------- */
+typedef struct {
+    int64_t kind; /* 8: q8, 4: q4 */
+    int64_t n, k; /* [n, k]: y = x @ W^T maps k inputs to n outputs */
+    const void *values;
+    const uint16_t *scales, *minimums; /* [groups, k / 32, 8] fp16; minimums for q4 only */
+} shoal_matrix;
+
+/* ---- products: a group of 8 weight rows against up to TILE activation rows ---------------- */
 
 #define TILE 8
 
@@ -214,135 +238,102 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* 32 products of unsigned a by signed b, summed into 8 float lanes */
-static inline __m256 dot_u8_s8(__m256i a, __m256i b) {
-    __m256i pairs = _mm256_maddubs_epi16(a, b);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+static inline __m256i broadcast16(const void *p) { /* 16 bytes into both 128-bit halves */
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* t[j] holds lane j's 4 partial sums in its low half and lane j + 4's in its high one: the 8
+ * lanes' totals, in order (a 4x4 transpose per half by unpacks: hadd is slower) */
+static inline __m256i lane_sums(const __m256i t[4]) {
+    __m256i a = _mm256_add_epi32(_mm256_unpacklo_epi32(t[0], t[1]),
+                                 _mm256_unpackhi_epi32(t[0], t[1]));
+    __m256i b = _mm256_add_epi32(_mm256_unpacklo_epi32(t[2], t[3]),
+                                 _mm256_unpackhi_epi32(t[2], t[3]));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
 }
 #endif
 
-/* Each product needs, per block, the weight scale times the row's activation scale: made for 8
- * blocks at once (one fp16 conversion of 8 scales, one multiply), then broadcast from memory. */
-
-static inline __attribute__((always_inline)) void row_q8(const int8_t *w, const uint16_t *wd,
-                                                         int64_t nb, const int8_t *q1,
-                                                         const int8_t *q2, const float *dx,
-                                                         const int rows, float *out) {
-    int64_t k = nb * QK;
-#ifdef SHOAL_AVX2
-    /* two accumulators a row, for even and odd blocks: one alone waits on the FMA's latency */
-    __m256 acc[2][TILE];
-    float scale[TILE][8];
-    const __m256 radix = _mm256_set1_ps(254.0f);
-    for (int r = 0; r < rows; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
-        int count = nb - b0 < 8 ? (int)(nb - b0) : 8;
-        if (count == 8) {
-            __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b0)));
-            for (int r = 0; r < rows; r++)
-                _mm256_storeu_ps(scale[r], _mm256_mul_ps(ws, _mm256_loadu_ps(dx + r * nb + b0)));
-        } else {
-            for (int r = 0; r < rows; r++)
-                for (int j = 0; j < count; j++)
-                    scale[r][j] = half_to_float(wd[b0 + j]) * dx[r * nb + b0 + j];
-        }
-        for (int j = 0; j < count; j++) {
-            int64_t b = b0 + j;
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * QK));
-            __m256i wabs = _mm256_sign_epi8(wv, wv); /* |w| for maddubs; x takes w's sign */
-            __m256 *a = acc[j & 1];
-            for (int r = 0; r < rows; r++) {
-                __m256i x1 = _mm256_loadu_si256((const __m256i *)(q1 + r * k + b * QK));
-                __m256i x2 = _mm256_loadu_si256((const __m256i *)(q2 + r * k + b * QK));
-                __m256 p = _mm256_fmadd_ps(dot_u8_s8(wabs, _mm256_sign_epi8(x1, wv)), radix,
-                                           dot_u8_s8(wabs, _mm256_sign_epi8(x2, wv)));
-                a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[r][j]), p, a[r]);
-            }
-        }
-    }
-    for (int r = 0; r < rows; r++) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
-#else
-    for (int r = 0; r < rows; r++) {
-        float acc = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
-            int high = 0, low = 0;
-            for (int j = 0; j < QK; j++) {
-                high += (int)w[b * QK + j] * (int)q1[r * k + b * QK + j];
-                low += (int)w[b * QK + j] * (int)q2[r * k + b * QK + j];
-            }
-            acc += half_to_float(wd[b]) * dx[r * nb + b] * ((float)high * 254.0f + (float)low);
-        }
-        out[r] = acc;
-    }
-#endif
-}
-
-/* One group of 8 q4 rows against up to TILE activation rows: out[r] holds the 8 outputs of
- * row r, lane l for weight row 8g + l. */
-static inline __attribute__((always_inline)) void group_q4(const uint8_t *w, const uint16_t *wd,
-                                                           const uint16_t *wm, int64_t nb,
-                                                           const int8_t *q1, const int8_t *q2,
-                                                           const float *dx, const float *sx,
-                                                           const int rows, float out[][LANES]) {
-    int64_t k = nb * QK;
+/* out[r][l] = row r . lane l for one group, up to TILE rows. Per block, each lane's integer sum
+ * is exact (at most 32 * 128 * 32385 < 2^31; q4: 32 * 15 * 32385 < 2^24) and goes into a float
+ * accumulator with the block's two scales; q4 then adds its minimums times the activation
+ * block sums. With AVX2 a block's weights are widened to int16 once for all rows, and madd
+ * multiplies 16 pairs at once. */
+static inline __attribute__((always_inline)) void group(const shoal_matrix *m, int64_t g,
+                                                        const int16_t *q, const float *dx,
+                                                        const float *sx, const int rows,
+                                                        float out[][LANES]) {
+    int64_t nb = m->k / QK, k = m->k;
+    const uint16_t *wd = m->scales + g * nb * LANES;
+    const uint16_t *wm = m->kind == 4 ? m->minimums + g * nb * LANES : NULL;
+    const int8_t *w8 = (const int8_t *)m->values + g * nb * (LANES * QK);
+    const uint8_t *w4 = (const uint8_t *)m->values + g * nb * (LANES * QK / 2);
 #ifdef SHOAL_AVX2
     __m256 acc[TILE];
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
-    const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    const __m256 radix = _mm256_set1_ps(254.0f);
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *wb = w + b * (LANES * QK / 2);
-        __m256i wv[8]; /* wv[c]: values 4c..4c+3 of each lane (c < 8, 16 + ... for c >= 4) */
-        for (int c = 0; c < 4; c++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
-            wv[c] = _mm256_and_si256(raw, nibble);
-            wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+        __m256i wv[16]; /* wv[4 j + c]: values 8c .. 8c + 7 of lanes j and j + 4, as int16 */
+        if (m->kind == 8) {
+            for (int i = 0; i < 16; i++)
+                wv[i] = _mm256_cvtepi8_epi16(
+                    _mm_loadu_si128((const __m128i *)(w8 + b * (LANES * QK) + 16 * i)));
+        } else {
+            const __m256i nibble = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+            for (int j = 0; j < 4; j++) {
+                __m256i raw =
+                    _mm256_loadu_si256((const __m256i *)(w4 + b * (LANES * QK / 2) + 32 * j));
+                __m256i low = _mm256_and_si256(raw, nibble);
+                __m256i high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+                wv[4 * j] = _mm256_unpacklo_epi8(low, zero);
+                wv[4 * j + 1] = _mm256_unpackhi_epi8(low, zero);
+                wv[4 * j + 2] = _mm256_unpacklo_epi8(high, zero);
+                wv[4 * j + 3] = _mm256_unpackhi_epi8(high, zero);
+            }
         }
         __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * LANES)));
         for (int r = 0; r < rows; r++) {
-            const int8_t *h = q1 + r * k + b * QK, *l = q2 + r * k + b * QK;
-            /* int16 sums: 8 pairs of at most 2 * 15 * 127 each, no overflow */
-            __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();
-            for (int c = 0; c < 8; c++) {
-                int at = c < 4 ? 4 * c : 16 + 4 * (c - 4);
-                int32_t four_high, four_low;
-                memcpy(&four_high, h + at, 4);
-                memcpy(&four_low, l + at, 4);
-                high = _mm256_add_epi16(high,
-                                        _mm256_maddubs_epi16(wv[c], _mm256_set1_epi32(four_high)));
-                low = _mm256_add_epi16(low,
-                                       _mm256_maddubs_epi16(wv[c], _mm256_set1_epi32(four_low)));
-            }
-            __m256 p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(high, ones)), radix,
-                                       _mm256_cvtepi32_ps(_mm256_madd_epi16(low, ones)));
-            acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(ws, _mm256_set1_ps(dx[r * nb + b])), acc[r]);
+            const int16_t *x = q + r * k + b * QK;
+            __m256i xs[4], t[4];
+            for (int c = 0; c < 4; c++) xs[c] = broadcast16(x + 8 * c);
+            for (int j = 0; j < 4; j++)
+                t[j] = _mm256_add_epi32(
+                    _mm256_add_epi32(_mm256_madd_epi16(wv[4 * j], xs[0]),
+                                     _mm256_madd_epi16(wv[4 * j + 1], xs[1])),
+                    _mm256_add_epi32(_mm256_madd_epi16(wv[4 * j + 2], xs[2]),
+                                     _mm256_madd_epi16(wv[4 * j + 3], xs[3])));
+            __m256 sum = _mm256_cvtepi32_ps(lane_sums(t));
+            acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(ws, _mm256_set1_ps(dx[r * nb + b])),
+                                     acc[r]);
         }
     }
-    for (int64_t b = 0; b < nb; b++) { /* the minimums times each block's activation sum */
-        __m256 wmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * LANES)));
-        for (int r = 0; r < rows; r++)
-            acc[r] = _mm256_fmadd_ps(wmin, _mm256_set1_ps(sx[r * nb + b]), acc[r]);
-    }
+    if (wm)
+        for (int64_t b = 0; b < nb; b++) {
+            __m256 wmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * LANES)));
+            for (int r = 0; r < rows; r++)
+                acc[r] = _mm256_fmadd_ps(wmin, _mm256_set1_ps(sx[r * nb + b]), acc[r]);
+        }
     for (int r = 0; r < rows; r++) _mm256_storeu_ps(out[r], acc[r]);
 #else
     for (int r = 0; r < rows; r++)
         for (int l = 0; l < LANES; l++) {
             float acc = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *wb = w + b * (LANES * QK / 2);
-                const int8_t *h = q1 + r * k + b * QK, *lo = q2 + r * k + b * QK;
-                int high = 0, low = 0;
-                for (int c = 0; c < 4; c++)
-                    for (int e = 0; e < 4; e++) {
-                        uint8_t byte = wb[32 * c + 4 * l + e];
-                        int a = byte & 0x0f, z = byte >> 4, at = 4 * c + e;
-                        high += a * h[at] + z * h[16 + at];
-                        low += a * lo[at] + z * lo[16 + at];
+                const int16_t *x = q + r * k + b * QK;
+                int32_t sum = 0;
+                for (int v = 0; v < QK; v++) {
+                    int value;
+                    if (m->kind == 8) {
+                        value = w8[b * (LANES * QK) + q8_at(l, v)];
+                    } else {
+                        uint8_t byte = w4[b * (LANES * QK / 2) + q4_at(l, v)];
+                        value = v < QK / 2 ? byte & 0x0f : byte >> 4;
                     }
-                acc += half_to_float(wd[b * LANES + l]) * dx[r * nb + b] *
-                           ((float)high * 254.0f + (float)low) +
-                       half_to_float(wm[b * LANES + l]) * sx[r * nb + b];
+                    sum += value * x[v];
+                }
+                acc += (float)sum * (half_to_float(wd[b * LANES + l]) * dx[r * nb + b]);
             }
+            if (wm)
+                for (int64_t b = 0; b < nb; b++)
+                    acc += half_to_float(wm[b * LANES + l]) * sx[r * nb + b];
             out[r][l] = acc;
         }
 #endif
@@ -350,116 +341,75 @@ static inline __attribute__((always_inline)) void group_q4(const uint8_t *w, con
 
 /* ---- matrices ----------------------------------------------------------------------------- */
 
-typedef struct {
-    int64_t kind; /* 8: q8, 4: q4 */
-    int64_t n, k; /* [n, k]: y = x @ W^T maps k inputs to n outputs */
-    const void *values;
-    const uint16_t *scales, *minimums; /* [n, k / 32] fp16; minimums for q4 only */
-} shoal_matrix;
 
 void shoal_dequantize(const shoal_matrix *m, float *w, int threads) {
-    int64_t nb = m->k / QK;
-    if (m->kind == 8) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t i = 0; i < m->n * nb; i++) {
-            float scale = half_to_float(m->scales[i]), *out = w + i * QK;
-            const int8_t *in = (const int8_t *)m->values + i * QK;
-            for (int j = 0; j < QK; j++) out[j] = scale * (float)in[j];
-        }
-        return;
-    }
-    int64_t groups = (m->n + LANES - 1) / LANES;
+    int64_t nb = m->k / QK, groups = (m->n + LANES - 1) / LANES;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < groups * nb; i++) {
         int64_t g = i / nb, b = i % nb;
-        const uint8_t *in = (const uint8_t *)m->values + i * (LANES * QK / 2);
         for (int l = 0; l < LANES && g * LANES + l < m->n; l++) {
             float scale = half_to_float(m->scales[i * LANES + l]);
-            float low = half_to_float(m->minimums[i * LANES + l]);
             float *out = w + (g * LANES + l) * m->k + b * QK;
-            for (int c = 0; c < 4; c++)
-                for (int e = 0; e < 4; e++) {
-                    uint8_t byte = in[32 * c + 4 * l + e];
-                    out[4 * c + e] = scale * (float)(byte & 0x0f) + low;
-                    out[16 + 4 * c + e] = scale * (float)(byte >> 4) + low;
+            if (m->kind == 8) {
+                const int8_t *in = (const int8_t *)m->values + i * (LANES * QK);
+                for (int v = 0; v < QK; v++) out[v] = scale * (float)in[q8_at(l, v)];
+            } else {
+                const uint8_t *in = (const uint8_t *)m->values + i * (LANES * QK / 2);
+                float low = half_to_float(m->minimums[i * LANES + l]);
+                for (int v = 0; v < QK; v++) {
+                    uint8_t byte = in[q4_at(l, v)];
+                    out[v] = scale * (float)(v < QK / 2 ? byte & 0x0f : byte >> 4) + low;
                 }
+            }
         }
     }
 }
 
-/* Activation rows quantized for a product: two int8 digits, per-block scale and sum. */
+/* Activation rows quantized for a product: 15-bit integers, per-block scale and sum. */
 typedef struct {
-    int8_t *q, *q2;
+    int16_t *q;
     float *d, *s;
 } Activations;
 
 static int activations_alloc(Activations *a, int64_t rows, int64_t k) {
-    a->q = malloc((size_t)(rows * k));
-    a->q2 = malloc((size_t)(rows * k));
+    a->q = malloc((size_t)(rows * k) * sizeof(int16_t));
     a->d = malloc((size_t)(rows * (k / QK)) * sizeof(float));
     a->s = malloc((size_t)(rows * (k / QK)) * sizeof(float));
-    return a->q && a->q2 && a->d && a->s ? 0 : -1;
+    return a->q && a->d && a->s ? 0 : -1;
 }
 
 static void activations_free(Activations *a) {
     free(a->q);
-    free(a->q2);
     free(a->d);
     free(a->s);
 }
 
+static void quantize(const float *x, int64_t rows, int64_t k, Activations *a, int threads) {
+    quantize_rows(x, rows, k, a->q, a->d, a->s, threads);
+}
+
+/* one group against `tile` rows; tile a constant in each case, so the kernel unrolls */
+#define GROUP(tile) group(m, g, a->q + r * k, a->d + r * nb, a->s + r * nb, tile, out)
+
 /* y [rows, n] (=, or += with accumulate) quantized rows @ W^T */
 static void product(const shoal_matrix *m, const Activations *a, int64_t rows, float *y,
                     int accumulate, int threads) {
-    int64_t n = m->n, k = m->k, nb = k / QK;
-    if (m->kind == 8) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t i = 0; i < n; i++) {
-            const int8_t *wi = (const int8_t *)m->values + i * k;
-            const uint16_t *di = m->scales + i * nb;
-            for (int64_t r = 0; r < rows; r += TILE) {
-                const int8_t *qx = a->q + r * k, *qx2 = a->q2 + r * k;
-                const float *dx = a->d + r * nb;
-                int tile = rows - r < TILE ? (int)(rows - r) : TILE;
-                float out[TILE] = {0};
-                switch (tile) {
-                case 8: row_q8(wi, di, nb, qx, qx2, dx, 8, out); break;
-                case 7: row_q8(wi, di, nb, qx, qx2, dx, 7, out); break;
-                case 6: row_q8(wi, di, nb, qx, qx2, dx, 6, out); break;
-                case 5: row_q8(wi, di, nb, qx, qx2, dx, 5, out); break;
-                case 4: row_q8(wi, di, nb, qx, qx2, dx, 4, out); break;
-                case 3: row_q8(wi, di, nb, qx, qx2, dx, 3, out); break;
-                case 2: row_q8(wi, di, nb, qx, qx2, dx, 2, out); break;
-                default: row_q8(wi, di, nb, qx, qx2, dx, 1, out); break;
-                }
-                for (int t = 0; t < tile; t++) {
-                    float *yi = y + (r + t) * n + i;
-                    *yi = accumulate ? *yi + out[t] : out[t];
-                }
-            }
-        }
-        return;
-    }
-    int64_t groups = (n + LANES - 1) / LANES;
+    int64_t n = m->n, k = m->k, nb = k / QK, groups = (n + LANES - 1) / LANES;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < groups; g++) {
-        const uint8_t *wg = (const uint8_t *)m->values + g * nb * (LANES * QK / 2);
-        const uint16_t *dg = m->scales + g * nb * LANES, *mg = m->minimums + g * nb * LANES;
         int lanes = n - g * LANES < LANES ? (int)(n - g * LANES) : LANES;
         for (int64_t r = 0; r < rows; r += TILE) {
-            const int8_t *qx = a->q + r * k, *qx2 = a->q2 + r * k;
-            const float *dx = a->d + r * nb, *sx = a->s + r * nb;
             int tile = rows - r < TILE ? (int)(rows - r) : TILE;
-            float out[TILE][LANES] = {{0}};
+            float out[TILE][LANES];
             switch (tile) {
-            case 8: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 8, out); break;
-            case 7: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 7, out); break;
-            case 6: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 6, out); break;
-            case 5: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 5, out); break;
-            case 4: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 4, out); break;
-            case 3: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 3, out); break;
-            case 2: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 2, out); break;
-            default: group_q4(wg, dg, mg, nb, qx, qx2, dx, sx, 1, out); break;
+            case 8: GROUP(8); break;
+            case 7: GROUP(7); break;
+            case 6: GROUP(6); break;
+            case 5: GROUP(5); break;
+            case 4: GROUP(4); break;
+            case 3: GROUP(3); break;
+            case 2: GROUP(2); break;
+            default: GROUP(1); break;
             }
             for (int t = 0; t < tile; t++) {
                 float *yr = y + (r + t) * n + g * LANES;
@@ -473,7 +423,7 @@ int shoal_matmul(const shoal_matrix *m, const float *x, int64_t rows, float *y, 
     Activations a;
     int status = activations_alloc(&a, rows, m->k);
     if (status == 0) {
-        quantize_rows(x, rows, m->k, a.q, a.q2, a.d, a.s, threads);
+        quantize(x, rows, m->k, &a, threads);
         product(m, &a, rows, y, 0, threads);
     }
     activations_free(&a);
@@ -688,20 +638,20 @@ int shoal_forward(const shoal_dims *dm, const shoal_layer *layers, int64_t count
     for (int64_t li = 0; li < count && status == 0; li++) {
         const shoal_layer *l = layers + li;
         shoal_rms_norm(h, rows, hidden, l->attn_norm, dm->eps, normed, threads);
-        quantize_rows(normed, rows, hidden, a.q, a.q2, a.d, a.s, threads);
+        quantize(normed, rows, hidden, &a, threads);
         product(&l->qkv, &a, rows, qkv, 0, threads);
         if (l->qkv_bias)
             for (int64_t r = 0; r < rows; r++)
                 for (int64_t j = 0; j < width; j++) qkv[r * width + j] += l->qkv_bias[j];
         status = attend(dm, l, li, qkv, rows, cos, sin, c, normed, threads);
         if (status) break;
-        quantize_rows(normed, rows, H * D, a.q, a.q2, a.d, a.s, threads);
+        quantize(normed, rows, H * D, &a, threads);
         product(&l->o, &a, rows, h, 1, threads);
         shoal_rms_norm(h, rows, hidden, l->mlp_norm, dm->eps, normed, threads);
-        quantize_rows(normed, rows, hidden, a.q, a.q2, a.d, a.s, threads);
+        quantize(normed, rows, hidden, &a, threads);
         product(&l->gate_up, &a, rows, gate_up, 0, threads);
         silu_gate(gate_up, rows, inter, normed, threads);
-        quantize_rows(normed, rows, inter, a.q, a.q2, a.d, a.s, threads);
+        quantize(normed, rows, inter, &a, threads);
         product(&l->down, &a, rows, h, 1, threads);
     }
     activations_free(&a);

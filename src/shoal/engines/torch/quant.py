@@ -16,7 +16,7 @@ kernels for int8 and int4 (below):
   tinygemm `_weight_int4pack_mm`.
 
 On CPU, int8 and int4 use shoal's block kernels (`shoal.engines.native`, GGUF's Q8_0 and Q4_1
-blocks, activations as two int8 digits per block) where they compile: PyTorch's own int8
+blocks, activations as 15-bit integers per block) where they compile: PyTorch's own int8
 and int4 CPU kernels are vectorised for AVX-512 only, and on AVX2 machines were 3-6x slower
 than fp16 (bench/engine_step.py), while the block kernels are faster than fp16. Without them,
 int8 is `_weight_int8pack_mm` (one scale per row) and int4 `_weight_int4pack_mm_for_cpu`.
