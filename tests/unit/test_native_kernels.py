@@ -128,6 +128,7 @@ class Tiny:
             )
             for _ in range(LAYERS)
         ]
+        self.layers, self.inv_freq = layers, (0.3 ** np.arange(HEAD_DIM // 2)).astype(np.float32)
         self.decoder = native.Decoder(
             lib,
             hidden=HIDDEN,
@@ -136,15 +137,15 @@ class Tiny:
             head_dim=HEAD_DIM,
             inter=INTER,
             eps=1e-5,
-            inv_freq=(0.3 ** np.arange(HEAD_DIM // 2)).astype(np.float32),
+            inv_freq=self.inv_freq,
             layers=layers,
         )
         self.rng = rng
 
     def caches(self, items: int, capacity: int = 32) -> tuple[np.ndarray, np.ndarray]:
         shape = (items, LAYERS, KV, capacity, HEAD_DIM)
-        k = self.rng.standard_normal(shape).astype(np.float32)
-        return k, self.rng.standard_normal(shape).astype(np.float32)
+        k = self.rng.standard_normal(shape).astype(native.Decoder.CACHE_DTYPE)
+        return k, self.rng.standard_normal(shape).astype(native.Decoder.CACHE_DTYPE)
 
     def hidden(self, rows: int) -> np.ndarray:
         return self.rng.standard_normal((rows, HIDDEN)).astype(np.float32)
@@ -199,6 +200,61 @@ def test_a_prompt_gives_the_bits_that_decoding_it_row_by_row_gives(lib: native.L
     np.testing.assert_array_equal(prompt, steps)
     np.testing.assert_array_equal(k[:, :, :, :6], k_steps[:, :, :, :6])
     np.testing.assert_array_equal(v[:, :, :, :6], v_steps[:, :, :, :6])
+
+
+def reference(tiny: Tiny, h: np.ndarray) -> np.ndarray:
+    """A prompt h [T, hidden] at positions 0.. through Tiny's layers in float64 numpy: the
+    dequantized weights, exact activations, keys and values rounded to the cache's fp16."""
+
+    def norm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * weight
+
+    def rotate(x: np.ndarray) -> np.ndarray:  # [T, heads, D], the halves layout
+        angle = np.arange(len(x))[:, None] * tiny.inv_freq.astype(np.float64)  # [T, D / 2]
+        cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+        a, b = x[..., : HEAD_DIM // 2], x[..., HEAD_DIM // 2 :]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+    t, group = len(h), HEADS // KV
+    x = h.astype(np.float64)
+    causal = np.tril(np.ones((t, t), bool))
+    for layer in tiny.layers:
+        qkv = norm(x, layer.attn_norm) @ layer.qkv.dequantize().T.astype(np.float64)
+        q, k, v = np.split(qkv.reshape(t, HEADS + 2 * KV, HEAD_DIM), [HEADS, HEADS + KV], axis=1)
+        q, k = rotate(q), rotate(k).astype(np.float16).astype(np.float64)
+        v = v.astype(np.float16).astype(np.float64)
+        out = np.empty((t, HEADS, HEAD_DIM))
+        for head in range(HEADS):
+            scores = q[:, head] @ k[:, head // group].T / np.sqrt(HEAD_DIM)  # [T, T]
+            scores = np.where(causal, scores, -np.inf)
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            out[:, head] = (p / p.sum(-1, keepdims=True)) @ v[:, head // group]
+        x = x + out.reshape(t, -1) @ layer.o.dequantize().T.astype(np.float64)
+        gate, up = np.split(norm(x, layer.mlp_norm) @ layer.gate_up.dequantize().T, 2, axis=-1)
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ layer.down.dequantize().T.astype(np.float64)
+    return x
+
+
+def test_a_long_prompt_matches_float_arithmetic(lib: native.Library) -> None:
+    # 300 positions: attention runs in pieces of 128 cached positions, merged per head.
+    tiny = Tiny(lib)
+    h = tiny.hidden(300)
+    k, v = tiny.caches(1, capacity=300)
+    got = tiny.forward(h, k, v, [(0, p) for p in range(300)])
+    want = reference(tiny, h)
+    # 15-bit activations: each product within ~1e-4 of exact, relative to its inputs' size
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-4 * np.abs(want).max())
+    assert np.abs(got - want).mean() < 2e-4 * np.abs(want).mean()
+
+
+def test_a_long_prompt_gives_the_bits_of_decoding_it_row_by_row(lib: native.Library) -> None:
+    tiny = Tiny(lib)
+    h = tiny.hidden(260)
+    k, v = tiny.caches(1, capacity=260)
+    k_steps, v_steps = k.copy(), v.copy()
+    prompt = tiny.forward(h, k, v, [(0, p) for p in range(260)])
+    steps = [tiny.forward(h[p : p + 1], k_steps, v_steps, [(0, p)]) for p in range(260)]
+    np.testing.assert_array_equal(prompt, np.concatenate(steps))
 
 
 def test_a_pass_writes_its_positions_and_leaves_the_rest_of_the_cache(

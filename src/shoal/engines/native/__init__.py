@@ -344,6 +344,7 @@ class Decoder:
     """
 
     MAX_HEAD_DIM = 512
+    CACHE_DTYPE = np.float16  # keys and values: half the bytes a step reads, as llama.cpp's cache
 
     def __init__(
         self,
@@ -425,7 +426,7 @@ class Decoder:
         """Advance h [rows, hidden] (float32 at address h) through every layer, in place.
 
         Row r is position position[r] of item item[r] (int64 [rows]). k, v: uint64 [items],
-        addresses of each item's float32 cache [layers, kv_heads, capacity, head_dim]; capacity:
+        addresses of each item's CACHE_DTYPE cache [layers, kv_heads, capacity, head_dim]; capacity:
         int64 [items]. Every row's keys and values are written at its position.
         """
         rows, items = len(item), len(k)

@@ -125,7 +125,9 @@ static void exp_in_place(float *x, int64_t n) {
 #define LANES 8 /* rows per group */
 
 /* where value v (< 32) of lane l sits in a group's block (see the layouts at the top) */
-static inline int64_t q8_at(int l, int v) { return 16 * (4 * (l % 4) + v / 8) + 8 * (l / 4) + v % 8; }
+static inline int64_t q8_at(int l, int v) {
+    return 16 * (4 * (l % 4) + v / 8) + 8 * (l / 4) + v % 8;
+}
 static inline int64_t q4_at(int l, int v) { return 32 * (l % 4) + 16 * (l / 4) + v % 16; }
 
 void shoal_quantize_q8(const float *w, int64_t n, int64_t k, int8_t *q, uint16_t *d, int threads) {
@@ -446,12 +448,13 @@ typedef struct {
 } shoal_dims;
 
 /* The rows of a pass and the caches they belong to. Row r is position position[r] of item
- * item[r]; item i's cache is [layers, kv_heads, capacity[i], head_dim] float32 at k[i] and v[i].
+ * item[r]; item i's cache is [layers, kv_heads, capacity[i], head_dim] fp16 at k[i] and v[i]
+ * (half the bytes of float32 to read at every step, as llama.cpp's default cache).
  * A pass writes every row's keys and values at its position, then each row attends to its
  * item's positions 0 .. position[r]. */
 typedef struct {
     const int64_t *item, *position;
-    float *const *k, *const *v;
+    uint16_t *const *k, *const *v;
     const int64_t *capacity;
 } shoal_rows;
 
@@ -476,16 +479,26 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t dim, fl
     memcpy(x, tmp, (size_t)dim * sizeof(float));
 }
 
-static float dot(const float *a, const float *b, int64_t n) {
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; j++) sum += a[j] * b[j];
-    return sum;
+/* n floats into fp16, rounding to nearest even (as F16C does) */
+static void to_half(const float *x, int64_t n, uint16_t *out) {
+    int64_t j = 0;
+#ifdef SHOAL_AVX2
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(out + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; j < n; j++) out[j] = float_to_half(x[j]);
 }
 
-/* scores[s] = scale * q . keys[s] for s < n (keys [n, dim]). One dot alone waits on its FMA
+#ifdef SHOAL_AVX2
+static inline __m256 load_half(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+#endif
+
+/* scores[s] = scale * q . keys[s] for s < n (keys [n, dim] fp16). One dot alone waits on its FMA
  * chain, so with AVX2 four positions run at once, two accumulators each (dim % 16 == 0). */
-static void head_scores(const float *q, const float *keys, int64_t n, int64_t dim, float scale,
+static void head_scores(const float *q, const uint16_t *keys, int64_t n, int64_t dim, float scale,
                         float *scores) {
     int64_t s = 0;
 #ifdef SHOAL_AVX2
@@ -496,20 +509,26 @@ static void head_scores(const float *q, const float *keys, int64_t n, int64_t di
             for (int64_t c = 0; c < dim; c += 16) {
                 __m256 q0 = _mm256_loadu_ps(q + c), q1 = _mm256_loadu_ps(q + c + 8);
                 for (int i = 0; i < 4; i++) {
-                    const float *k = keys + (s + i) * dim + c;
-                    acc[i][0] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k), acc[i][0]);
-                    acc[i][1] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k + 8), acc[i][1]);
+                    const uint16_t *k = keys + (s + i) * dim + c;
+                    acc[i][0] = _mm256_fmadd_ps(q0, load_half(k), acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(q1, load_half(k + 8), acc[i][1]);
                 }
             }
-            for (int i = 0; i < 4; i++) scores[s + i] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) * scale;
+            for (int i = 0; i < 4; i++)
+                scores[s + i] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) * scale;
         }
 #endif
-    for (; s < n; s++) scores[s] = dot(q, keys + s * dim, dim) * scale;
+    for (; s < n; s++) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < dim; j++) sum += q[j] * half_to_float(keys[s * dim + j]);
+        scores[s] = sum * scale;
+    }
 }
 
-/* out [dim] = sum over s < n of p[s] * values[s] (values [n, dim]); with AVX2, 64 outputs stay
- * in eight registers across all positions (dim % 8 == 0). */
-static void head_values(const float *p, const float *values, int64_t n, int64_t dim, float *out) {
+/* out [dim] = sum over s < n of p[s] * values[s] (values [n, dim] fp16); with AVX2, 64 outputs
+ * stay in eight registers across all positions (dim % 8 == 0). */
+static void head_values(const float *p, const uint16_t *values, int64_t n, int64_t dim,
+                        float *out) {
     int64_t c0 = 0;
 #ifdef SHOAL_AVX2
     if (dim % 8 == 0) {
@@ -518,9 +537,9 @@ static void head_values(const float *p, const float *values, int64_t n, int64_t 
             for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
             for (int64_t s = 0; s < n; s++) {
                 __m256 ps = _mm256_broadcast_ss(p + s);
-                const float *v = values + s * dim + c0;
+                const uint16_t *v = values + s * dim + c0;
                 for (int i = 0; i < 8; i++)
-                    acc[i] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(v + 8 * i), acc[i]);
+                    acc[i] = _mm256_fmadd_ps(ps, load_half(v + 8 * i), acc[i]);
             }
             for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + c0 + 8 * i, acc[i]);
         }
@@ -528,7 +547,7 @@ static void head_values(const float *p, const float *values, int64_t n, int64_t 
             __m256 acc = _mm256_setzero_ps();
             for (int64_t s = 0; s < n; s++)
                 acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + s),
-                                      _mm256_loadu_ps(values + s * dim + c0), acc);
+                                      load_half(values + s * dim + c0), acc);
             _mm256_storeu_ps(out + c0, acc);
         }
     }
@@ -536,10 +555,39 @@ static void head_values(const float *p, const float *values, int64_t n, int64_t 
     if (c0 < dim) {
         memset(out + c0, 0, (size_t)(dim - c0) * sizeof(float));
         for (int64_t s = 0; s < n; s++) {
-            const float *v = values + s * dim;
-#pragma omp simd
-            for (int64_t j = c0; j < dim; j++) out[j] += p[s] * v[j];
+            const uint16_t *v = values + s * dim;
+            for (int64_t j = c0; j < dim; j++) out[j] += p[s] * half_to_float(v[j]);
         }
+    }
+}
+
+/* Attention runs in pieces of CHUNK cached positions, one piece of one row's key/value head a
+ * task: its query heads (H / KV of them) go over the piece's keys and values while they are in
+ * cache, leaving per head the piece's largest score m, its sum of e^(score - m) and the values
+ * weighted by those. Each (row, head) then merges its pieces in order. Pieces depend only on a
+ * row's position, so a row's arithmetic is the same in any batch, and the work splits evenly
+ * over threads even for one row. */
+#define CHUNK 128
+#define PIECES 4096 /* pieces per pass: bounds the scratch of a long prompt */
+
+typedef struct {
+    int64_t row, group, chunk;
+} Piece;
+
+static void attend_piece(const float *q, const uint16_t *keys, const uint16_t *values,
+                         int64_t from, int64_t to, int64_t G, int64_t D, int64_t qstride,
+                         float scale, float *scores, float *partial) {
+    int64_t n = to - from;
+    for (int64_t e = 0; e < G; e++) {
+        float *s = scores, *p = partial + e * (D + 2), top = -INFINITY, total = 0.0f;
+        head_scores(q + e * qstride, keys + from * D, n, D, scale, s);
+        for (int64_t j = 0; j < n; j++) top = max_of(top, s[j]);
+        for (int64_t j = 0; j < n; j++) s[j] -= top;
+        exp_in_place(s, n);
+        for (int64_t j = 0; j < n; j++) total += s[j];
+        p[0] = top;
+        p[1] = total;
+        head_values(s, values + from * D, n, D, p + 2);
     }
 }
 
@@ -549,10 +597,7 @@ static int attend(const shoal_dims *dm, const shoal_layer *l, int64_t layer, flo
                   int64_t rows, const float *cos, const float *sin, const shoal_rows *c,
                   float *out, int threads) {
     int64_t H = dm->heads, KV = dm->kv_heads, D = dm->head_dim, width = (H + 2 * KV) * D;
-    int64_t longest = 0;
-    for (int64_t r = 0; r < rows; r++)
-        if (c->position[r] + 1 > longest) longest = c->position[r] + 1;
-    int status = 0;
+    int64_t G = H / KV;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < rows * (H + KV); i++) {
         int64_t r = i / (H + KV), head = i % (H + KV), b = c->item[r];
@@ -562,37 +607,80 @@ static int attend(const shoal_dims *dm, const shoal_layer *l, int64_t layer, flo
         rotate(x, cos + r * D, sin + r * D, D, tmp);
         if (head >= H) {
             int64_t g = head - H, at = ((layer * KV + g) * c->capacity[b] + c->position[r]) * D;
-            memcpy(c->k[b] + at, x, (size_t)D * sizeof(float));
-            memcpy(c->v[b] + at, x + KV * D, (size_t)D * sizeof(float));
+            to_half(x, D, c->k[b] + at);
+            to_half(x + KV * D, D, c->v[b] + at);
         }
     }
     float scale = 1.0f / sqrtf((float)D);
+    Piece *pieces = malloc(PIECES * sizeof(Piece));
+    float *partials = malloc((size_t)PIECES * (size_t)(G * (D + 2)) * sizeof(float));
+    int64_t *first = malloc((size_t)(rows + 1) * sizeof(int64_t)); /* row r's pieces from here */
+    int status = pieces && partials && first ? 0 : -1;
+    for (int64_t r0 = 0; r0 < rows && status == 0;) { /* rows r0 .. r1 - 1 in this pass */
+        int64_t count = 0, r1 = r0;
+        while (r1 < rows) {
+            int64_t chunks = c->position[r1] / CHUNK + 1;
+            if (r1 > r0 && count + KV * chunks > PIECES) break;
+            if (KV * chunks > PIECES) { /* one row alone over the bound: more scratch */
+                Piece *more = realloc(pieces, (size_t)(KV * chunks) * sizeof(Piece));
+                float *wider = realloc(partials, (size_t)(KV * chunks) *
+                                                     (size_t)(G * (D + 2)) * sizeof(float));
+                if (more) pieces = more;
+                if (wider) partials = wider;
+                if (!more || !wider) {
+                    status = -1;
+                    break;
+                }
+            }
+            first[r1 - r0] = count;
+            for (int64_t g = 0; g < KV; g++)
+                for (int64_t k = 0; k < chunks; k++) pieces[count++] = (Piece){r1, g, k};
+            r1++;
+        }
+        if (status) break;
+        first[r1 - r0] = count;
 #pragma omp parallel num_threads(threads)
-    {
-        float *scores = malloc((size_t)longest * sizeof(float));
-        if (!scores) {
+        {
+            float *scores = malloc(CHUNK * sizeof(float));
+            if (!scores) {
 #pragma omp atomic write
-            status = -1;
-        }
+                status = -1;
+            }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows * H; i++) {
-            if (!scores) continue;
-            int64_t r = i / H, head = i % H, b = c->item[r], g = head / (H / KV);
-            int64_t n = c->position[r] + 1;
-            const float *q = qkv + r * width + head * D;
-            const float *keys = c->k[b] + (layer * KV + g) * c->capacity[b] * D;
-            const float *values = c->v[b] + (layer * KV + g) * c->capacity[b] * D;
-            float top = -INFINITY, total = 0.0f;
-            head_scores(q, keys, n, D, scale, scores);
-            for (int64_t s = 0; s < n; s++) top = max_of(top, scores[s]);
-            for (int64_t s = 0; s < n; s++) scores[s] -= top;
-            exp_in_place(scores, n);
-            for (int64_t s = 0; s < n; s++) total += scores[s];
-            for (int64_t s = 0; s < n; s++) scores[s] /= total;
-            head_values(scores, values, n, D, out + r * H * D + head * D);
+            for (int64_t i = 0; i < count; i++) {
+                if (!scores) continue;
+                Piece pc = pieces[i];
+                int64_t b = c->item[pc.row], n = c->position[pc.row] + 1;
+                int64_t from = pc.chunk * CHUNK, to = from + CHUNK < n ? from + CHUNK : n;
+                int64_t base = (layer * KV + pc.group) * c->capacity[b] * D;
+                attend_piece(qkv + pc.row * width + pc.group * G * D, c->k[b] + base,
+                             c->v[b] + base, from, to, G, D, D, scale, scores,
+                             partials + i * G * (D + 2));
+            }
+            free(scores);
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < (r1 - r0) * H; i++) { /* merge each head's pieces, in order */
+                int64_t r = r0 + i / H, head = i % H, g = head / G, e = head % G;
+                int64_t chunks = c->position[r] / CHUNK + 1, stride = G * (D + 2);
+                const float *p = partials + (first[r - r0] + g * chunks) * stride + e * (D + 2);
+                float top = -INFINITY, total = 0.0f, *o = out + r * H * D + head * D;
+                for (int64_t k = 0; k < chunks; k++) top = max_of(top, p[k * stride]);
+                memset(o, 0, (size_t)D * sizeof(float));
+                for (int64_t k = 0; k < chunks; k++) {
+                    const float *pk = p + k * stride;
+                    float w = expf(pk[0] - top);
+                    total += w * pk[1];
+                    for (int64_t j = 0; j < D; j++) o[j] += w * pk[2 + j];
+                }
+                float inv = 1.0f / total;
+                for (int64_t j = 0; j < D; j++) o[j] *= inv;
+            }
         }
-        free(scores);
+        r0 = r1;
     }
+    free(pieces);
+    free(partials);
+    free(first);
     return status;
 }
 

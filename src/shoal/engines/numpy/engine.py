@@ -8,6 +8,7 @@ from typing import cast
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from shoal.engines import native
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
 from shoal.engines.numpy.cache import CacheStore
 from shoal.engines.numpy.llama import Context, Formats, Model, build_model, model_args
@@ -24,11 +25,11 @@ DTYPES = {"float32": np.float32}
 
 
 class NumpyEngine:
-    """The Engine protocol over the numpy model files; caches and I/O in float32.
+    """The Engine protocol over the numpy model files; I/O in float32.
 
-    quant int8 or int4 holds the projections in native blocks (llama.py); none and fp16 (numpy
-    has no fast half-precision matmul) keep float32. threads: the block kernels' threads (default:
-    every CPU).
+    quant int8 or int4 holds the projections in native blocks (llama.py) and the KV cache in
+    fp16, as the native pass reads it; none and fp16 (numpy has no fast half-precision matmul)
+    keep float32 weights and cache. threads: the block kernels' threads (default: every CPU).
     """
 
     name = "numpy"
@@ -53,8 +54,9 @@ class NumpyEngine:
         formats = Formats.of(self.quant, self.threads)
         model = build_model(args, shard, source.tensors(shard), progress, formats)
         self._model = model
+        cache = native.Decoder.CACHE_DTYPE if model.decoder is not None else self.dtype
         self._caches = CacheStore(
-            shard.end - shard.start, args.num_key_value_heads, args.head_dim, self.dtype
+            shard.end - shard.start, args.num_key_value_heads, args.head_dim, cache
         )
         if formats.lib is not None:
             # BLAS threads spin for a while after each call, on the cores the kernels' OpenMP

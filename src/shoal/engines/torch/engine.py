@@ -9,7 +9,14 @@ from torch import nn
 
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
 from shoal.engines.torch.cache import CacheStore
-from shoal.engines.torch.llama import Block, Context, Model, attention_mask, build_model
+from shoal.engines.torch.llama import (
+    NATIVE_CACHE_DTYPE,
+    Block,
+    Context,
+    Model,
+    attention_mask,
+    build_model,
+)
 from shoal.engines.torch.quant import Quant, check_quant, head_format
 from shoal.errors import BadRequest, UnsupportedModel
 from shoal.types.ids import RequestId
@@ -85,7 +92,7 @@ class TorchEngine:
             shard.end - shard.start,
             args.num_key_value_heads,
             args.head_dim,
-            self.dtype,
+            NATIVE_CACHE_DTYPE if model.decoder is not None else self.dtype,
             self.device,
         )
         log.info(

@@ -339,10 +339,13 @@ def _array(t: Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().float().cpu().numpy())
 
 
+NATIVE_CACHE_DTYPE = torch.float16  # native.Decoder.CACHE_DTYPE
+
+
 def _native_caches(caches: Sequence[KVCache]) -> bool:
-    """Whether the native decoder can write these caches: contiguous float32 on the CPU."""
+    """Whether the native decoder can write these caches: contiguous fp16 on the CPU."""
     return all(
-        c.k.device.type == "cpu" and c.k.dtype == torch.float32 and c.k.is_contiguous()
+        c.k.device.type == "cpu" and c.k.dtype == NATIVE_CACHE_DTYPE and c.k.is_contiguous()
         for c in caches
     )
 
