@@ -44,8 +44,10 @@ class KVCache:
             return
         size = -(-n // self.chunk) * self.chunk
         layers, heads, _, dim = self.k.shape
-        k = self.k.new_empty(layers, heads, size, dim)  # [L, KV, size, D]
-        v = self.v.new_empty(layers, heads, size, dim)  # [L, KV, size, D]
+        # zeros, not garbage: a fixed-shape step (llama.py Context.fixed) weighs every position
+        # past the prefix by 0, and 0 * NaN would be NaN
+        k = self.k.new_zeros(layers, heads, size, dim)  # [L, KV, size, D]
+        v = self.v.new_zeros(layers, heads, size, dim)  # [L, KV, size, D]
         k[:, :, : self.length] = self.k[:, :, : self.length]
         v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = k, v
@@ -61,6 +63,16 @@ class KVCache:
         keys[:, self.length : end] = k
         values[:, self.length : end] = v
         return keys[:, :end], values[:, :end]
+
+    def write_at(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one position's k, v [KV, 1, D] at the index in position [1] (a tensor, so a
+        CUDA graph can replay it at the next position); return the layer's whole capacity."""
+        keys, values = self._layers[layer]  # [KV, capacity, D]
+        keys.index_copy_(1, position, k.to(keys.dtype))
+        values.index_copy_(1, position, v.to(values.dtype))
+        return keys, values
 
     def advance(self, t: int) -> None:
         """Commit the t positions every layer has just written."""

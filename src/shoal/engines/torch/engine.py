@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
+from shoal.engines.torch import graphs
 from shoal.engines.torch.cache import CacheStore
 from shoal.engines.torch.llama import (
     NATIVE_CACHE_DTYPE,
@@ -51,6 +52,7 @@ class TorchEngine:
         self.quant: Quant = check_quant(quant)  # the projections' weight format (quant.py)
         self._model: Model | None = None
         self._caches: CacheStore | None = None
+        self._graphs: graphs.DecodeGraphs | None = None  # decode steps on CUDA (graphs.py)
 
     def load(self, shard: Shard, source: WeightSource, progress: ProgressFn | None = None) -> None:
         """Build the shard's modules without memory, fill them from source, pack each layer."""
@@ -95,6 +97,7 @@ class TorchEngine:
             NATIVE_CACHE_DTYPE if model.decoder is not None else self.dtype,
             self.device,
         )
+        self._graphs = graphs.DecodeGraphs() if graphs.enabled(self.device) else None
         log.info(
             "loaded %s on %s (%s, weights %s)",
             shard,
@@ -129,6 +132,7 @@ class TorchEngine:
         """Release every cache and the weights."""
         self._model = None
         self._caches = None
+        self._graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -180,9 +184,12 @@ class TorchEngine:
         kv = [caches.get(item.request_id) for item in items]
         for cache in kv:
             cache.reserve(cache.length + t)
-        masks = [attention_mask(s, t, self.device) for s in starts]
-        ctx = Context(kv, [m for m, _ in masks], [c for _, c in masks])
-        out = model(x, positions, ctx, all_logits=all_logits)  # [B, T or 1, width]
+        if t == 1 and self._graphs is not None:
+            out = self._graphs.step(model, kv, x, positions, all_logits)
+        else:
+            masks = [attention_mask(s, t, self.device) for s in starts]
+            ctx = Context(kv, [m for m, _ in masks], [c for _, c in masks])
+            out = model(x, positions, ctx, all_logits=all_logits)  # [B, T or 1, width]
         result = out.float().cpu().numpy()
         for cache in kv:
             cache.advance(t)

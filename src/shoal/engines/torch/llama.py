@@ -86,6 +86,15 @@ class Context:
     caches: Sequence[KVCache]
     masks: list[Tensor | None]  # [T, start+T] bool, True = attend; None = no mask needed
     causal: list[bool]  # the item starts at 0: plain causal attention, no mask tensor
+    # A decode step at fixed shapes and addresses, as a CUDA graph replays it: each item writes
+    # at positions[i] and attends over its cache's whole capacity, masked by visible[i].
+    positions: Tensor | None = None  # [B, 1]
+    visible: list[Tensor] | None = None  # [capacity] bool per item: set by Model.forward
+
+    @classmethod
+    def fixed(cls, caches: Sequence[KVCache], positions: Tensor) -> "Context":
+        """A decode step's context with no shape or index taken from Python values."""
+        return cls(caches, [None] * len(caches), [False] * len(caches), positions)
 
 
 def attention_mask(start: int, t: int, device: torch.device) -> tuple[Tensor | None, bool]:
@@ -148,6 +157,13 @@ class Attention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, layer: int, i: int) -> Tensor:
         """One item's attention: q [H, T, D] against its cache after writing k, v [KV, T, D]."""
+        if ctx.positions is not None and ctx.visible is not None:  # fixed shapes: see Context
+            keys, values = ctx.caches[i].write_at(layer, k, v, ctx.positions[i])  # [KV, C, D]
+            kv, _, d = keys.shape
+            grouped = q.reshape(kv, -1, d)  # [KV, H / KV, D], q already scaled by D^-1/2
+            scores = torch.bmm(grouped, keys.transpose(1, 2))  # [KV, H / KV, C]
+            scores = scores.masked_fill(~ctx.visible[i], float("-inf"))
+            return torch.bmm(scores.softmax(dim=-1), values).view(-1, 1, d)  # [H, 1, D]
         keys, values = ctx.caches[i].update(layer, k, v)  # [KV, S, D] with S = start + T
         if q.shape[1] == 1:  # decode: three small matmuls beat the fused kernel's set-up
             kv, _, d = keys.shape
@@ -251,6 +267,11 @@ class Model(nn.Module):
         h = inner.embed_tokens(x) if inner.embed_tokens is not None else x  # [B, T, hidden]
         if self.decoder is not None and _native_caches(ctx.caches):
             return self._forward_native(self.decoder, h, positions, ctx.caches, all_logits)
+        if ctx.positions is not None:  # each cache's positions up to the step's, computed here
+            ctx.visible = [  # so that a CUDA graph recomputes them from the positions tensor
+                torch.arange(c.capacity, device=h.device) <= p
+                for c, p in zip(ctx.caches, ctx.positions, strict=True)
+            ]
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         cos = torch.cat((freqs, freqs), dim=-1).cos()[:, None].to(h.dtype)  # [B, 1, T, D]
         sin = torch.cat((-freqs, freqs), dim=-1).sin()[:, None].to(h.dtype)  # signed: rotate()
