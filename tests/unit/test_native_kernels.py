@@ -235,12 +235,14 @@ def reference(tiny: Tiny, h: np.ndarray) -> np.ndarray:
     return x
 
 
-def test_a_long_prompt_matches_float_arithmetic(lib: native.Library) -> None:
-    # 300 positions: attention runs in pieces of 128 cached positions, merged per head.
+@pytest.mark.parametrize("length", [300, 1000])
+def test_a_long_prompt_matches_float_arithmetic(lib: native.Library, length: int) -> None:
+    # Attention runs in pieces of 128 cached positions, merged per head; 1000 rows make more
+    # pieces than one pass holds (4096), so they run in several passes.
     tiny = Tiny(lib)
-    h = tiny.hidden(300)
-    k, v = tiny.caches(1, capacity=300)
-    got = tiny.forward(h, k, v, [(0, p) for p in range(300)])
+    h = tiny.hidden(length)
+    k, v = tiny.caches(1, capacity=length)
+    got = tiny.forward(h, k, v, [(0, p) for p in range(length)])
     want = reference(tiny, h)
     # 15-bit activations: each product within ~1e-4 of exact, relative to its inputs' size
     np.testing.assert_allclose(got, want, rtol=0, atol=5e-4 * np.abs(want).max())
