@@ -3,7 +3,9 @@
 Random weights in the shape of a catalog card (default smollm2-135m), so it needs no checkpoint
 and runs on a machine that has torch and pydantic only. For each --quant: prefill of --prompt
 tokens for B requests, then the median time of one decode step of B tokens; aggregate tok/s is
-B / step. `--profile` prints torch.profiler's top ops for the first format at the first B.
+B / step. The first step is reported apart: on CUDA it includes capturing the step's graph
+(engines/torch/graphs.py). `--profile` prints torch.profiler's top ops for the first format at
+the first B.
 
     python bench/engine_step.py --device cpu --quant none fp16 int8 int4 --batch 1 8
 """
@@ -85,8 +87,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(engine: TorchEngine, device: str, batch: int, prompt: int, steps: int) -> float:
-    """Median seconds of one decode step of `batch` requests after a prompt each."""
+def measure(
+    engine: TorchEngine, device: str, batch: int, prompt: int, steps: int
+) -> tuple[float, float]:
+    """Seconds of the first decode step and the median one, `batch` requests after a prompt
+    each."""
     rids = [RequestId(f"r{batch}-{i}") for i in range(batch)]
     ids = np.arange(1, prompt + 1, dtype=np.int64)
     engine.forward([StepInput(r, ids, 0) for r in rids])
@@ -98,7 +103,7 @@ def measure(engine: TorchEngine, device: str, batch: int, prompt: int, steps: in
         times.append(time.perf_counter() - t0)
     for r in rids:
         engine.free(r)
-    return statistics.median(times[2:])
+    return times[0], statistics.median(times[2:])
 
 
 def main() -> None:
@@ -124,8 +129,14 @@ def main() -> None:
         engine.load(shard, source)
         load_s = time.perf_counter() - t0
         for batch in args.batch:
-            step = measure(engine, args.device, batch, args.prompt, args.steps)
-            row = {"quant": quant, "batch": batch, "step_ms": step * 1000, "tok_s": batch / step}
+            first, step = measure(engine, args.device, batch, args.prompt, args.steps)
+            row = {
+                "quant": quant,
+                "batch": batch,
+                "first_step_ms": first * 1000,
+                "step_ms": step * 1000,
+                "tok_s": batch / step,
+            }
             rows.append({**row, "load_s": load_s})
             print(json.dumps(row), flush=True)
         if args.profile and quant == args.quant[0]:
