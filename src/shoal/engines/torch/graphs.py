@@ -6,8 +6,9 @@ bakes in shapes and memory addresses, so the step runs at fixed shapes (llama.py
 each item writes at a position tensor and attends over its cache's whole capacity, masked), and a
 graph is keyed by its caches' storage and capacity. It is replayed while the same requests decode
 together and their caches do not grow (every 256 positions), and captured again otherwise.
-On an H100, SmolLM2 steps went from 10.6 to 2.5 ms (1 request) and from 29 to 9.4 ms (8), and a
-capture took 50-200 ms. SHOAL_CUDA_GRAPHS=0 turns graphs off.
+On an H100 (bench/engine_step.py, SmolLM2's shape), a step went from 13.7-16.6 to 2.4-2.9 ms
+for 1 request and from 30-32 to 8.8-9.6 ms for 8 (int8: 19 to 5.5, 47 to 13.4), and a capture
+took 50-210 ms. SHOAL_CUDA_GRAPHS=0 turns graphs off.
 """
 
 import os
