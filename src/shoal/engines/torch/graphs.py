@@ -76,9 +76,6 @@ class DecodeGraphs:
         graph.graph.replay()
         return graph.out
 
-    def clear(self) -> None:
-        self._graphs.clear()
-
     def _capture(
         self,
         model: Model,
