@@ -156,6 +156,40 @@ def test_reader_limits_are_parameters() -> None:
         FrameReader(max_data_bytes=64).feed(frames.encode(frames.forward(0, 0, ITEMS, HIDDEN)))
 
 
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (header(kind=Kind.FORWARD, dtype=DType.INT64, meta=40, data=4 << 30), "data 4294967296 B"),
+        (header(kind=Kind.FORWARD, dtype=DType.INT64, meta=(64 << 10) + 1, data=8), "meta 65537"),
+        (header(kind=Kind.FREE, meta=20, data=1 << 20), "FREE frame carries no data"),
+        (header(kind=Kind.FORWARD, dtype=DType.NONE, meta=40, data=8), "not whole NONE"),
+        (header(kind=Kind.FORWARD, dtype=DType.FLOAT32, meta=40, data=6), "not whole FLOAT32"),
+    ],
+    ids=["4GiB-data", "big-meta", "data-on-free", "no-dtype", "odd-bytes"],
+)
+def test_headers_are_refused_before_their_body_arrives(raw: bytes, match: str) -> None:
+    reader = FrameReader(max_meta_bytes=64 << 10, max_data_bytes=1 << 20)
+    with pytest.raises(FrameError, match=match):
+        reader.feed(raw)  # the header alone: nothing of the body is awaited or buffered
+
+
+def test_a_frame_of_exactly_the_limits_is_read() -> None:
+    frame = frames.forward(0, 0, ITEMS, HIDDEN)
+    raw = frames.encode(frame)
+    meta_len = struct.unpack_from("<I", raw, 24)[0]
+    reader = FrameReader(max_meta_bytes=meta_len, max_data_bytes=HIDDEN.nbytes)
+    assert reader.feed(raw) == [frame]
+
+
+def test_partial_says_when_a_frame_is_midway() -> None:
+    raw = frames.encode(frames.forward(0, 0, ITEMS, HIDDEN))
+    reader = FrameReader()
+    assert not reader.partial
+    assert reader.feed(raw[:10]) == [] and reader.partial  # part of the header
+    assert reader.feed(raw[10:40]) == [] and reader.partial  # header parsed, body to come
+    assert len(reader.feed(raw[40:])) == 1 and not reader.partial
+
+
 def test_items_only_on_forward() -> None:
     with pytest.raises(FrameError, match="no items"):
         _ = frames.hello(0, "client").items

@@ -26,7 +26,9 @@ MAGIC = b"SHDP"
 VERSION = 1
 HEADER = struct.Struct("<4sBBBBQQIQ")  # 36 bytes
 MAX_META_BYTES = 1 << 20
-MAX_DATA_BYTES = 1 << 32  # a long prefill chunk of a large model stays well below
+# The default for readers that trust their peer; a stage runner sets a cap from its model
+# (worker/limits.py) so that a header cannot make it buffer gigabytes.
+MAX_DATA_BYTES = 1 << 32
 
 FLAG_STAGE_LOST = 1  # on ERROR: a stage could not reach the next one (meta.stage says which)
 
@@ -236,7 +238,10 @@ def encode(frame: Frame) -> bytes:
 
 
 class FrameReader:
-    """Bytes in, whole frames out, however the stream is cut. After a FrameError, stop feeding."""
+    """Bytes in, whole frames out, however the stream is cut. After a FrameError, stop feeding.
+
+    Sizes are checked from the header, before any of the meta or data is buffered.
+    """
 
     def __init__(
         self, max_meta_bytes: int = MAX_META_BYTES, max_data_bytes: int = MAX_DATA_BYTES
@@ -265,6 +270,11 @@ class FrameReader:
             self._header = None
             frames.append(_build(kind, dtype, flags, session, step, meta, data))
 
+    @property
+    def partial(self) -> bool:
+        """Whether part of a frame has arrived and the rest has not."""
+        return self._header is not None or bool(self._buffer)
+
     def _parse_header(self, raw: bytes) -> tuple[Kind, DType, int, int, int, int, int]:
         magic, version, kind, dtype, flags, session, step, meta_len, data_len = HEADER.unpack(raw)
         if magic != MAGIC:
@@ -280,6 +290,10 @@ class FrameReader:
                 f"oversized frame: meta {meta_len} B (limit {self.max_meta_bytes}), "
                 f"data {data_len} B (limit {self.max_data_bytes})"
             )
+        if kind != Kind.FORWARD and data_len:
+            raise FrameError(f"a {kind.name} frame carries no data, got {data_len} B")
+        if kind == Kind.FORWARD and (dtype == DType.NONE or data_len % _ITEMSIZE[dtype]):
+            raise FrameError(f"FORWARD data of {data_len} B are not whole {dtype.name} values")
         return kind, dtype, flags, session, step, meta_len, data_len
 
 
