@@ -14,7 +14,7 @@ import sys
 from collections.abc import AsyncGenerator, Mapping
 from typing import IO, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shoal.errors import ShoalError
 from shoal.net.frames import WireDType
@@ -48,6 +48,16 @@ class RunnerConfig(BaseModel):
     inline_tokens: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     cache_dir: str | None = None  # dequantized weights cached here (models/weight_cache.py)
+    # What one data-plane peer may ask of the runner (worker/limits.py, runner.StageServer):
+    # tokens and items per step (frames larger than the tokens allow are refused from their
+    # header), live request caches, open connections; a connection must say HELLO within
+    # hello_timeout_s, and a frame that stops arriving midway for frame_timeout_s is dropped.
+    max_step_tokens: int = Field(default=8192, gt=0)
+    max_items: int = Field(default=256, gt=0)
+    max_live_requests: int = Field(default=64, gt=0)
+    max_connections: int = Field(default=64, gt=0)
+    hello_timeout_s: float = Field(default=5.0, gt=0)
+    frame_timeout_s: float = Field(default=10.0, gt=0)
 
     @property
     def shard(self) -> Shard:
