@@ -1,17 +1,28 @@
 """Instances: POST /instance, GET /instance/previews, GET /v1/instances, DELETE /instance/{id}."""
 
+import asyncio
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from shoal.errors import ModelNotFound
+from shoal.cluster import ClusterNode
+from shoal.errors import BadRequest, ModelNotFound
+from shoal.placement.overrides import parse_overrides
 from shoal.placement.previews import previews
 from shoal.serving import ClusterService, profiles_of
+from shoal.state.model import State
 from shoal.types.commands import DeleteInstance
 from shoal.types.ids import InstanceId
 
 router = APIRouter()
+
+# How long a layout waits for the profiles of the nodes it names: a node that has just joined
+# profiles itself first, so `shoal place` right after start-up must not fail with "no node".
+# The default lease (--lease-ms): a node still silent after it is as good as gone. Tests set
+# app.state.profile_wait_s.
+PROFILE_WAIT_S = 2.0
+PROFILE_POLL_S = 0.05
 
 
 class PlaceRequest(BaseModel):
@@ -31,10 +42,38 @@ def _service(request: Request) -> ClusterService:
 @router.post("/instance")
 async def place_instance(body: PlaceRequest, request: Request) -> dict[str, Any]:
     """Place an instance of a model (the master decides, or follows `layers`)."""
+    if body.layers is not None and request.app.state.cluster is not None:
+        wait_s = getattr(request.app.state, "profile_wait_s", PROFILE_WAIT_S)
+        await _await_profiles(request.app.state.cluster, body.layers, wait_s)
     instance = await _service(request).place(
         body.model, policy=body.policy, layers=body.layers, engine=body.engine
     )
     return instance.model_dump(mode="json")
+
+
+def unprofiled(layers: str, state: State) -> list[str]:
+    """The nodes a layout names that no connected, profiled node answers to (id or prefix)."""
+    try:
+        names = [o.node for o in parse_overrides(layers)]
+    except BadRequest:
+        return []  # placement says what is wrong with the layout itself
+    known = [p.node_id for p in profiles_of(state)]
+    return [n for n in dict.fromkeys(names) if not any(k.startswith(n) for k in known)]
+
+
+async def _await_profiles(cluster: ClusterNode, layers: str, wait_s: float) -> None:
+    """Until every node the layout names has a profile; BadRequest after wait_s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while missing := unprofiled(layers, cluster.state):
+        if loop.time() >= deadline:
+            known = ", ".join(sorted(p.node_id for p in profiles_of(cluster.state))) or "none"
+            raise BadRequest(
+                f"no profile from {', '.join(missing)} within {wait_s:g} s (profiled nodes: "
+                f"{known}); is that node running and joined to this cluster?",
+                param="layers",
+            )
+        await asyncio.sleep(PROFILE_POLL_S)
 
 
 @router.get("/instance/previews")
