@@ -48,7 +48,7 @@ class RunnerConfig(BaseModel):
     inline_tokens: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     cache_dir: str | None = None  # dequantized weights cached here (models/weight_cache.py)
-    # What one data-plane peer may ask of the runner (worker/limits.py, runner.StageServer):
+    # What one data-plane peer may ask of the runner (worker/limits.py, stage.StageServer):
     # tokens and items per step (frames larger than the tokens allow are refused from their
     # header), live request caches, open connections; a connection must say HELLO within
     # hello_timeout_s, and a frame that stops arriving midway for frame_timeout_s is dropped.
