@@ -27,3 +27,11 @@ class ContextOverflow(BadRequest):
 
 class UnsupportedModel(ShoalError):
     """The weights use an architecture or tensor type no engine here implements."""
+
+
+class Overloaded(ShoalError):
+    """Too many requests are queued for the model now; retry later (HTTP 429, Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

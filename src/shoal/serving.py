@@ -12,15 +12,14 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from shoal.cluster import ClusterNode
 from shoal.errors import ModelUnavailable
 from shoal.inference.pipeline import PipelineBroken
 from shoal.inference.remote import RemotePipeline
-from shoal.inference.request import GenerationEvent, GenerationRequest
-from shoal.inference.scheduler import Scheduler
+from shoal.inference.request import GenerationRequest
+from shoal.inference.scheduler import RequestStream, Scheduler
 from shoal.inference.service import ModelStatus
 from shoal.master import Placer
 from shoal.models.catalog import Catalog, find_local_weights
@@ -92,7 +91,7 @@ class InstanceHandle:
     def context_length(self) -> int:
         return self.card.context_length
 
-    def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+    def generate(self, req: GenerationRequest) -> RequestStream:
         return self.scheduler.generate(req)
 
 
@@ -106,6 +105,8 @@ class ClusterService:
         *,
         auto_place: bool = True,
         max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = 256,
         wire_dtype: WireDType = "float32",
         ready_timeout_s: float = 300.0,
         failover_timeout_s: float = 120.0,
@@ -115,6 +116,8 @@ class ClusterService:
         self._catalog = catalog
         self._auto_place = auto_place
         self._max_batch = max_batch
+        self._max_queue = max_queue
+        self._prefill_chunk = prefill_chunk
         self._wire_dtype = wire_dtype
         self._ready_timeout = ready_timeout_s
         self._handles: dict[InstanceId, InstanceHandle] = {}
@@ -277,7 +280,10 @@ class ClusterService:
             pipeline,
             tokenizer,
             context_length=card.context_length,
+            vocab_size=card.vocab_size,
             max_batch=self._max_batch,
+            max_queue=self._max_queue,
+            prefill_chunk=self._prefill_chunk,
             recover=recover,
         )
         task = asyncio.create_task(scheduler.run(), name=f"scheduler {iid}")

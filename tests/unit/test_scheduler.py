@@ -5,7 +5,7 @@ import contextlib
 
 import pytest
 
-from shoal.errors import ModelUnavailable
+from shoal.errors import BadRequest, ModelUnavailable, Overloaded
 from shoal.inference.pipeline import LocalPipeline, PipelineBroken
 from shoal.inference.request import Finished, GenerationRequest, SamplingParams, TextDelta
 from shoal.inference.scheduler import Scheduler
@@ -173,3 +173,117 @@ async def test_no_capacity_coming_back_fails_the_requests_with_the_reason() -> N
         with pytest.raises(ModelUnavailable, match="cannot hold"):
             await run(s, request("z", "hello"))
         assert s.load == 0
+
+
+# ---- one request never hurts another ----
+
+
+class Poisoned:
+    """A pipeline whose whole step fails whenever a poisoned request is in it (as an engine
+    would on one bad input), after the stages before the failure wrote their caches."""
+
+    def __init__(self, inner: LocalPipeline, poison: str) -> None:
+        self.inner, self.poison, self.failures = inner, poison, 0
+
+    async def forward(self, steps):  # type: ignore[no-untyped-def]
+        if any(s.item.request_id == self.poison for s in steps):
+            await self.inner.forward(steps)  # caches written, then the step fails
+            self.failures += 1
+            raise ValueError("a bad input somewhere in this batch")
+        return await self.inner.forward(steps)
+
+    async def free(self, rid):  # type: ignore[no-untyped-def]
+        await self.inner.free(rid)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "seed": 11}])
+async def test_a_failing_request_fails_alone_and_the_others_get_their_text(
+    sampling: dict[str, object],
+) -> None:
+    victims = ["first victim", "second", "the third one"]
+    async with running(fake_scheduler()) as s:
+        alone = [
+            await run(s, request(f"a{i}", p, max_tokens=30, **sampling))
+            for i, p in enumerate(victims)
+        ]
+    poisoned = Poisoned(LocalPipeline([fake_engine(delay_s=0.003)]), poison="bad")
+    scheduler = Scheduler(poisoned, ByteTokenizer(), context_length=512)  # type: ignore[arg-type]
+    async with running(scheduler) as s:
+        runs = [
+            run(s, request(f"v{i}", p, max_tokens=30, **sampling)) for i, p in enumerate(victims)
+        ]
+        tasks = [asyncio.create_task(r) for r in runs]
+        await asyncio.sleep(0.01)  # the victims are decoding when the bad request joins
+        assert not any(t.done() for t in tasks)
+        with pytest.raises(ValueError, match="bad input"):
+            await run(s, request("bad", "poison"))
+        got = await asyncio.gather(*tasks)
+        assert s.load == 0
+    assert poisoned.failures == 2  # once in the batch, once alone: nobody else failed
+    assert [g[:2] for g in got] == [a[:2] for a in alone]
+
+
+async def test_a_bad_request_is_refused_before_it_joins() -> None:
+    scheduler = fake_scheduler()
+    scheduler._vocab = 259  # the byte tokenizer's vocabulary
+    cases = [
+        (GenerationRequest(RequestId("e"), ModelId("fake"), ()), "prompt", "empty"),
+        (GenerationRequest(RequestId("v"), ModelId("fake"), (1, 259)), "prompt", "259"),
+        (GenerationRequest(RequestId("n"), ModelId("fake"), (1, -1)), "prompt", "-1"),
+        (request("s", "hi", seed=-1), "seed", "seed"),
+        (request("s", "hi", seed=2**63), "seed", "seed"),
+        (GenerationRequest(RequestId("c"), ModelId("fake"), (5,) * 512), "prompt", "512"),
+    ]
+    for req, param, words in cases:
+        with pytest.raises(BadRequest, match=words) as caught:
+            scheduler.generate(req)
+        assert caught.value.param == param
+    assert scheduler.load == 0
+
+
+async def test_a_full_queue_refuses_with_overloaded() -> None:
+    scheduler = fake_scheduler(max_batch=1)
+    scheduler._max_queue = 2
+    streams = [scheduler.generate(request(f"q{i}", "hi")) for i in range(2)]
+    with pytest.raises(Overloaded):
+        scheduler.generate(request("q3", "hi"))
+    async with running(scheduler) as s:
+        for stream in streams:
+            async for _ in stream:
+                pass
+        assert (await run(s, request("after", "hi")))[2].reason == "length"
+
+
+async def test_a_short_prompt_is_not_held_behind_a_long_prefill() -> None:
+    engine = fake_engine(delay_s=0.002)
+    steps: list[list[int]] = []
+    forward = engine.forward
+
+    def spy(batch, **kw):  # type: ignore[no-untyped-def]
+        steps.append([item.length for item in batch])
+        return forward(batch, **kw)
+
+    engine.forward = spy  # type: ignore[method-assign]
+    async with running(fake_scheduler(engine, prefill_chunk=16, context_length=1024)) as s:
+        long = asyncio.create_task(run(s, request("long", "x" * 400, max_tokens=2)))
+        await asyncio.sleep(0.01)
+        short = await run(s, request("short", "hi", max_tokens=2))
+        assert not long.done()  # the short one finished while the long one still prefilled
+        await long
+    assert short[2].reason == "length"
+    assert max(sum(lengths) for lengths in steps) <= 16 + 1  # one chunk (+ decodes) a step
+
+
+async def test_a_stream_dropped_unread_cancels_its_request() -> None:
+    engine = fake_engine(delay_s=0.002)
+    async with running(fake_scheduler(engine)) as s:
+        stream = s.generate(request("dropped", "hello", max_tokens=400))
+        del stream  # never iterated (an HTTP response that never started)
+        for _ in range(200):
+            if s.load == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert s.load == 0 and "dropped" not in engine._states

@@ -15,6 +15,7 @@ def create_app(
     *,
     cluster: ClusterNode | None = None,
     max_body_bytes: int = 4 * 1024 * 1024,
+    body_timeout_s: float = 30.0,
 ) -> FastAPI:
     """An app serving `service` (and `cluster`); the caller runs it and owns their lifetimes."""
     app = FastAPI(title="shoal", version=__version__)
@@ -24,5 +25,5 @@ def create_app(
     errors.install(app)
     for module in (models, chat, completions, health, cluster_routes, instances):
         app.include_router(module.router)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, timeout_s=body_timeout_s)
     return app

@@ -7,11 +7,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from shoal.api.errors import error_body, status_of
-from shoal.api.generation import check_context, collect, events, new_request_id, now
+from shoal.api.generation import check_context, collect, events, new_request_id, now, off_loop
 from shoal.api.openai_types import ChatCompletionRequest, usage
 from shoal.api.sse import sse_stream
-from shoal.errors import ShoalError
+from shoal.errors import BadRequest, ShoalError
 from shoal.inference.request import Finished, GenerationRequest
+from shoal.inference.scheduler import RequestStream
 from shoal.inference.service import InferenceService, ModelHandle
 
 router = APIRouter()
@@ -31,15 +32,17 @@ async def chat_completions(
 ) -> dict[str, Any] | StreamingResponse:
     service: InferenceService = request.app.state.service
     handle = await service.acquire(body.model)
-    prompt = handle.tokenizer.encode_chat(_messages(body))
+    sampling = body.sampling(body.token_limit)
+    prompt = await off_loop(handle.tokenizer.encode_chat, _messages(body))
+    if not prompt:
+        raise BadRequest("the chat template made an empty prompt", param="messages")
     check_context(handle, len(prompt), body.token_limit)
-    req = GenerationRequest(
-        new_request_id("chatcmpl"), handle.card.id, tuple(prompt), body.sampling(body.token_limit)
-    )
+    req = GenerationRequest(new_request_id("chatcmpl"), handle.card.id, tuple(prompt), sampling)
+    stream = handle.generate(req)  # admitted now: a full queue is a 429, not a broken stream
     if body.stream:
-        chunks = _chunks(handle, req, body.include_usage)
+        chunks = _chunks(handle, req, stream, body.include_usage)
         return StreamingResponse(sse_stream(chunks), media_type="text/event-stream")
-    text, done = await collect(handle, req, request)
+    text, done = await collect(stream, request)
     return {
         "id": req.request_id,
         "object": "chat.completion",
@@ -59,7 +62,7 @@ async def chat_completions(
 
 
 async def _chunks(
-    handle: ModelHandle, req: GenerationRequest, include_usage: bool
+    handle: ModelHandle, req: GenerationRequest, stream: RequestStream, include_usage: bool
 ) -> AsyncIterator[dict[str, Any]]:
     created = now()
 
@@ -76,7 +79,7 @@ async def _chunks(
 
     yield chunk({"role": "assistant", "content": ""}, None)
     try:
-        async for event in events(handle, req):
+        async for event in events(stream):
             if isinstance(event, Finished):
                 yield chunk({}, event.reason)
                 if include_usage:

@@ -1,17 +1,22 @@
-"""Glue shared by the generation endpoints: context checks, collecting, streaming, cancellation."""
+"""Glue shared by the generation endpoints: input checks, collecting, streaming, cancellation."""
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 from fastapi import Request
 
-from shoal.errors import ContextOverflow
-from shoal.inference.request import Finished, GenerationEvent, GenerationRequest, TextDelta
+from shoal.errors import BadRequest, ContextOverflow
+from shoal.inference.request import Finished, GenerationEvent, TextDelta
+from shoal.inference.scheduler import RequestStream
 from shoal.inference.service import ModelHandle
 from shoal.types.ids import RequestId
+
+_T = TypeVar("_T")
 
 DISCONNECT_POLL_S = 0.5
 
@@ -22,6 +27,20 @@ def new_request_id(prefix: str) -> RequestId:
 
 def now() -> int:
     return int(time.time())
+
+
+async def off_loop(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """fn on a worker thread: tokenizing a long prompt or rendering a chat template must not
+    stall the event loop (every other request and /healthz wait on it)."""
+    return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+
+
+def check_token_ids(handle: ModelHandle, ids: Sequence[int], *, param: str) -> None:
+    """400 naming the first token id outside the model's vocabulary."""
+    vocab = handle.card.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise BadRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
 
 def check_context(handle: ModelHandle, prompt_tokens: int, max_tokens: int | None) -> None:
@@ -41,14 +60,12 @@ def check_context(handle: ModelHandle, prompt_tokens: int, max_tokens: int | Non
         )
 
 
-async def collect(
-    handle: ModelHandle, req: GenerationRequest, request: Request
-) -> tuple[str, Finished]:
+async def collect(stream: RequestStream, request: Request) -> tuple[str, Finished]:
     """Run to completion; a client that goes away cancels the generation."""
 
     async def drain() -> tuple[str, Finished]:
         parts: list[str] = []
-        async with contextlib.aclosing(handle.generate(req)) as events:
+        async with contextlib.aclosing(stream) as events:
             async for event in events:
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
@@ -67,10 +84,11 @@ async def collect(
                 raise asyncio.CancelledError("client disconnected")
     finally:
         task.cancel()
+        await stream.aclose()
 
 
-async def events(handle: ModelHandle, req: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+async def events(stream: RequestStream) -> AsyncIterator[GenerationEvent]:
     """The request's events; closing this iterator (client gone) cancels the generation."""
-    async with contextlib.aclosing(handle.generate(req)) as stream:
+    async with contextlib.aclosing(stream):
         async for event in stream:
             yield event

@@ -4,12 +4,28 @@ Unknown fields are ignored (clients send many); known fields are type-checked st
 wrong type is a 400, not a silent coercion.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from shoal.errors import BadRequest
 from shoal.inference.request import SamplingParams
+from shoal.inference.sampling import GREEDY_BELOW
+from shoal.inference.scheduler import MAX_SEED
+
+
+def _whole_characters(text: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"); no tokenizer can encode one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"contains a lone surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_whole_characters)]  # every string a request carries
 
 
 class _Request(BaseModel):
@@ -18,13 +34,13 @@ class _Request(BaseModel):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         """The message content as one string (text parts joined)."""
@@ -42,19 +58,19 @@ class StreamOptions(_Request):
 class _Sampling(_Request):
     """Fields both endpoints share."""
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)  # not OpenAI's, but every local server has it
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stop: Text | list[Text] | None = None
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four(cls, v: str | list[str] | None) -> str | list[str] | None:
+    def _at_most_four(cls, v: Text | list[Text] | None) -> Text | list[Text] | None:
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
         return v
@@ -64,8 +80,9 @@ class _Sampling(_Request):
         if self.n != 1:
             raise BadRequest("only n=1 is supported", param="n")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        temperature = 1.0 if self.temperature is None else self.temperature
         return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
+            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             seed=self.seed,
@@ -89,18 +106,23 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
+    prompt: Text | list[Text] | list[int]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str] | list[int]) -> str | list[str] | list[int]:
+    def _one_prompt(cls, v: Text | list[Text] | list[int]) -> Text | list[Text] | list[int]:
         if isinstance(v, list) and v and isinstance(v[0], str) and len(v) != 1:
             raise ValueError("only one prompt per request is supported")
-        if isinstance(v, list) and not v:
+        if not v or v == [""]:
             raise ValueError("prompt is empty")
         return v
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _null_is_default(cls, v: int | None) -> int:
+        return 16 if v is None else v  # an explicit null is OpenAI's default too
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

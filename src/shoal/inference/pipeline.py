@@ -51,7 +51,12 @@ class Sampler:
     def __init__(self) -> None:
         self._rngs: dict[RequestId, np.random.Generator] = {}
 
-    def __call__(self, rid: RequestId, logits: np.ndarray, params: SamplingParams) -> int:
+    def __call__(
+        self, rid: RequestId, logits: np.ndarray, params: SamplingParams, position: int | None
+    ) -> int:
+        """The token at `position` (its absolute position: a seeded draw depends on it alone)."""
+        if params.seed is not None and position is not None:
+            return sample(logits, params, make_rng(params, position))
         rng = self._rngs.get(rid)
         if rng is None:
             rng = self._rngs[rid] = make_rng(params)
@@ -84,7 +89,9 @@ class LocalPipeline:
     def _step(self, steps: Sequence[Step]) -> list[int | None]:
         logits = run_stages(self._engines, [s.item for s in steps])
         return [
-            None if s.sampling is None else self._sampler(s.item.request_id, out, s.sampling)
+            None
+            if s.sampling is None
+            else self._sampler(s.item.request_id, out, s.sampling, s.item.start + s.item.length)
             for s, out in zip(steps, logits, strict=True)
         ]
 

@@ -1,8 +1,13 @@
 """The decode scheduler: continuous batching over one pipeline.
 
 Every step runs one forward holding every decoding request (one token each) plus at most one
-prefill chunk, so a long prompt never stalls the streams already running and requests join and
-leave between steps. Sampling, detokenisation and stop handling happen here, per request.
+prefill chunk (shortest prompt first), so a long prompt delays the streams already running by at
+most one chunk a step, and requests join and leave between steps. Sampling, detokenisation and
+stop handling happen here, per request.
+
+One request never hurts another: a request is checked before it joins (`admit`), and a step
+that fails for a reason no one request owns is retried request by request (each replayed from
+its prompt and tokens so far, alone) before anyone is failed.
 """
 
 import asyncio
@@ -10,13 +15,14 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from shoal.engines.base import StepInput
+from shoal.errors import BadRequest, ContextOverflow, Overloaded
 from shoal.inference.pipeline import Pipeline, PipelineBroken, Step
 from shoal.inference.request import (
     Finished,
@@ -30,6 +36,8 @@ from shoal.inference.stops import StopMatcher
 log = logging.getLogger(__name__)
 
 Recover = Callable[[PipelineBroken], Awaitable[Pipeline]]  # a working pipeline, or raises
+
+MAX_SEED = 2**63 - 1  # seeds travel as JSON integers and seed numpy's generator: 0 ..= int64 max
 
 
 class TextStream(Protocol):
@@ -63,10 +71,56 @@ class _Sequence:
     first_token_at: float | None = None
     cancelled: bool = False  # the caller went away
     finished: bool = False
+    alone: bool = False  # in a step that failed: runs by itself until it samples again
 
     @property
     def rid(self) -> str:
         return self.req.request_id
+
+    def replay(self) -> None:
+        """Feed prompt + tokens so far again from position 0 (its caches are gone)."""
+        self.pending = [*self.req.prompt_tokens, *self.tokens]
+        self.fed = 0
+
+
+class RequestStream:
+    """One request's events until Finished; closing it, or dropping it, cancels the request."""
+
+    def __init__(self, seq: _Sequence, wake: asyncio.Event) -> None:
+        self._seq = seq
+        self._wake = wake
+        self._done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            event = await self._seq.queue.get()
+        except BaseException:  # cancelled while waiting: the caller is gone
+            self._cancel()
+            raise
+        if isinstance(event, BaseException):
+            self._cancel()
+            raise event
+        if isinstance(event, Finished):
+            self._done = True
+        return event
+
+    async def aclose(self) -> None:
+        self._cancel()
+
+    def _cancel(self) -> None:
+        self._done = True
+        if not self._seq.cancelled:
+            self._seq.cancelled = True
+            self._wake.set()
+
+    def __del__(self) -> None:
+        # a stream nobody iterates or closes (its HTTP response never started) stops generating
+        self._seq.cancelled = True
 
 
 class Scheduler:
@@ -78,15 +132,19 @@ class Scheduler:
         tokenizer: Detokenizer,
         *,
         context_length: int,
+        vocab_size: int | None = None,
         max_batch: int = 8,
-        prefill_chunk: int = 512,
+        max_queue: int = 64,
+        prefill_chunk: int = 256,
         recover: Recover | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._recover = recover
         self._tokenizer = tokenizer
         self._context = context_length
+        self._vocab = vocab_size
         self._max_batch = max_batch
+        self._max_queue = max_queue
         self._prefill_chunk = prefill_chunk
         self._waiting: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
@@ -97,8 +155,14 @@ class Scheduler:
         """Requests running or queued here."""
         return len(self._active) + len(self._waiting)
 
-    async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        """Queue the request and yield its events until Finished; closing early cancels it."""
+    def generate(self, req: GenerationRequest) -> RequestStream:
+        """Check and queue the request now (BadRequest, Overloaded); its events come from the
+        stream returned, until Finished."""
+        self.check(req)
+        if len(self._waiting) >= self._max_queue:
+            raise Overloaded(
+                f"{len(self._waiting)} requests are already queued for this instance; retry shortly"
+            )
         seq = _Sequence(
             req=req,
             text=self._tokenizer.stream(),
@@ -107,17 +171,26 @@ class Scheduler:
         )
         self._waiting.append(seq)
         self._wake.set()
-        try:
-            while True:
-                event = await seq.queue.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if isinstance(event, Finished):
-                    return
-        finally:
-            seq.cancelled = True
-            self._wake.set()
+        return RequestStream(seq, self._wake)
+
+    def check(self, req: GenerationRequest) -> None:
+        """Refuse, naming the field, what would fail inside a batched step."""
+        prompt, seed = req.prompt_tokens, req.sampling.seed
+        if not prompt:
+            raise BadRequest("the prompt is empty", param="prompt")
+        if self._vocab is not None and not all(0 <= t < self._vocab for t in prompt):
+            bad = next(t for t in prompt if not 0 <= t < self._vocab)
+            raise BadRequest(
+                f"token id {bad} is outside the vocabulary [0, {self._vocab})", param="prompt"
+            )
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise BadRequest(f"seed must be between 0 and {MAX_SEED}", param="seed")
+        if len(prompt) >= self._context:
+            raise ContextOverflow(
+                f"this model's maximum context length is {self._context} tokens, "
+                f"but the prompt has {len(prompt)} tokens",
+                param="prompt",
+            )
 
     async def run(self) -> None:
         """Step forever: admit, drop the cancelled, run one forward, sample."""
@@ -135,16 +208,28 @@ class Scheduler:
             self._wake.set()
 
     async def _step(self) -> None:
+        """One forward of the batch, then one of a request running alone, if any."""
+        together = self._batch([s for s in self._active if not s.alone])
+        if together and not await self._run(together):
+            return
+        alone = self._batch([s for s in self._active if s.alone][:1])
+        if alone:
+            await self._run(alone)
+        for seq in [s for s in self._active if s.cancelled or s.finished]:
+            await self._retire(seq)
+
+    def _batch(self, seqs: list[_Sequence]) -> list[tuple[_Sequence, Step]]:
+        """Every decoding request, then prefill chunks shortest prompt first within the budget."""
+        decoding = [s for s in seqs if s.fed and len(s.pending) == 1]
+        prefilling = sorted((s for s in seqs if s not in decoding), key=lambda s: len(s.pending))
         batch: list[tuple[_Sequence, Step]] = []
-        prefill_budget = self._prefill_chunk
-        for seq in self._active:
-            if seq.fed and len(seq.pending) == 1:  # decoding
-                take = 1
-            elif prefill_budget > 0:
-                take = min(len(seq.pending), prefill_budget)
-                prefill_budget -= take
-            else:
+        budget = self._prefill_chunk
+        for seq in decoding + prefilling:
+            take = 1 if seq in decoding else min(len(seq.pending), budget)
+            if take == 0:
                 continue
+            if seq not in decoding:
+                budget -= take
             data = np.asarray(seq.pending[:take], dtype=np.int64)
             wants_token = take == len(seq.pending)
             step = Step(
@@ -152,25 +237,50 @@ class Scheduler:
                 seq.req.sampling if wants_token else None,
             )
             batch.append((seq, step))
+        return batch
+
+    async def _run(self, batch: list[tuple[_Sequence, Step]]) -> bool:
+        """Forward one batch and take its tokens; False when the step failed."""
         try:
             tokens = await self._pipeline.forward([step for _, step in batch])
         except PipelineBroken as exc:
             if self._recover is not None:
                 await self._failover(exc)
-                return
-            await self._fail([seq for seq, _ in batch], exc)
-            return
-        except Exception as exc:  # an engine failure ends these requests, not the node
-            log.exception("forward failed for %d request(s)", len(batch))
-            await self._fail([seq for seq, _ in batch], exc)
-            return
+            else:
+                await self._fail([seq for seq, _ in batch], exc)
+            return False
+        except Exception as exc:  # an engine failure ends its own request, not the node
+            await self._isolate([seq for seq, _ in batch], exc)
+            return False
         for (seq, step), token in zip(batch, tokens, strict=True):
             seq.fed += step.item.length
             del seq.pending[: step.item.length]
             if token is not None and not seq.cancelled:
+                seq.alone = False
                 self._advance(seq, token)
-        for seq in [s for s in self._active if s.cancelled or s.finished]:
-            await self._retire(seq)
+        return True
+
+    async def _isolate(self, seqs: list[_Sequence], exc: Exception) -> None:
+        """A step failed: alone, the request is the cause; together, each is retried alone.
+
+        The failed step may have written some stages' caches, so the retried requests replay
+        from their prompt and tokens so far (as after a failover), each by itself, until it
+        samples a token again; one that fails alone is failed alone.
+        """
+        if len(seqs) == 1:
+            log.warning("request %s failed: %s: %s", seqs[0].rid, type(exc).__name__, exc)
+            await self._fail(seqs, exc)
+            return
+        log.warning(
+            "a step of %d requests failed (%s: %s); retrying each alone",
+            len(seqs),
+            type(exc).__name__,
+            exc,
+        )
+        for seq in seqs:
+            await self._free(seq)
+            seq.replay()
+            seq.alone = True
 
     async def _failover(self, exc: PipelineBroken) -> None:
         """Get a new pipeline and replay every running request onto it: prompt + tokens so far."""
@@ -191,8 +301,7 @@ class Scheduler:
                 await broken.close()
         for seq in self._active:
             await self._pipeline.free(seq.req.request_id)  # stale caches on surviving stages
-            seq.pending = [*seq.req.prompt_tokens, *seq.tokens]
-            seq.fed = 0
+            seq.replay()
         log.info(
             "resumed %d request(s) after %.2f s, replaying their tokens as prefill",
             len(self._active),
@@ -200,6 +309,7 @@ class Scheduler:
         )
 
     async def _fail(self, seqs: list[_Sequence], exc: BaseException) -> None:
+        """End these requests with exc (their streams raise it), caches freed first."""
         for seq in seqs:
             seq.finished = True
             await self._retire(seq)
@@ -254,8 +364,12 @@ class Scheduler:
         if not seq.finished:
             log.info("request %s cancelled after %d tokens", seq.rid, len(seq.tokens))
         try:
+            await self._free(seq)
+        finally:
+            self._active.remove(seq)
+
+    async def _free(self, seq: _Sequence) -> None:
+        try:
             await self._pipeline.free(seq.req.request_id)
         except Exception as exc:  # a broken pipeline holds no cache worth freeing
             log.debug("freeing %s on a broken pipeline: %s", seq.rid, exc)
-        finally:
-            self._active.remove(seq)

@@ -1,10 +1,11 @@
 """What the API needs from the node: model cards, availability, and a handle to generate with."""
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from shoal.inference.request import GenerationEvent, GenerationRequest
+from shoal.inference.request import GenerationRequest
+from shoal.inference.scheduler import RequestStream
 from shoal.types.model_card import ModelCard
 
 
@@ -33,7 +34,9 @@ class ModelHandle(Protocol):
         """The instance serving it (reported as OpenAI's system_fingerprint)."""
         ...
 
-    def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]: ...
+    def generate(self, req: GenerationRequest) -> RequestStream:
+        """Admit the request now (BadRequest, Overloaded); its events come from the stream."""
+        ...
 
 
 Availability = Literal["ready", "loading", "available", "unavailable", "failed"]

@@ -107,7 +107,9 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Token ids of text; special tokens written in it become their single ids."""
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the GIL (encode does not): a long prompt tokenized on a
+        # worker thread then leaves the event loop free
+        ids = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos:
             assert self.bos_token_id is not None
             ids = [self.bos_token_id, *ids]
