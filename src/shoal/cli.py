@@ -91,6 +91,13 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         const=False,
         help="skip measuring memory bandwidth and matmul speed",
     )
+    p.add_argument(
+        "--no-probe-engines",
+        dest="probe_engines",
+        action="store_const",
+        const=False,
+        help="offer llama.cpp and MLX untried (default: each runs a tiny model once, cached)",
+    )
     p.set_defaults(func=_node)
 
 

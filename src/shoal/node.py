@@ -120,6 +120,7 @@ async def serve(settings: Settings) -> None:
         interval_s=settings.profile_interval_s,
         engines=[settings.engine] if settings.engine is not None else None,
         bench=settings.microbench,
+        probe=settings.probe_engines,
     )
     log.info(
         "shoal node %s on http://%s:%d, control port %d, cluster %r (data in %s)",

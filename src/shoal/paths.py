@@ -13,3 +13,9 @@ def default_data_dir() -> Path:
 def user_cards_dir(data_dir: Path) -> Path:
     """Model cards the user adds: <data-dir>/models/*.toml."""
     return data_dir / "models"
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/shoal, else ~/.cache/shoal: facts about this machine, safe to delete."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "shoal"

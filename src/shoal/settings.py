@@ -36,6 +36,7 @@ ENV: dict[str, str] = {
     "lease_ms": "SHOAL_LEASE_MS",
     "profile_interval_s": "SHOAL_PROFILE_INTERVAL_S",
     "microbench": "SHOAL_MICROBENCH",
+    "probe_engines": "SHOAL_PROBE_ENGINES",
     "weights_cache": "SHOAL_WEIGHTS_CACHE",
 }
 
@@ -66,6 +67,7 @@ class Settings(BaseModel):
     lease_ms: int = Field(default=2000, ge=100)  # a hung peer is dropped after this
     profile_interval_s: float = Field(default=5.0, gt=0)
     microbench: bool = True  # measure bandwidth and matmul speed once (cached)
+    probe_engines: bool = True  # offer llama.cpp and MLX only once they ran a tiny model here
     weights_cache: Path | None = None  # dequantized weights; None = <data-dir>/weights-cache
 
     @field_validator("peers", mode="before")

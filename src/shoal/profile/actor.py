@@ -71,6 +71,7 @@ class Profiler:
         heartbeat_s: float = 60.0,
         engines: Sequence[str] | None = None,
         bench: bool = True,
+        probe: bool = True,
         collector: Collector | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -86,6 +87,7 @@ class Profiler:
             version=version,
             engines=engines,
             bench=bench,
+            probe=probe,
         )
         self._stop = asyncio.Event()
         self._refresh_failed = False
