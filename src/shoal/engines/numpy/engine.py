@@ -8,9 +8,9 @@ from typing import cast
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from shoal.engines import native
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
-from shoal.engines.numpy.cache import CacheStore
+from shoal.engines.cache import CacheStore
+from shoal.engines.native import engine as native
 from shoal.engines.numpy.llama import Context, Formats, Model, build_model, model_args
 from shoal.errors import BadRequest
 from shoal.types.ids import RequestId
@@ -27,9 +27,10 @@ DTYPES = {"float32": np.float32}
 class NumpyEngine:
     """The Engine protocol over the numpy model files; I/O in float32.
 
-    quant int8 or int4 holds the projections in native blocks (llama.py) and the KV cache in
-    fp16, as the native pass reads it; none and fp16 (numpy has no fast half-precision matmul)
-    keep float32 weights and cache. threads: the block kernels' threads (default: every CPU).
+    quant int8 or int4: the shard runs on the native engine (native/engine.py: block weights,
+    fp16 KV cache, one native call a pass) where its kernels compile, and this engine passes every
+    call through; none and fp16 (numpy has no fast half-precision matmul) keep float32 weights
+    and cache in llama.py. threads: the block kernels' threads (default: every CPU).
     """
 
     name = "numpy"
@@ -46,17 +47,24 @@ class NumpyEngine:
         self.threads = threads
         self._blas: ThreadpoolController | None = None  # held to one thread around native calls
         self._model: Model | None = None
-        self._caches: CacheStore | None = None
+        self._caches: CacheStore[np.ndarray] | None = None
+        self._native: native.NativeEngine | None = None  # the int8/int4 shard, where it runs
 
     def load(self, shard: Shard, source: WeightSource, progress: ProgressFn | None = None) -> None:
         """Build the shard's modules from exactly its tensors, transposed once for `x @ W`."""
         args = model_args(source.config, shard)  # refuse an unknown model before reading it
+        if native.runs(self.quant, args):
+            self._native = native.NativeEngine(self.quant, self.threads)
+            self._native.load(shard, source, progress)
+            return
         formats = Formats.of(self.quant, self.threads)
-        model = build_model(args, shard, source.tensors(shard), progress, formats)
-        self._model = model
-        cache = native.Decoder.CACHE_DTYPE if model.decoder is not None else self.dtype
+        self._model = build_model(args, shard, source.tensors(shard), progress, formats)
+        dtype = self.dtype
         self._caches = CacheStore(
-            shard.end - shard.start, args.num_key_value_heads, args.head_dim, cache
+            shard.end - shard.start,
+            args.num_key_value_heads,
+            args.head_dim,
+            lambda shape: np.zeros(shape, dtype),
         )
         if formats.lib is not None:
             # BLAS threads spin for a while after each call, on the cores the kernels' OpenMP
@@ -67,6 +75,8 @@ class NumpyEngine:
 
     def forward(self, batch: Sequence[StepInput], *, all_logits: bool = False) -> list[np.ndarray]:
         """Run every item after its cached prefix, all their rows in one pass."""
+        if self._native is not None:
+            return self._native.forward(batch, all_logits=all_logits)
         self._check(batch)
         with self._one_blas_thread():
             return self._pass(batch, all_logits)
@@ -106,19 +116,26 @@ class NumpyEngine:
 
     def free(self, request_id: RequestId) -> None:
         """Drop the request's cache; unknown ids are ignored."""
+        if self._native is not None:
+            self._native.free(request_id)
         if self._caches is not None:
             self._caches.free(request_id)
 
     def close(self) -> None:
         """Release every cache and the weights."""
+        if self._native is not None:
+            self._native.close()
+        self._native = None
         self._model = None
         self._caches = None
 
     def cache_length(self, request_id: RequestId) -> int:
         """Positions cached for the request (0 if none)."""
+        if self._native is not None:
+            return self._native.cache_length(request_id)
         return self._caches.length(request_id) if self._caches is not None else 0
 
-    def _loaded(self) -> tuple[Model, CacheStore]:
+    def _loaded(self) -> tuple[Model, CacheStore[np.ndarray]]:
         if self._model is None or self._caches is None:
             raise RuntimeError("NumpyEngine.forward before load()")
         return self._model, self._caches

@@ -7,23 +7,24 @@ become one projection, as do gate and up. The rows of one pass are every item's 
 concatenated ([N] ids or [N, hidden]); only attention, which needs each item's own prefix, runs
 per item.
 
-With quant int8 or int4 the projections are block-quantized (shoal.engines.native: GGUF's Q8_0
-and Q4_1 layouts, a kernel compiled for this CPU), the head in int8, and a pass through every
-layer is one native call. Without a C compiler they stay float32.
+Int8 and int4 shards run on the native engine (NumpyEngine hands them to native/engine.py); this
+file runs them itself only where that engine cannot (a width that is not whole blocks of 32):
+then each projection is a block matrix (shoal.engines.native), the head in int8. Without a C
+compiler they stay float32.
 """
 
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from shoal.engines import native
 from shoal.engines.args import ModelArgs
 from shoal.engines.base import ProgressFn
-from shoal.engines.numpy.cache import KVCache
+from shoal.engines.cache import KVCache
 from shoal.errors import UnsupportedModel
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
@@ -198,7 +199,7 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 class Context:
     """Where each item of the pass lies: its cache, its rows, and its first position."""
 
-    caches: Sequence[KVCache]
+    caches: Sequence[KVCache[np.ndarray]]
     rows: Sequence[slice]  # item i is rows[i] of the [N, ...] arrays
     starts: Sequence[int]
 
@@ -335,34 +336,6 @@ class Model:
         elif embed is not None:
             self.embed_tokens = np.ascontiguousarray(embed, dtype=F32)
         self.inv_freq = rope_frequencies(args)  # [D/2]
-        self.decoder = self._decoder(formats)  # one native call per decode step, or None
-        self.threads = formats.threads
-
-    def _decoder(self, formats: Formats) -> native.Decoder | None:
-        """The native decode step, when every layer's projections are blocks."""
-        if formats.lib is None or not self.layers:
-            return None
-        layers = []
-        for block in self.layers.values():
-            attn, mlp = block.self_attn, block.mlp
-            projections = (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down_proj)
-            if not all(isinstance(p, BlockLinear) for p in projections):
-                return None
-            qkv, o, gate_up, down = (cast(BlockLinear, p) for p in projections)
-            layers.append(
-                native.DecoderLayer(
-                    qkv.blocks,
-                    o.blocks,
-                    gate_up.blocks,
-                    down.blocks,
-                    block.input_layernorm.weight,
-                    block.post_attention_layernorm.weight,
-                    qkv.bias,
-                    None if attn.q_norm is None else attn.q_norm.weight,
-                    None if attn.k_norm is None else attn.k_norm.weight,
-                )
-            )
-        return native.Decoder.for_model(formats.lib, self.args, self.inv_freq, layers)
 
     def __call__(
         self, x: np.ndarray, positions: np.ndarray, ctx: Context, *, all_logits: bool = True
@@ -373,8 +346,6 @@ class Model:
         Writes each item's keys and values into its cache; the caller commits them.
         """
         h = self.embed_tokens[x] if self.embed_tokens is not None else x  # [N, hidden]
-        if self.decoder is not None:
-            return self._forward_native(self.decoder, h, positions, ctx, all_logits)
         angles = positions.astype(F32)[:, None] * self.inv_freq  # [N, D/2]
         cos, sin = np.cos(angles), np.sin(angles)  # [N, D/2]
         for layer, block in enumerate(self.layers.values()):
@@ -384,38 +355,6 @@ class Model:
         if not all_logits:
             h = h[[rows.stop - 1 for rows in ctx.rows]]  # [items, hidden]
         return self.lm_head(self.norm(h))  # [N or items, vocab]
-
-    def _forward_native(
-        self,
-        decoder: native.Decoder,
-        h: np.ndarray,
-        positions: np.ndarray,
-        ctx: Context,
-        all_logits: bool,
-    ) -> np.ndarray:
-        """Every row through every layer in one native call, then the final norm and head."""
-        h = np.array(h, dtype=F32, order="C")  # advanced in place
-        item = np.concatenate(
-            [np.full(r.stop - r.start, i, np.int64) for i, r in enumerate(ctx.rows)]
-        )  # [N]
-        decoder.forward(
-            h.ctypes.data,
-            item,
-            positions.astype(np.int64),
-            np.array([c.k.ctypes.data for c in ctx.caches], np.uint64),
-            np.array([c.v.ctypes.data for c in ctx.caches], np.uint64),
-            np.array([c.capacity for c in ctx.caches], np.int64),
-            self.threads,
-        )
-        if self.norm is None or self.lm_head is None:
-            return h
-        if not all_logits:
-            h = np.ascontiguousarray(h[[rows.stop - 1 for rows in ctx.rows]])  # [items, hidden]
-        normed = np.empty_like(h)
-        decoder.rms_norm(
-            h.ctypes.data, h.shape[0], self.norm.weight, normed.ctypes.data, self.threads
-        )
-        return self.lm_head(normed)  # [N or items, vocab]
 
 
 ARCHITECTURES: dict[str, type[Model]] = {

@@ -7,16 +7,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from shoal.engines.args import ModelArgs
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
+from shoal.engines.cache import CacheStore
+from shoal.engines.native import engine as native
 from shoal.engines.torch import graphs
-from shoal.engines.torch.cache import CacheStore
 from shoal.engines.torch.llama import (
-    NATIVE_CACHE_DTYPE,
     Block,
     Context,
     Model,
     attention_mask,
     build_model,
+    rope_frequencies,
 )
 from shoal.engines.torch.quant import Quant, check_quant, head_format
 from shoal.errors import BadRequest, UnsupportedModel
@@ -38,7 +40,12 @@ def default_device() -> str:
 
 
 class TorchEngine:
-    """The Engine protocol over the torch model files: weights in `dtype` or `quant`, I/O fp32."""
+    """The Engine protocol over the torch model files: weights in `dtype` or `quant`, I/O fp32.
+
+    An int8 or int4 shard on the CPU in float32 runs on the native engine (native/engine.py:
+    block weights, fp16 KV cache, one native call a pass) where its kernels compile, and this
+    engine passes every call through: torch's own CPU int8/int4 kernels were slower.
+    """
 
     name = "torch"
 
@@ -51,11 +58,19 @@ class TorchEngine:
         self.dtype = DTYPES[dtype]
         self.quant: Quant = check_quant(quant)  # the projections' weight format (quant.py)
         self._model: Model | None = None
-        self._caches: CacheStore | None = None
+        self._caches: CacheStore[torch.Tensor] | None = None
+        self._native: native.NativeEngine | None = None  # the int8/int4 CPU shard, where it runs
         self._graphs: graphs.DecodeGraphs | None = None  # decode steps on CUDA (graphs.py)
 
     def load(self, shard: Shard, source: WeightSource, progress: ProgressFn | None = None) -> None:
         """Build the shard's modules without memory, fill them from source, pack each layer."""
+        if self._hands_to_native(ModelArgs.from_config(source.config)):
+            # torch's rotary frequencies, so the logits are those torch's model file would give
+            self._native = native.NativeEngine(
+                self.quant, torch.get_num_threads(), rope=lambda a: rope_frequencies(a).numpy()
+            )
+            self._native.load(shard, source, progress)
+            return
         with torch.device("meta"):
             model = build_model(source.config, shard)
         tensors = source.tensors(shard)
@@ -86,16 +101,14 @@ class TorchEngine:
             assert model.lm_head is not None and model.model.embed_tokens is not None
             model.lm_head.weight = model.model.embed_tokens.weight  # one copy, not two
         model.pack_head(head_format(self.quant, self.device), self.device, self.dtype)
-        if self.dtype == torch.float32:
-            model.pack_decoder()  # every pass in one native call where the formats allow
         self._model = model.to(self.device).eval()  # moves the rope buffer; weights are there
         args = model.args
+        dtype, device = self.dtype, self.device
         self._caches = CacheStore(
             shard.end - shard.start,
             args.num_key_value_heads,
             args.head_dim,
-            NATIVE_CACHE_DTYPE if model.decoder is not None else self.dtype,
-            self.device,
+            lambda shape: torch.zeros(shape, dtype=dtype, device=device),
         )
         self._graphs = graphs.DecodeGraphs() if graphs.enabled(self.device) else None
         log.info(
@@ -108,6 +121,8 @@ class TorchEngine:
 
     def forward(self, batch: Sequence[StepInput], *, all_logits: bool = False) -> list[np.ndarray]:
         """Run each item after its cached prefix; items of equal length run as one batch."""
+        if self._native is not None:
+            return self._native.forward(batch, all_logits=all_logits)
         model, caches = self._loaded()
         self._check(batch)
         outputs: list[np.ndarray] = [np.empty(0)] * len(batch)
@@ -125,11 +140,16 @@ class TorchEngine:
 
     def free(self, request_id: RequestId) -> None:
         """Drop the request's cache; unknown ids are ignored."""
+        if self._native is not None:
+            self._native.free(request_id)
         if self._caches is not None:
             self._caches.free(request_id)
 
     def close(self) -> None:
         """Release every cache and the weights."""
+        if self._native is not None:
+            self._native.close()
+        self._native = None
         self._model = None
         self._caches = None
         self._graphs = None
@@ -138,7 +158,14 @@ class TorchEngine:
 
     def cache_length(self, request_id: RequestId) -> int:
         """Positions cached for the request (0 if none)."""
+        if self._native is not None:
+            return self._native.cache_length(request_id)
         return self._caches.length(request_id) if self._caches is not None else 0
+
+    def _hands_to_native(self, args: ModelArgs) -> bool:
+        """Whether the shard runs on the native engine: int8/int4 on the CPU in float32."""
+        cpu = self.device.type == "cpu" and self.dtype == torch.float32
+        return cpu and native.runs(self.quant, args)
 
     def _assign(self, model: Model, name: str, array: np.ndarray, shape: torch.Size) -> None:
         """A projection stays a float32 CPU tensor until pack(); the rest goes to the device."""
@@ -148,7 +175,7 @@ class TorchEngine:
         else:
             _assign(model, name, array, shape, self.device, self.dtype)
 
-    def _loaded(self) -> tuple[Model, CacheStore]:
+    def _loaded(self) -> tuple[Model, CacheStore[torch.Tensor]]:
         if self._model is None or self._caches is None:
             raise RuntimeError("TorchEngine.forward before load()")
         return self._model, self._caches
@@ -167,7 +194,7 @@ class TorchEngine:
     def _run(
         self,
         model: Model,
-        caches: CacheStore,
+        caches: CacheStore[torch.Tensor],
         items: Sequence[StepInput],
         t: int,
         all_logits: bool,

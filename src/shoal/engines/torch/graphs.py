@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shoal.engines.torch.cache import KVCache
+from shoal.engines.cache import KVCache
 from shoal.engines.torch.llama import Context, Model
 
 LIMIT = 8  # graphs kept, least recently used dropped first
@@ -50,7 +50,7 @@ class DecodeGraphs:
     def step(
         self,
         model: Model,
-        caches: Sequence[KVCache],
+        caches: Sequence[KVCache[torch.Tensor]],
         x: Tensor,
         positions: Tensor,
         all_logits: bool,
@@ -79,7 +79,7 @@ class DecodeGraphs:
     def _capture(
         self,
         model: Model,
-        caches: Sequence[KVCache],
+        caches: Sequence[KVCache[torch.Tensor]],
         x: Tensor,
         positions: Tensor,
         all_logits: bool,

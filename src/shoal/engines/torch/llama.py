@@ -9,17 +9,15 @@ qwen2 differs by a bias on q/k/v, qwen3 by an RMSNorm on each head of q and k; m
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shoal.engines import native
 from shoal.engines.args import ModelArgs
-from shoal.engines.torch.cache import KVCache
-from shoal.engines.torch.quant import Blocked, Quant, pack
+from shoal.engines.cache import KVCache
+from shoal.engines.torch.quant import Quant, pack
 from shoal.errors import UnsupportedModel
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
@@ -83,7 +81,7 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Context:
     """What every layer needs about the batch: each item's cache and attention mask."""
 
-    caches: Sequence[KVCache]
+    caches: Sequence[KVCache[Tensor]]
     masks: list[Tensor | None]  # [T, start+T] bool, True = attend; None = no mask needed
     causal: list[bool]  # the item starts at 0: plain causal attention, no mask tensor
     # A decode step at fixed shapes and addresses, as a CUDA graph replays it: each item writes
@@ -92,7 +90,7 @@ class Context:
     visible: list[Tensor] | None = None  # [capacity] bool per item: set by Model.forward
 
     @classmethod
-    def fixed(cls, caches: Sequence[KVCache], positions: Tensor) -> "Context":
+    def fixed(cls, caches: Sequence[KVCache[Tensor]], positions: Tensor) -> "Context":
         """A decode step's context with no shape or index taken from Python values."""
         return cls(caches, [None] * len(caches), [False] * len(caches), positions)
 
@@ -158,7 +156,10 @@ class Attention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, layer: int, i: int) -> Tensor:
         """One item's attention: q [H, T, D] against its cache after writing k, v [KV, T, D]."""
         if ctx.positions is not None and ctx.visible is not None:  # fixed shapes: see Context
-            keys, values = ctx.caches[i].write_at(layer, k, v, ctx.positions[i])  # [KV, C, D]
+            # write at a position tensor, so a CUDA graph replays it at the next position
+            keys, values = ctx.caches[i].layer(layer)  # [KV, C, D]: the whole capacity
+            keys.index_copy_(1, ctx.positions[i], k.to(keys.dtype))
+            values.index_copy_(1, ctx.positions[i], v.to(values.dtype))
             kv, _, d = keys.shape
             grouped = q.reshape(kv, -1, d)  # [KV, H / KV, D], q already scaled by D^-1/2
             scores = torch.bmm(grouped, keys.transpose(1, 2))  # [KV, H / KV, C]
@@ -252,8 +253,6 @@ class Model(nn.Module):
             nn.Linear(args.hidden_size, args.vocab_size, bias=False) if shard.is_last else None
         )
         self.head: nn.Module | None = None  # lm_head in the weight format: set by pack_head()
-        self.decoder: native.Decoder | None = None  # one-call passes: set by pack_decoder()
-        self._final_norm: np.ndarray | None = None  # model.norm's weight for the decoder
         # Built on the CPU even under a meta-device context; the engine moves it with the model.
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
@@ -265,8 +264,6 @@ class Model(nn.Module):
         # Writes each item's keys and values into ctx.caches[i]; the caller commits them.
         inner = self.model
         h = inner.embed_tokens(x) if inner.embed_tokens is not None else x  # [B, T, hidden]
-        if self.decoder is not None and _native_caches(ctx.caches):
-            return self._forward_native(self.decoder, h, positions, ctx.caches, all_logits)
         if ctx.positions is not None:  # each cache's positions up to the step's, computed here
             ctx.visible = [  # so that a CUDA graph recomputes them from the positions tensor
                 torch.arange(c.capacity, device=h.device) <= p
@@ -283,92 +280,12 @@ class Model(nn.Module):
             h = h[:, -1:]  # [B, 1, hidden]
         return self.head(inner.norm(h))  # [B, T or 1, vocab]
 
-    def pack_decoder(self) -> None:
-        """Every pass in one native call when every projection is in block format (CPU)."""
-        lib = native.library()
-        blocks = list(self.model.layers.values())
-        if lib is None or not blocks:
-            return
-        layers = []
-        for block in blocks:
-            assert isinstance(block, Block)
-            attn, mlp = block.self_attn, block.mlp
-            projections = (attn.qkv, attn.out, mlp.gate_up, mlp.down)
-            if not all(isinstance(p, Blocked) for p in projections):
-                return
-            qkv, out, gate_up, down = (cast(Blocked, p) for p in projections)
-            layers.append(
-                native.DecoderLayer(
-                    qkv.blocks,
-                    out.blocks,
-                    gate_up.blocks,
-                    down.blocks,
-                    _array(block.input_layernorm.weight),
-                    _array(block.post_attention_layernorm.weight),
-                    None if qkv.bias is None else _array(qkv.bias),
-                    None if attn.q_norm is None else _array(attn.q_norm.weight),
-                    None if attn.k_norm is None else _array(attn.k_norm.weight),
-                )
-            )
-        self.decoder = native.Decoder.for_model(lib, self.args, self.inv_freq.numpy(), layers)
-        if self.model.norm is not None:  # the final norm's weight, as the native norm takes it
-            self._final_norm = _array(self.model.norm.weight)
-
-    def _forward_native(
-        self,
-        decoder: native.Decoder,
-        h: Tensor,
-        positions: Tensor,
-        caches: Sequence[KVCache],
-        all_logits: bool,
-    ) -> Tensor:
-        """h [B, T, hidden] through every layer in one call, then the final norm and the head."""
-        b, t, hidden = h.shape
-        rows = h.float().reshape(b * t, hidden).contiguous().clone()  # advanced in place
-        threads = torch.get_num_threads()
-        decoder.forward(
-            rows.data_ptr(),
-            np.repeat(np.arange(b, dtype=np.int64), t),
-            positions.cpu().numpy().astype(np.int64).reshape(-1),
-            np.array([c.k.data_ptr() for c in caches], np.uint64),
-            np.array([c.v.data_ptr() for c in caches], np.uint64),
-            np.array([c.capacity for c in caches], np.int64),
-            threads,
-        )
-        out = rows.view(b, t, hidden)
-        weight = self._final_norm
-        if weight is None or self.head is None:
-            return out
-        if not all_logits:
-            out = out[:, -1:].contiguous()  # [B, 1, hidden]
-        normed = torch.empty_like(out)
-        decoder.rms_norm(
-            out.data_ptr(), out.shape[0] * out.shape[1], weight, normed.data_ptr(), threads
-        )
-        return self.head(normed)  # [B, T or 1, vocab]
-
     def pack_head(self, quant: Quant, device: torch.device, dtype: torch.dtype) -> None:
         """Put the output head in the weight format (a tied head gets its own copy)."""
         if self.lm_head is not None:
             self.head = pack(self.lm_head.weight, None, quant, device=device, dtype=dtype)
             del self.lm_head
             self.lm_head = None
-
-
-def _array(t: Tensor) -> np.ndarray:
-    """A CPU float32 tensor's memory as a numpy array (no copy when it is already contiguous)."""
-    return np.ascontiguousarray(t.detach().float().cpu().numpy())
-
-
-NATIVE_CACHE_DTYPE = torch.float16  # native.Decoder.CACHE_DTYPE
-
-
-def _native_caches(caches: Sequence[KVCache]) -> bool:
-    """Whether the native decoder can write these caches: contiguous fp16 on the CPU."""
-    return all(
-        c.k.device.type == "cpu" and c.k.dtype == NATIVE_CACHE_DTYPE and c.k.is_contiguous()
-        for c in caches
-    )
 
 
 ARCHITECTURES: dict[str, type[Model]] = {

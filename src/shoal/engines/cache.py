@@ -1,14 +1,36 @@
-"""Per-request KV caches for the layers of one shard, preallocated and grown in chunks."""
+"""Per-request KV caches for the layers of one shard, preallocated and grown in chunks.
 
-import numpy as np
-import numpy.typing as npt
+One store for every engine that keeps its own caches (torch, numpy, native): the arrays are numpy
+or torch, made by the `zeros` function the engine passes; the rest is the same slicing.
+"""
+
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
 
 from shoal.types.ids import RequestId
 
 CHUNK = 256  # positions added per growth; appending a token is a slice write, not a concatenate
 
 
-class KVCache:
+class Array(Protocol):
+    """What the store needs of a numpy array or a torch tensor."""
+
+    @property
+    def shape(self) -> Any: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def __getitem__(self, key: Any) -> Any: ...
+
+    def __setitem__(self, key: Any, value: Any) -> None: ...
+
+
+A = TypeVar("A", bound=Array)
+Zeros = Callable[[tuple[int, int, int, int]], A]  # a zero-filled [L, KV, capacity, D] array
+
+
+class KVCache(Generic[A]):
     """Keys and values of one request for every layer of the shard, `length` positions committed."""
 
     # Storage is [layers, kv_heads, capacity, head_dim]. A step writes each layer's new keys and
@@ -16,18 +38,15 @@ class KVCache:
     # halfway leaves the cache as it was.
 
     def __init__(
-        self,
-        n_layers: int,
-        n_kv_heads: int,
-        head_dim: int,
-        *,
-        dtype: npt.DTypeLike = np.float32,
-        chunk: int = CHUNK,
+        self, n_layers: int, n_kv_heads: int, head_dim: int, zeros: Zeros[A], chunk: int = CHUNK
     ) -> None:
         self.length = 0
         self.chunk = chunk
-        self.k = np.empty((n_layers, n_kv_heads, 0, head_dim), dtype)  # [L, KV, 0, D]
-        self.v = np.empty_like(self.k)
+        self._zeros = zeros
+        self.k = zeros((n_layers, n_kv_heads, 0, head_dim))
+        self.v = zeros((n_layers, n_kv_heads, 0, head_dim))
+        self._layers: list[tuple[A, A]] = []
+        self._views()
 
     @property
     def capacity(self) -> int:
@@ -43,45 +62,55 @@ class KVCache:
             return
         size = -(-n // self.chunk) * self.chunk
         layers, heads, _, dim = self.k.shape
-        k = np.empty((layers, heads, size, dim), self.k.dtype)  # [L, KV, size, D]
-        v = np.empty((layers, heads, size, dim), self.v.dtype)  # [L, KV, size, D]
+        # zeros, not garbage: a fixed-shape step (torch/llama.py Context.fixed) weighs every
+        # position past the prefix by 0, and 0 * NaN would be NaN
+        k = self._zeros((layers, heads, size, dim))  # [L, KV, size, D]
+        v = self._zeros((layers, heads, size, dim))  # [L, KV, size, D]
         k[:, :, : self.length] = self.k[:, :, : self.length]
         v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = k, v
+        self._views()
 
-    def update(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def layer(self, layer: int) -> tuple[A, A]:
+        """The layer's keys and values over the whole capacity: [KV, capacity, D] views."""
+        return self._layers[layer]
+
+    def update(self, layer: int, k: Any, v: Any) -> tuple[A, A]:
         """Write k, v [KV, T, D] after the committed prefix; return all of the layer's so far."""
         end = self.length + k.shape[1]
         assert end <= self.capacity, "reserve() before update()"
-        self.k[layer, :, self.length : end] = k
-        self.v[layer, :, self.length : end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]  # [KV, end, D] views
+        keys, values = self._layers[layer]  # [KV, capacity, D]
+        keys[:, self.length : end] = k
+        values[:, self.length : end] = v
+        return keys[:, :end], values[:, :end]  # [KV, end, D] views
 
     def advance(self, t: int) -> None:
         """Commit the t positions every layer has just written."""
         self.length += t
 
+    def _views(self) -> None:
+        # per-layer views, made once per growth: indexing a torch tensor costs microseconds
+        self._layers = [(self.k[i], self.v[i]) for i in range(int(self.k.shape[0]))]
 
-class CacheStore:
+
+class CacheStore(Generic[A]):
     """One KVCache per request id, created on first use."""
 
-    def __init__(
-        self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: npt.DTypeLike = np.float32
-    ) -> None:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, zeros: Zeros[A]) -> None:
         self._shape = (n_layers, n_kv_heads, head_dim)
-        self._dtype = dtype
-        self._caches: dict[RequestId, KVCache] = {}
+        self._zeros = zeros
+        self._caches: dict[RequestId, KVCache[A]] = {}
 
     def length(self, request_id: RequestId) -> int:
         """Positions cached for the request; 0 for an unknown one."""
         cache = self._caches.get(request_id)
         return cache.length if cache is not None else 0
 
-    def get(self, request_id: RequestId) -> KVCache:
+    def get(self, request_id: RequestId) -> KVCache[A]:
         """The request's cache, empty if it had none."""
         cache = self._caches.get(request_id)
         if cache is None:
-            cache = KVCache(*self._shape, dtype=self._dtype)
+            cache = KVCache(*self._shape, zeros=self._zeros)
             self._caches[request_id] = cache
         return cache
 

@@ -1,0 +1,153 @@
+"""The whole pass: a shard's layers over a batch of rows in one native call (forward.c)."""
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from shoal.engines.args import ModelArgs
+from shoal.engines.native.abi import Dims, Layer, Library, Rows
+from shoal.engines.native.blocks import BlockWeights, address, threads_or_all
+
+
+@dataclass
+class DecoderLayer:
+    """One Llama-family layer for `Decoder`: block matrices and float32 vectors."""
+
+    qkv: BlockWeights  # q, k, v fused: [(heads + 2 kv_heads) * head_dim, hidden]
+    o: BlockWeights  # [hidden, heads * head_dim]
+    gate_up: BlockWeights  # gate and up fused: [2 * inter, hidden]
+    down: BlockWeights  # [hidden, inter]
+    attn_norm: np.ndarray  # [hidden]
+    mlp_norm: np.ndarray  # [hidden]
+    qkv_bias: np.ndarray | None = None  # [(heads + 2 kv_heads) * head_dim] (qwen2)
+    q_norm: np.ndarray | None = None  # [head_dim] (qwen3)
+    k_norm: np.ndarray | None = None  # [head_dim] (qwen3)
+
+
+def _vector(array: np.ndarray | None, size: int) -> int | None:
+    return None if array is None else address(array, np.float32, (size,))
+
+
+class Decoder:
+    """A forward pass through a shard's layers in a single native call (forward.c shoal_forward).
+
+    Per layer: RMSNorm, the fused q/k/v product, q/k norms and rotation, every row's keys and
+    values written into its item's cache, causal attention over the item's cached positions, the
+    output product added to the residual, RMSNorm, gate/up, SiLU(gate) * up, the down product
+    added to the residual. Every step is per row and in a fixed order, so a row's result does not
+    depend on the rest of the batch, nor on whether it came in a prompt or alone: replaying a
+    request's tokens as one prompt (failover) rebuilds exactly the cache and logits it had.
+    """
+
+    MAX_HEAD_DIM = 512
+    CACHE_DTYPE = np.float16  # keys and values: half the bytes a step reads, as llama.cpp's cache
+
+    def __init__(
+        self,
+        lib: Library,
+        *,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        inter: int,
+        eps: float,
+        inv_freq: np.ndarray,
+        layers: list[DecoderLayer],
+    ) -> None:
+        if head_dim > self.MAX_HEAD_DIM or head_dim % 2 or heads % kv_heads:
+            raise ValueError(f"no native forward for {heads}/{kv_heads} heads of {head_dim}")
+        width = (heads + 2 * kv_heads) * head_dim
+        expected = {
+            "qkv": (width, hidden),
+            "o": (hidden, heads * head_dim),
+            "gate_up": (2 * inter, hidden),
+            "down": (hidden, inter),
+        }
+        structs = []
+        for layer in layers:
+            for name, shape in expected.items():
+                m = getattr(layer, name)
+                if (m.n, m.k) != shape:
+                    raise ValueError(f"{name} is {(m.n, m.k)}, expected {shape}")
+            structs.append(
+                Layer(
+                    layer.qkv.matrix,
+                    layer.o.matrix,
+                    layer.gate_up.matrix,
+                    layer.down.matrix,
+                    _vector(layer.attn_norm, hidden),
+                    _vector(layer.mlp_norm, hidden),
+                    _vector(layer.qkv_bias, width),
+                    _vector(layer.q_norm, head_dim),
+                    _vector(layer.k_norm, head_dim),
+                )
+            )
+        self.lib = lib
+        self.hidden, self.head_dim, self.eps = hidden, head_dim, eps
+        self.inv_freq = np.ascontiguousarray(inv_freq, dtype=np.float32)
+        freq = _vector(self.inv_freq, head_dim // 2)
+        self.dims = Dims(hidden, heads, kv_heads, head_dim, inter, eps, freq)
+        self._layers = (Layer * len(structs))(*structs)
+        self._count = len(structs)
+        self._keep = layers  # the arrays the structs point into
+
+    @classmethod
+    def for_model(
+        cls, lib: Library, args: ModelArgs, inv_freq: np.ndarray, layers: list[DecoderLayer]
+    ) -> "Decoder":
+        """The decoder of a Llama-family model file's layers (its arguments and rope)."""
+        return cls(
+            lib,
+            hidden=args.hidden_size,
+            heads=args.num_attention_heads,
+            kv_heads=args.num_key_value_heads,
+            head_dim=args.head_dim,
+            inter=args.intermediate_size,
+            eps=args.rms_norm_eps,
+            inv_freq=inv_freq,
+            layers=layers,
+        )
+
+    def forward(
+        self,
+        h: int,
+        item: np.ndarray,
+        position: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        capacity: np.ndarray,
+        threads: int | None = None,
+    ) -> None:
+        """Advance h [rows, hidden] (float32 at address h) through every layer, in place.
+
+        Row r is position position[r] of item item[r] (int64 [rows]). k, v: uint64 [items],
+        addresses of each item's CACHE_DTYPE cache [layers, kv_heads, capacity, head_dim]; capacity:
+        int64 [items]. Every row's keys and values are written at its position.
+        """
+        rows, items = len(item), len(k)
+        address(item, np.int64, (rows,))
+        address(position, np.int64, (rows,))
+        for array, dtype in ((k, np.uint64), (v, np.uint64), (capacity, np.int64)):
+            address(array, dtype, (items,))
+        if rows and (item.min() < 0 or item.max() >= items):
+            raise ValueError("a row names an item that has no cache")
+        if rows and np.any((position < 0) | (position >= capacity[item])):
+            raise ValueError("a cache has no room for the position it is to write")
+        frame = Rows(item.ctypes.data, position.ctypes.data, k.ctypes.data, v.ctypes.data,
+                     capacity.ctypes.data)  # fmt: skip
+        status = self.lib.lib.shoal_forward(
+            ctypes.byref(self.dims), self._layers, self._count, h, rows, ctypes.byref(frame),
+            threads_or_all(threads),
+        )  # fmt: skip
+        if status:
+            raise MemoryError(f"no memory for a native pass of {rows} rows")
+
+    def rms_norm(
+        self, x: int, rows: int, weight: np.ndarray, out: int, threads: int | None
+    ) -> None:
+        """out [rows, hidden] = RMSNorm(x) with weight [hidden], at raw float32 addresses: the
+        final norm, by the same code as the layers' so a row is the same in any batch."""
+        w = _vector(weight, self.hidden)
+        self.lib.lib.shoal_rms_norm(x, rows, self.hidden, w, self.eps, out, threads_or_all(threads))

@@ -1,0 +1,168 @@
+"""A Llama-family shard (llama, mistral, qwen2, qwen3) on block weights, run by one native call.
+
+The shard's tensors under Hugging Face names are taken once: q, k, v fused into one block matrix,
+gate and up into another, o and down, each in q8 (int8) or q4 (int4) blocks; the norms, the qwen2
+q/k/v bias and the qwen3 q/k norms stay float32. The embedding stays float32 and the head is q8
+blocks whatever the layers' format (4 bits cost accuracy there, so GGUFs keep it at 6-8 bits).
+A pass is an embedding lookup, `Decoder.forward` through every layer, the final norm and the head:
+the same code for a prompt's rows and a decode step's, so a row's result never depends on the
+rest of the batch.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from shoal.engines.args import ModelArgs
+from shoal.engines.base import ProgressFn
+from shoal.engines.native.abi import Library
+from shoal.engines.native.blocks import BLOCK, BlockWeights, Kind
+from shoal.engines.native.decoder import Decoder, DecoderLayer
+from shoal.errors import UnsupportedModel
+from shoal.types.shard import Shard
+
+F32 = np.float32
+ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def supports(args: ModelArgs) -> bool:
+    """Whether every projection's input is whole blocks and the heads fit the native pass."""
+    d = args.head_dim
+    widths = (args.hidden_size, args.num_attention_heads * d, args.intermediate_size)
+    return (
+        args.model_type in ARCHITECTURES
+        and all(w % BLOCK == 0 for w in widths)
+        and d <= Decoder.MAX_HEAD_DIM
+        and d % 2 == 0
+        and args.num_attention_heads % args.num_key_value_heads == 0
+    )
+
+
+class Checkpoint:
+    """The shard's tensors, taken by name; names left over or missing refuse the load."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]) -> None:
+        self._left = dict(tensors)
+        self._missing: list[str] = []
+
+    def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor `name` of that shape as contiguous float32 (zeros if missing: finish)."""
+        array = self._left.pop(name, None)
+        if array is None:
+            self._missing.append(name)
+            return np.zeros(shape, F32)
+        if tuple(array.shape) != shape:
+            raise UnsupportedModel(f"{name}: shape {tuple(array.shape)}, expected {shape}")
+        return np.ascontiguousarray(array, dtype=F32)
+
+    def finish(self, what: str) -> None:
+        """Refuse the load if any tensor was missing or not taken."""
+        if self._missing or self._left:
+            raise UnsupportedModel(
+                f"weights do not fit {what}: "
+                f"missing {sorted(self._missing)}, unexpected {sorted(self._left)}"
+            )
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """How weights become block matrices: the library, the layers' format and the threads."""
+
+    lib: Library
+    kind: Kind
+    threads: int
+
+    def __call__(self, weight: np.ndarray, kind: Kind | None = None) -> BlockWeights:
+        return BlockWeights.quantize(self.lib, weight, kind or self.kind, self.threads)
+
+
+def _layer(ckpt: Checkpoint, args: ModelArgs, index: int, blocks: Blocks) -> DecoderLayer:
+    """Layer `index` from the checkpoint: fused q/k/v and gate/up, every projection in blocks."""
+    name = f"model.layers.{index}"
+    hidden, inter, d = args.hidden_size, args.intermediate_size, args.head_dim
+    sizes = {"q": args.num_attention_heads * d, "k": args.num_key_value_heads * d}
+    sizes["v"] = sizes["k"]
+    attn = f"{name}.self_attn"
+    qkv = np.concatenate(
+        [ckpt.take(f"{attn}.{p}_proj.weight", (n, hidden)) for p, n in sizes.items()]
+    )  # [(H + 2 KV) * D, hidden]
+    bias = None
+    if args.attention_bias:
+        bias = np.concatenate([ckpt.take(f"{attn}.{p}_proj.bias", (n,)) for p, n in sizes.items()])
+    gate_up = np.concatenate(
+        [ckpt.take(f"{name}.mlp.{p}_proj.weight", (inter, hidden)) for p in ("gate", "up")]
+    )  # [2 * inter, hidden]
+    return DecoderLayer(
+        qkv=blocks(qkv),  # [(H + 2 KV) * D, hidden]
+        o=blocks(ckpt.take(f"{attn}.o_proj.weight", (hidden, sizes["q"]))),
+        gate_up=blocks(gate_up),
+        down=blocks(ckpt.take(f"{name}.mlp.down_proj.weight", (hidden, inter))),
+        attn_norm=ckpt.take(f"{name}.input_layernorm.weight", (hidden,)),
+        mlp_norm=ckpt.take(f"{name}.post_attention_layernorm.weight", (hidden,)),
+        qkv_bias=bias,
+        q_norm=ckpt.take(f"{attn}.q_norm.weight", (d,)) if args.qk_norm else None,
+        k_norm=ckpt.take(f"{attn}.k_norm.weight", (d,)) if args.qk_norm else None,
+    )
+
+
+class Model:
+    """The shard of a causal LM on blocks: ids or hidden states in, hidden states or logits out."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        shard: Shard,
+        tensors: Mapping[str, np.ndarray],
+        blocks: Blocks,
+        inv_freq: np.ndarray,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.args, self.shard, self.threads = args, shard, blocks.threads
+        hidden, vocab = args.hidden_size, args.vocab_size
+        ckpt = Checkpoint(tensors)
+        total = shard.end - shard.start
+        if progress is not None:
+            progress(0, total)
+        self.embed_tokens = (
+            ckpt.take("model.embed_tokens.weight", (vocab, hidden)) if shard.is_first else None
+        )  # [vocab, hidden]
+        layers = []
+        for done, index in enumerate(range(shard.start, shard.end), start=1):
+            layers.append(_layer(ckpt, args, index, blocks))
+            if progress is not None:
+                progress(done, total)
+        self.norm = ckpt.take("model.norm.weight", (hidden,)) if shard.is_last else None
+        head = ckpt.take("lm_head.weight", (vocab, hidden)) if shard.is_last else None
+        self.head = None if head is None else blocks(head, kind="q8")  # [vocab, hidden] blocks
+        ckpt.finish(f"{args.model_type} shard {shard}")
+        self.decoder = Decoder.for_model(blocks.lib, args, inv_freq, layers)
+
+    def __call__(
+        self,
+        x: np.ndarray,
+        item: np.ndarray,
+        positions: np.ndarray,
+        caches: tuple[np.ndarray, np.ndarray, np.ndarray],
+        last: np.ndarray | None,
+    ) -> np.ndarray:
+        """ids [N] or hidden [N, hidden] → hidden [N, hidden], or logits if this is the last shard.
+
+        Row r is position positions[r] of item item[r]; caches: the items' key and value cache
+        addresses and capacities (Decoder.forward). Logits are of the rows `last` picks ([items,
+        vocab]), or of every row when last is None ([N, vocab]).
+        """
+        if self.embed_tokens is not None:
+            h = self.embed_tokens[x]  # [N, hidden], a copy: advanced in place
+        else:
+            h = np.array(x, dtype=F32, order="C")
+        k, v, capacity = caches
+        self.decoder.forward(h.ctypes.data, item, positions, k, v, capacity, self.threads)
+        if self.norm is None or self.head is None:
+            return h
+        if last is not None:
+            h = np.ascontiguousarray(h[last])  # [items, hidden]
+        normed = np.empty_like(h)
+        rows = h.shape[0]
+        self.decoder.rms_norm(h.ctypes.data, rows, self.norm, normed.ctypes.data, self.threads)
+        return self.head.matmul(normed, self.threads)  # [N or items, vocab]
