@@ -250,3 +250,35 @@ def test_streams_are_summarised_as_multiples_of_one_stream() -> None:
     section = tables.streams_section(report)
     assert section.headers[1:] == ("1 streams tok/s", "8 streams tok/s", "8 ÷ 1")
     assert section.rows == [("shoal", "100.0", "400.0", "4.00")]
+
+
+def test_the_noisy_neighbour_summary_and_its_table() -> None:
+    from shoal.bench import noisy
+
+    # alone: TTFT 100, gaps 20 (median) and 30 (largest); the 1024-token prompt alone 400 ms in 4
+    # chunks of 256 → 100 ms a chunk; beside it: TTFT 250, largest gap 150 ≤ 2 × 20 + 100
+    run = {
+        "long_prompt_tokens": 1024,
+        "long_alone_ttft_ms": 400.0,
+        "alone_ttft_ms": 100.0,
+        "alone_max_gap_ms": 30.0,
+        "decode_step_ms": 20.0,
+        "alone_tokens": 32,
+        "with_prefill_ttft_ms": 250.0,
+        "with_prefill_max_gap_ms": 150.0,
+        "with_prefill_tokens": 32,
+    }
+    summary = noisy.summarise([run, run | {"with_prefill_max_gap_ms": 130.0}, run], 256)
+    assert summary["prefill_chunks"] == 4 and summary["prefill_chunk_ms"] == 100.0
+    assert summary["ttft_ratio"] == 2.5 and summary["max_gap_ratio"] == 5.0
+    assert summary["gap_budget_ms"] == 140.0 and summary["gap_within_budget"] is False
+    stamps = noisy.StreamSample(start=0.0, stamps=[1.0, 1.02, 1.1, 1.12])
+    assert noisy.largest_gap_s(stamps) == pytest.approx(0.08)
+    assert noisy.median_gap_s(stamps) == pytest.approx(0.02)
+    report = {"noisy": {"gen_tokens": 32, "summary": summary, "runs": [run] * 3}}
+    (section,) = tables.sections(report)
+    assert section.title.startswith("Noisy neighbour: a 32-token chat beside a 1024-token")
+    assert [r[0] for r in section.rows][:2] == ["short chat TTFT", "short chat largest gap"]
+    assert section.rows[1][1:] == ("30.0", "150.0", "5.00")
+    assert section.rows[4][2] == "140.0 (NO)"
+    assert len(tables.to_markdown(section).splitlines()) == 4 + len(section.rows)

@@ -17,10 +17,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "suite",
         nargs="?",
-        choices=["full", "engines", "cluster"],
+        choices=["full", "engines", "cluster", "noisy"],
         default="full",
         help="full (default): everything; engines: in-process engines against llama.cpp and "
-        "transformers; cluster: API latency, RTT, inference, splits, failover",
+        "transformers; cluster: API latency, RTT, inference, splits, failover; noisy: a short "
+        "chat beside a long prompt's prefill on one node (not in full)",
     )
     p.add_argument(
         "--url",
@@ -43,6 +44,16 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--failover-tokens", type=int, default=64, help="length of the stream killed mid-way"
     )
+    p.add_argument(
+        "--noisy-prompt-tokens", type=int, default=4096, help="noisy: the long prompt (4096)"
+    )
+    p.add_argument("--noisy-gen-tokens", type=int, default=128, help="noisy: the short chat (128)")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="noisy: the node's --prefill-chunk (256, its default), to time one chunk",
+    )
     p.add_argument("--out-dir", type=Path, default=Path("."), help="where the report goes (.)")
     p.add_argument("--out", type=Path, help="the JSON's path (report and plots beside it)")
     p.set_defaults(func=run_bench)
@@ -58,6 +69,9 @@ def _check(args: argparse.Namespace) -> None:
         "--prompt-tokens": args.prompt_tokens,
         "--gen-tokens": args.gen_tokens,
         "--concurrency": args.concurrency,
+        "--noisy-prompt-tokens": [args.noisy_prompt_tokens],
+        "--noisy-gen-tokens": [args.noisy_gen_tokens],
+        "--prefill-chunk": [args.prefill_chunk],
     }
     for flag, values in counts.items():
         if min(values) < 1:

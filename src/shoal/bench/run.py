@@ -11,7 +11,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shoal.bench import engines, failover, inference, seed
+from shoal.bench import engines, failover, inference, noisy, seed
 from shoal.bench.cluster import Loopback, delete, loopback, place, ready, until
 from shoal.bench.errors import BenchError
 from shoal.bench.target import Endpoint, discover, parse_urls
@@ -163,6 +163,32 @@ def inference_tables(
     return out | ({"splits": split} if split else {})
 
 
+def noisy_tables(entry: Endpoint, args: argparse.Namespace, steps: Steps) -> dict[str, Any]:
+    """A 1-node instance on `entry`: the short chat alone and beside a long prefill."""
+    layers = _layers(entry.url, args.model)
+    spec = inference.layouts([entry.node_id], layers)["1 node"]
+    placed: dict[str, str] = {}
+    try:
+        placed = _place_all(entry.url, args.model, {"1 node": spec}, steps)
+        instance, target = placed["1 node"], args.noisy_prompt_tokens
+        words = asyncio.run(inference.calibrate(entry.url, instance, [target]))[target]
+        with steps.phase("noisy neighbour", 1) as tick:
+            out = noisy.measure(
+                entry.url,
+                instance,
+                inference.prompt_text(words),
+                args.noisy_gen_tokens,
+                args.runs,
+                args.prefill_chunk,
+            )
+            tick(f"{args.runs} runs")
+    finally:
+        for instance in placed.values():
+            with contextlib.suppress(httpx.HTTPError):
+                delete(entry.url, instance)
+    return {"model": args.model, "layers": spec} | out
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 
@@ -191,6 +217,8 @@ def measure_cluster(
     }
     if cluster is not None:
         out["cluster"]["join_s"] = cluster.join_s
+    if args.suite == "noisy":
+        return out | {"noisy": noisy_tables(nodes[0], args, steps)}
     out |= seed_tables(nodes, args, steps)
     out["inference"] = inference_tables(nodes[0], nodes, args, steps)
     if cluster is not None and len(nodes) >= 2:
@@ -209,7 +237,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
     """Checks what it can (URLs, peer names) before starting anything."""
     urls = parse_urls(args.url or [])
-    with_cluster = args.suite in ("full", "cluster")
+    with_cluster = args.suite in ("full", "cluster", "noisy")
     with_peers = args.suite in ("full", "engines") and not args.no_peers
     nodes = discover(urls) if urls and with_cluster else []
     peers = engines.select(args.peers) if with_peers else []
@@ -228,9 +256,10 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         if with_cluster and nodes:
             out |= measure_cluster(nodes, None, args, steps)
         elif with_cluster:
+            size = 1 if args.suite == "noisy" else args.nodes  # noisy: one node is enough
             with contextlib.ExitStack() as stack:
-                with steps.phase(f"starting {args.nodes} nodes", 1) as tick:
-                    lb = stack.enter_context(loopback(args.nodes))
+                with steps.phase(f"starting {size} nodes", 1) as tick:
+                    lb = stack.enter_context(loopback(size))
                     tick("joined")
                 out |= measure_cluster(lb.endpoints(), lb, args, steps)
     return out

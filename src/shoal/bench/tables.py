@@ -256,6 +256,35 @@ def comparison_section(report: dict[str, Any]) -> Section:
     )
 
 
+def noisy_section(report: dict[str, Any]) -> Section:
+    n = report["noisy"]
+    s = n["summary"]
+    alone, beside = s["alone"], s["with_prefill"]
+    met = "yes" if s["gap_within_budget"] else "NO"
+    rows = [
+        ("short chat TTFT", _f(alone["ttft_ms"], 1), _f(beside["ttft_ms"], 1), _f(s["ttft_ratio"])),
+        (
+            "short chat largest gap",
+            _f(alone["max_gap_ms"], 1),
+            _f(beside["max_gap_ms"], 1),
+            _f(s["max_gap_ratio"]),
+        ),
+        ("decode step (median gap alone)", _f(s["decode_step_ms"], 1), "—", "—"),
+        (
+            f"prefill chunk ({s['prefill_chunk_tokens']} tokens)",
+            "—",
+            _f(s["prefill_chunk_ms"], 1),
+            "—",
+        ),
+        ("goal: gap ≤ 2 steps + 1 chunk", "—", f"{_f(s['gap_budget_ms'], 1)} ({met})", "—"),
+    ]
+    title = (
+        f"Noisy neighbour: a {n['gen_tokens']}-token chat beside a "
+        f"{s['long_prompt_tokens']:.0f}-token prefill (ms), median of {len(n['runs'])}"
+    )
+    return Section(title, ("", "alone", "with the prefill", "ratio"), rows)
+
+
 BUILDERS: list[tuple[Callable[[dict[str, Any]], bool], Callable[[dict[str, Any]], Section]]] = [
     (lambda r: bool(r.get("comparison")), comparison_section),
     (lambda r: "api" in r, api_section),
@@ -267,6 +296,7 @@ BUILDERS: list[tuple[Callable[[dict[str, Any]], bool], Callable[[dict[str, Any]]
     (lambda r: "summary" in r.get("peers", {}), peers_section),
     (lambda r: bool(r.get("peers", {}).get("streams")), streams_section),
     (lambda r: "failover" in r, failover_section),
+    (lambda r: "noisy" in r, noisy_section),
 ]
 
 
