@@ -6,9 +6,12 @@ from pydantic import TypeAdapter
 from shoal.state.apply import apply, apply_all
 from shoal.state.model import NodeRecord, State
 from shoal.types.events import (
+    MAX_TERM,
     Event,
     IndexedEvent,
     MasterElected,
+    MemberAdmitted,
+    MemberRemoved,
     NodeForgotten,
     NodeJoined,
     NodeLost,
@@ -121,6 +124,43 @@ def test_same_entries_same_json() -> None:
     assert apply_all(half, log[4:]).model_dump_json() == one
 
 
+# (members, revoked) after the events
+MEMBER_CASES: list[tuple[str, list[Event], tuple[str, str]]] = [
+    ("admitted", [MemberAdmitted(node_id=B), MemberAdmitted(node_id=A)], ("ab", "")),
+    ("admitted twice", [MemberAdmitted(node_id=A)] * 2, ("a", "")),
+    ("removed", [MemberAdmitted(node_id=A), MemberRemoved(node_id=A, reason="x")], ("", "a")),
+    ("removed stays out",
+     [MemberAdmitted(node_id=A), MemberRemoved(node_id=A, reason="x"), MemberAdmitted(node_id=A)],
+     ("", "a")),
+    ("a stranger revoked ahead", [MemberRemoved(node_id=C, reason="x")], ("", "c")),
+    ("removed twice", [MemberRemoved(node_id=C, reason="x")] * 2, ("", "c")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"), [c[1:] for c in MEMBER_CASES], ids=[c[0] for c in MEMBER_CASES]
+)
+def test_membership(events: list[Event], expected: tuple[str, str]) -> None:
+    state = apply_all(State(), indexed(events))
+    assert ("".join(state.members), "".join(state.revoked)) == expected
+    assert all(state.trusts(m) for m in state.members)
+    assert not any(state.trusts(r) for r in state.revoked)
+
+
+def test_a_removed_member_is_no_longer_connected() -> None:
+    events: list[Event] = [MemberAdmitted(node_id=A), NodeJoined(node_id=A)]
+    state = apply_all(State(), indexed([*events, MemberRemoved(node_id=A, reason="stolen")]))
+    assert not state.nodes[A].connected and state.nodes[A].lost_reason == "removed: stolen"
+
+
+@pytest.mark.parametrize("field", ["index", "term", "prev_term"])
+def test_terms_and_indexes_past_the_bound_are_refused(field: str) -> None:
+    good = {"index": 1, "term": 1, "prev_term": 0, "event": NodeJoined(node_id=A)}
+    IndexedEvent(**{**good, field: MAX_TERM})  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        IndexedEvent(**{**good, field: 2**63 - 1})  # type: ignore[arg-type]
+
+
 def test_state_rejects_mismatched_keys() -> None:
     with pytest.raises(ValueError, match="holds the record of"):
         State(nodes={A: NodeRecord(node_id=B, joined_index=1)})
@@ -137,6 +177,8 @@ EVENTS: list[Event] = [
     NodeProfiled(profile=profile("a", memory_bandwidth_gbs=101.5, matmul_gflops=2.5e3)),
     NodeForgotten(node_id=A),
     MasterElected(node_id=A, term=7),
+    MemberAdmitted(node_id=A),
+    MemberRemoved(node_id=A, reason="stolen laptop"),
 ]
 
 

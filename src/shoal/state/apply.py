@@ -14,6 +14,8 @@ from shoal.types.events import (
     InstanceDeleted,
     InstancePlaced,
     MasterElected,
+    MemberAdmitted,
+    MemberRemoved,
     NodeForgotten,
     NodeJoined,
     NodeLost,
@@ -94,6 +96,25 @@ def _runner_status(state: State, event: RunnerStatusChanged) -> State:
     return state.model_copy(update={"instances": {**state.instances, event.instance_id: updated}})
 
 
+def _member_admitted(state: State, event: MemberAdmitted) -> State:
+    """Add a member; a revoked node is never a member again."""
+    if event.node_id in state.members or event.node_id in state.revoked:
+        return state
+    return state.model_copy(update={"members": tuple(sorted({*state.members, event.node_id}))})
+
+
+def _member_removed(state: State, event: MemberRemoved) -> State:
+    """Revoke a node (member or not): out of the members, into the revoked, lost if connected."""
+    members = tuple(m for m in state.members if m != event.node_id)
+    revoked = tuple(sorted({*state.revoked, event.node_id}))
+    state = state.model_copy(update={"members": members, "revoked": revoked})
+    record = state.nodes.get(event.node_id)
+    if record is not None and record.connected:
+        lost = {"connected": False, "lost_reason": f"removed: {event.reason}"}
+        state = _put(state, record.model_copy(update=lost))
+    return state
+
+
 def _dispatch(state: State, event: Event, index: int) -> State:
     """The event's own change to the state."""
     match event:
@@ -113,6 +134,10 @@ def _dispatch(state: State, event: Event, index: int) -> State:
             return _instance_deleted(state, event)
         case RunnerStatusChanged():
             return _runner_status(state, event)
+        case MemberAdmitted():
+            return _member_admitted(state, event)
+        case MemberRemoved():
+            return _member_removed(state, event)
         case _:
             assert_never(event)
 

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shoal.types.events import MAX_INDEX, MAX_TERM
 from shoal.types.ids import InstanceId, NodeId
 from shoal.types.instance import Instance
 from shoal.types.profile import NodeProfile
@@ -60,12 +61,18 @@ class InstanceRecord(_Frozen):
 class State(_Frozen):
     """The cluster as of log entry `index` (0: nothing applied yet), ordered by master `term`."""
 
-    index: int = Field(default=0, ge=0)
-    term: int = Field(default=0, ge=0)
+    index: int = Field(default=0, ge=0, le=MAX_INDEX)
+    term: int = Field(default=0, ge=0, le=MAX_TERM)
     master: NodeId | None = None
     master_quorum: bool = True  # the master was elected seeing a majority of the known nodes
     nodes: dict[NodeId, NodeRecord] = Field(default_factory=dict)
     instances: dict[InstanceId, InstanceRecord] = Field(default_factory=dict)
+    members: tuple[NodeId, ...] = ()  # nodes certified by the cluster CA, sorted
+    revoked: tuple[NodeId, ...] = ()  # removed members, for good, sorted
+
+    def trusts(self, node_id: NodeId) -> bool:
+        """Whether node_id is a member that was not removed."""
+        return node_id in self.members and node_id not in self.revoked
 
     @field_validator("nodes")
     @classmethod

@@ -38,7 +38,24 @@ class DeleteInstance(_Command):
     instance_id: InstanceId
 
 
-Command = Annotated[ForgetNode | PlaceModel | DeleteInstance, Field(discriminator="kind")]
+class AdmitMember(_Command):
+    """Record a node the CA just certified as a member (sent by the node that enrolled it)."""
+
+    kind: Literal["admit_member"] = "admit_member"
+    node_id: NodeId
+
+
+class RemoveMember(_Command):
+    """Revoke a member: its messages are dropped from now on and it cannot join again."""
+
+    kind: Literal["remove_member"] = "remove_member"
+    node_id: NodeId
+
+
+Command = Annotated[
+    ForgetNode | PlaceModel | DeleteInstance | AdmitMember | RemoveMember,
+    Field(discriminator="kind"),
+]
 
 
 class CommandResult(BaseModel):

@@ -13,6 +13,10 @@ from shoal.types.instance import Instance
 from shoal.types.profile import NodeProfile
 from shoal.types.runner import RunnerStatus
 
+# Terms and indexes fit JSON's exact integers (and so SQLite's INTEGER) with room to grow: a
+# message claiming more is invalid and dropped, never stored or incremented past the bound.
+MAX_TERM = MAX_INDEX = 2**53 - 1
+
 
 class _Event(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -52,7 +56,7 @@ class MasterElected(_Event):
 
     kind: Literal["master_elected"] = "master_elected"
     node_id: NodeId
-    term: int = Field(ge=1)
+    term: int = Field(ge=1, le=MAX_TERM)
     quorum: bool = True  # it saw a majority of the known nodes when elected
 
 
@@ -82,6 +86,21 @@ class RunnerStatusChanged(_Event):
     data_addr: str | None = None
 
 
+class MemberAdmitted(_Event):
+    """A node holds a certificate from the cluster CA: its signed messages are taken from now on."""
+
+    kind: Literal["member_admitted"] = "member_admitted"
+    node_id: NodeId
+
+
+class MemberRemoved(_Event):
+    """A member is revoked for good: its messages are dropped and it cannot join again."""
+
+    kind: Literal["member_removed"] = "member_removed"
+    node_id: NodeId
+    reason: str
+
+
 Event = Annotated[
     NodeJoined
     | NodeLost
@@ -90,7 +109,9 @@ Event = Annotated[
     | MasterElected
     | InstancePlaced
     | InstanceDeleted
-    | RunnerStatusChanged,
+    | RunnerStatusChanged
+    | MemberAdmitted
+    | MemberRemoved,
     Field(discriminator="kind"),
 ]
 
@@ -100,10 +121,10 @@ class IndexedEvent(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    index: int = Field(ge=1)
-    term: int = Field(ge=1)
+    index: int = Field(ge=1, le=MAX_INDEX)
+    term: int = Field(ge=1, le=MAX_TERM)
     # Term of the entry at index - 1 in the master's log (0 before the first entry). A replica
     # appends only where its own last term matches, so two logs that hold the same (index, term)
     # hold the same entries up to it (Raft's log matching); StateStore.append_as_master sets it.
-    prev_term: int = Field(default=0, ge=0)
+    prev_term: int = Field(default=0, ge=0, le=MAX_TERM)
     event: Event
