@@ -55,6 +55,20 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
     p.add_argument("--max-batch", type=int, help="requests decoded together (default 8)")
     p.add_argument(
+        "--max-queue", type=int, help="requests waiting per instance before a 429 (default 64)"
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="prompt tokens per step, run beside the other requests' decode (default 256)",
+    )
+    p.add_argument(
+        "--http-timeout",
+        dest="http_timeout_s",
+        type=float,
+        help="seconds a client has to send a request's headers, and its body (default 30)",
+    )
+    p.add_argument(
         "--no-auto-load",
         dest="auto_load",
         action="store_const",

@@ -281,6 +281,7 @@ class ClusterService:
             tokenizer,
             context_length=card.context_length,
             vocab_size=card.vocab_size,
+            hidden_size=card.hidden_size,
             max_batch=self._max_batch,
             max_queue=self._max_queue,
             prefill_chunk=self._prefill_chunk,

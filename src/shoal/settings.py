@@ -26,6 +26,9 @@ ENV: dict[str, str] = {
     "quant": "SHOAL_QUANT",
     "threads": "SHOAL_THREADS",
     "max_batch": "SHOAL_MAX_BATCH",
+    "max_queue": "SHOAL_MAX_QUEUE",
+    "prefill_chunk": "SHOAL_PREFILL_CHUNK",
+    "http_timeout_s": "SHOAL_HTTP_TIMEOUT_S",
     "max_body_bytes": "SHOAL_MAX_BODY_BYTES",
     "auto_load": "SHOAL_AUTO_LOAD",
     "log_level": "SHOAL_LOG_LEVEL",
@@ -56,7 +59,13 @@ class Settings(BaseModel):
     dtype: DType = "float32"  # torch activations and caches
     quant: Quant | None = None  # torch weights; None = the card's
     threads: int | None = Field(default=None, ge=1)  # compute threads; None = all cores
-    max_batch: int = Field(default=8, ge=1)  # requests decoded together per step
+    # a step carries at most max_batch decodes + one prefill chunk: runners take up to 256 items
+    # and 8192 tokens a step (worker/limits.py)
+    max_batch: int = Field(default=8, ge=1, le=256)  # requests decoded together per step
+    max_queue: int = Field(default=64, ge=1)  # requests waiting per instance; then 429
+    # prompt tokens per step, run beside the decodes
+    prefill_chunk: int = Field(default=256, ge=1, le=4096)
+    http_timeout_s: float = Field(default=30.0, gt=0)  # to send a request's headers, its body
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     auto_load: bool = True  # a request for a model not loaded loads it
     log_level: str = "INFO"

@@ -216,7 +216,10 @@ async def test_a_failing_request_fails_alone_and_the_others_get_their_text(
             run(s, request(f"v{i}", p, max_tokens=30, **sampling)) for i, p in enumerate(victims)
         ]
         tasks = [asyncio.create_task(r) for r in runs]
-        await asyncio.sleep(0.01)  # the victims are decoding when the bad request joins
+        for _ in range(1000):  # the victims are decoding when the bad request joins
+            if len(s._active) == 3 and all(seq.tokens for seq in s._active):
+                break
+            await asyncio.sleep(0.002)
         assert not any(t.done() for t in tasks)
         with pytest.raises(ValueError, match="bad input"):
             await run(s, request("bad", "poison"))
@@ -287,3 +290,29 @@ async def test_a_stream_dropped_unread_cancels_its_request() -> None:
                 break
             await asyncio.sleep(0.01)
         assert s.load == 0 and "dropped" not in engine._states
+
+
+async def test_prefill_chunks_shrink_as_attention_grows_and_keep_their_cost() -> None:
+    engine = fake_engine()
+    steps: list[tuple[int, int]] = []  # (start, length) of each prefill item
+    forward = engine.forward
+
+    def spy(batch, **kw):  # type: ignore[no-untyped-def]
+        steps.extend((i.start, i.length) for i in batch if i.start < 2001)  # the prompt's
+        return forward(batch, **kw)
+
+    engine.forward = spy  # type: ignore[method-assign]
+    scheduler = Scheduler(
+        LocalPipeline([engine]),
+        ByteTokenizer(),
+        context_length=4096,
+        hidden_size=16,  # attention weighs like projections after 6 * 16 = 96 positions
+        prefill_chunk=64,
+    )
+    async with running(scheduler) as s:
+        await run(s, request("long", "y" * 2000, max_tokens=1))
+    lengths = [n for _, n in steps]
+    assert sum(lengths) == 2001 and lengths[0] > 2 * lengths[-1]  # deeper chunks are smaller
+    assert lengths == sorted(lengths, reverse=True)
+    for start, n in steps:
+        assert n * (1 + (start + n / 2) / 96) <= 64 or n == 1

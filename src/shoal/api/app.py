@@ -16,11 +16,13 @@ def create_app(
     cluster: ClusterNode | None = None,
     max_body_bytes: int = 4 * 1024 * 1024,
     body_timeout_s: float = 30.0,
+    profile_wait_s: float = 2.0,
 ) -> FastAPI:
     """An app serving `service` (and `cluster`); the caller runs it and owns their lifetimes."""
     app = FastAPI(title="shoal", version=__version__)
     app.state.service = service
     app.state.cluster = cluster
+    app.state.profile_wait_s = profile_wait_s  # a layout waits this long for a named node
     app.state.models_json = None  # (state index, bytes): see api/models.py
     errors.install(app)
     for module in (models, chat, completions, health, cluster_routes, instances):

@@ -36,7 +36,7 @@ async def chat_completions(
     prompt = await off_loop(handle.tokenizer.encode_chat, _messages(body))
     if not prompt:
         raise BadRequest("the chat template made an empty prompt", param="messages")
-    check_context(handle, len(prompt), body.token_limit)
+    check_context(handle, len(prompt), body.token_limit, param="messages")
     req = GenerationRequest(new_request_id("chatcmpl"), handle.card.id, tuple(prompt), sampling)
     stream = handle.generate(req)  # admitted now: a full queue is a 429, not a broken stream
     if body.stream:

@@ -43,7 +43,7 @@ async def completions(
         prompt = await off_loop(tokenizer.encode, text_prompt, add_special_tokens=True)
     if not prompt:
         raise BadRequest("the prompt is empty", param="prompt")
-    check_context(handle, len(prompt), body.max_tokens)
+    check_context(handle, len(prompt), body.max_tokens, param="prompt")
     req = GenerationRequest(new_request_id("cmpl"), handle.card.id, tuple(prompt), sampling)
     stream = handle.generate(req)  # admitted now: a full queue is a 429, not a broken stream
     echo = text_prompt if body.echo else ""

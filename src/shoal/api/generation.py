@@ -38,19 +38,21 @@ async def off_loop(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
 def check_token_ids(handle: ModelHandle, ids: Sequence[int], *, param: str) -> None:
     """400 naming the first token id outside the model's vocabulary."""
     vocab = handle.card.vocab_size
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
+    if ids and not 0 <= min(ids) <= max(ids) < vocab:
+        bad = next(t for t in ids if not 0 <= t < vocab)
         raise BadRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
 
-def check_context(handle: ModelHandle, prompt_tokens: int, max_tokens: int | None) -> None:
+def check_context(
+    handle: ModelHandle, prompt_tokens: int, max_tokens: int | None, *, param: str
+) -> None:
     """400 with the numbers when the prompt (plus the requested output) overflows the context."""
     ctx = handle.context_length
     if prompt_tokens >= ctx:
         raise ContextOverflow(
             f"this model's maximum context length is {ctx} tokens, "
             f"but the prompt has {prompt_tokens} tokens",
-            param="messages",
+            param=param,
         )
     if max_tokens is not None and prompt_tokens + max_tokens > ctx:
         raise ContextOverflow(

@@ -19,9 +19,8 @@ router = APIRouter()
 
 # How long a layout waits for the profiles of the nodes it names: a node that has just joined
 # profiles itself first, so `shoal place` right after start-up must not fail with "no node".
-# The default lease (--lease-ms): a node still silent after it is as good as gone. Tests set
-# app.state.profile_wait_s.
-PROFILE_WAIT_S = 2.0
+# The lease (--lease-ms, create_app's profile_wait_s): a node still silent after it is as good
+# as gone.
 PROFILE_POLL_S = 0.05
 
 
@@ -43,7 +42,7 @@ def _service(request: Request) -> ClusterService:
 async def place_instance(body: PlaceRequest, request: Request) -> dict[str, Any]:
     """Place an instance of a model (the master decides, or follows `layers`)."""
     if body.layers is not None and request.app.state.cluster is not None:
-        wait_s = getattr(request.app.state, "profile_wait_s", PROFILE_WAIT_S)
+        wait_s: float = request.app.state.profile_wait_s
         await _await_profiles(request.app.state.cluster, body.layers, wait_s)
     instance = await _service(request).place(
         body.model, policy=body.policy, layers=body.layers, engine=body.engine

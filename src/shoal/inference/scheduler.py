@@ -13,6 +13,7 @@ its prompt and tokens so far, alone) before anyone is failed.
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -133,6 +134,7 @@ class Scheduler:
         *,
         context_length: int,
         vocab_size: int | None = None,
+        hidden_size: int | None = None,
         max_batch: int = 8,
         max_queue: int = 64,
         prefill_chunk: int = 256,
@@ -143,6 +145,11 @@ class Scheduler:
         self._tokenizer = tokenizer
         self._context = context_length
         self._vocab = vocab_size
+        # A prompt token at position p costs its projections plus attention over p positions:
+        # about 24·h² + 4·h·p FLOPs a layer for hidden size h, so (1 + p / (6·h)) tokens' worth
+        # of a token at position 0. The prefill budget counts that cost, so a chunk deep in a
+        # long prompt is as quick as the first one (None: every token costs 1).
+        self._attention_scale = 6.0 * hidden_size if hidden_size else None
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._prefill_chunk = prefill_chunk
@@ -178,19 +185,19 @@ class Scheduler:
         prompt, seed = req.prompt_tokens, req.sampling.seed
         if not prompt:
             raise BadRequest("the prompt is empty", param="prompt")
-        if self._vocab is not None and not all(0 <= t < self._vocab for t in prompt):
-            bad = next(t for t in prompt if not 0 <= t < self._vocab)
-            raise BadRequest(
-                f"token id {bad} is outside the vocabulary [0, {self._vocab})", param="prompt"
-            )
-        if seed is not None and not 0 <= seed <= MAX_SEED:
-            raise BadRequest(f"seed must be between 0 and {MAX_SEED}", param="seed")
         if len(prompt) >= self._context:
             raise ContextOverflow(
                 f"this model's maximum context length is {self._context} tokens, "
                 f"but the prompt has {len(prompt)} tokens",
                 param="prompt",
             )
+        if self._vocab is not None and not 0 <= min(prompt) <= max(prompt) < self._vocab:
+            bad = next(t for t in prompt if not 0 <= t < self._vocab)
+            raise BadRequest(
+                f"token id {bad} is outside the vocabulary [0, {self._vocab})", param="prompt"
+            )
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise BadRequest(f"seed must be between 0 and {MAX_SEED}", param="seed")
 
     async def run(self) -> None:
         """Step forever: admit, drop the cancelled, run one forward, sample."""
@@ -223,13 +230,13 @@ class Scheduler:
         decoding = [s for s in seqs if s.fed and len(s.pending) == 1]
         prefilling = sorted((s for s in seqs if s not in decoding), key=lambda s: len(s.pending))
         batch: list[tuple[_Sequence, Step]] = []
-        budget = self._prefill_chunk
+        budget = float(self._prefill_chunk)
         for seq in decoding + prefilling:
-            take = 1 if seq in decoding else min(len(seq.pending), budget)
+            take = 1 if seq in decoding else self._affordable(seq, budget)
             if take == 0:
                 continue
             if seq not in decoding:
-                budget -= take
+                budget -= self._cost(seq.fed, take)
             data = np.asarray(seq.pending[:take], dtype=np.int64)
             wants_token = take == len(seq.pending)
             step = Step(
@@ -238,6 +245,24 @@ class Scheduler:
             )
             batch.append((seq, step))
         return batch
+
+    def _cost(self, start: int, n: int) -> float:
+        """The prefill budget n prompt tokens from position start use."""
+        if self._attention_scale is None:
+            return float(n)
+        return n * (1.0 + (start + n / 2) / self._attention_scale)
+
+    def _affordable(self, seq: _Sequence, budget: float) -> int:
+        """How many of seq's pending tokens fit the budget (one at least, if nothing else did)."""
+        if self._attention_scale is None:
+            n = int(budget)
+        else:  # the largest n with n·(1 + (start + n/2)/S) <= budget
+            s, scale = seq.fed, self._attention_scale
+            a = 1.0 + s / scale
+            n = int((math.sqrt(a * a + 2.0 * budget / scale) - a) * scale)
+        if budget >= self._prefill_chunk:
+            n = max(n, 1)
+        return max(0, min(len(seq.pending), n))
 
     async def _run(self, batch: list[tuple[_Sequence, Step]]) -> bool:
         """Forward one batch and take its tokens; False when the step failed."""

@@ -107,9 +107,10 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Token ids of text; special tokens written in it become their single ids."""
-        # encode_batch lets go of the GIL (encode does not): a long prompt tokenized on a
-        # worker thread then leaves the event loop free
-        ids = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
+        # encode_batch_fast lets go of the GIL (encode does not), so a long prompt tokenized on
+        # a worker thread leaves the event loop free; and it skips the offsets, whose freeing
+        # alone held the GIL for 150 ms after a 3.9 MB prompt
+        ids = self._backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos:
             assert self.bos_token_id is not None
             ids = [self.bos_token_id, *ids]
