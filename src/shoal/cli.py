@@ -112,6 +112,8 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         const=False,
         help="offer llama.cpp and MLX untried (default: each runs a tiny model once, cached)",
     )
+    p.add_argument("--join", help="join a cluster with a token from `shoal invite` (first start)")
+    p.add_argument("--enrol-port", type=int, help="TLS port for joins (default 52417)")
     p.set_defaults(func=_node)
 
 
@@ -329,6 +331,67 @@ def _chat(args: argparse.Namespace) -> None:
 # --- entry point ----------------------------------------------------------------------------------
 
 
+# --- shoal init / invite / remove ----------------------------------------------------------------
+
+
+def _add_trust(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="make a new cluster's credentials (`shoal node` does it too)")
+    p.add_argument("--data-dir", type=Path, help="the node's data dir (SHOAL_DATA_DIR)")
+    p.add_argument("--cluster", help="cluster name (default 'default'; SHOAL_CLUSTER)")
+    p.set_defaults(func=_init)
+    p = sub.add_parser("invite", help="print a one-time token another machine joins with")
+    p.add_argument("--data-dir", type=Path, help="the first node's data dir (SHOAL_DATA_DIR)")
+    p.add_argument("--address", help="HOST:PORT joiners reach enrolment at (default: the node's)")
+    p.add_argument("--ttl", type=float, default=24.0, help="hours the token stays valid (24)")
+    p.set_defaults(func=_invite)
+    p = sub.add_parser("remove", help="revoke a member: its messages are dropped, it cannot rejoin")
+    p.add_argument("node", help="the node id to remove")
+    p.add_argument("--data-dir", type=Path, help="a running member's data dir (SHOAL_DATA_DIR)")
+    p.set_defaults(func=_remove)
+
+
+def _trust_settings(args: argparse.Namespace) -> Any:
+    from shoal.settings import load_settings
+
+    return load_settings({"data_dir": args.data_dir, "cluster": getattr(args, "cluster", None)})
+
+
+def _init(args: argparse.Namespace) -> None:
+    from shoal.net.credentials import Credentials
+
+    settings = _trust_settings(args)
+    creds = Credentials.create(settings.data_dir, settings.cluster)
+    print(f"cluster {creds.cluster!r}: CA sha256 {creds.fingerprint}")
+    print(f"this node: {creds.node_id} (data in {settings.data_dir})")
+
+
+def _enrol_address(data_dir: Path) -> str:
+    path = data_dir / "tls" / "enrol.addr"
+    if not path.exists():
+        raise CliError(f"no running node wrote {path}: start `shoal node` first, or pass --address")
+    return path.read_text().strip()
+
+
+def _invite(args: argparse.Namespace) -> None:
+    from shoal.net.credentials import Credentials
+    from shoal.net.enrol import invite
+
+    settings = _trust_settings(args)
+    creds = Credentials.load(settings.data_dir)
+    address = args.address or _enrol_address(settings.data_dir)
+    print(invite(creds, address, ttl_s=args.ttl * 3600).encode())
+
+
+def _remove(args: argparse.Namespace) -> None:
+    from shoal.net.credentials import Credentials
+    from shoal.net.enrol import remove
+    from shoal.types.ids import NodeId
+
+    settings = _trust_settings(args)
+    creds = Credentials.load(settings.data_dir)
+    print(asyncio.run(remove(creds, _enrol_address(settings.data_dir), NodeId(args.node))))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shoal", description=__doc__)
     p.add_argument("--version", action="version", version=f"shoal {__version__}")
@@ -338,6 +401,7 @@ def parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_status(sub)
     _add_place(sub)
+    _add_trust(sub)
     add_bench(sub)
     return p
 

@@ -1,28 +1,34 @@
 """The control-plane actors of one node, assembled over a transport and a state store.
 
 Used by node.py (over zenoh) and by tests (many nodes over the memory transport in one process).
-`coroutines()` are the long-running loops; the caller runs them in its TaskGroup.
+`coroutines()` are the long-running loops; the caller runs them in its TaskGroup. Every actor
+talks through a `Guard` over the transport: messages are signed with this node's identity and
+only trusted members' signed messages get through (the members come from the replicated state,
+and from `seed` until this node's log has them).
 """
 
 import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from shoal.election.actor import Election
+from shoal.errors import ShoalError
 from shoal.master import Master, Placer, no_placement
-from shoal.net.codec import Decoder
+from shoal.net.codec import Decoder, Keys, Sealer
 from shoal.net.dispatch import Dispatcher
+from shoal.net.guard import Guard, Trust
+from shoal.net.identity import Identity, key_in_id
 from shoal.net.transport import PeerEvent, Transport
 from shoal.reporter import Reporter
 from shoal.state.model import State
 from shoal.state.replica import Replica
 from shoal.state.store import StateStore
-from shoal.types.commands import Command, CommandResult
-from shoal.types.events import Event
+from shoal.types.commands import AdmitMember, Command, CommandResult, RemoveMember
+from shoal.types.events import Event, IndexedEvent, MemberAdmitted, MemberRemoved
 from shoal.types.ids import NodeId
 from shoal.types.wire import Campaign, CommandMessage, GlobalEvent, LocalEvent
 
@@ -51,34 +57,49 @@ class ClusterNode:
         transport: Transport,
         store: StateStore,
         cluster: str,
+        identity: Identity,
+        seed: Iterable[NodeId] = (),
         timing: Timing = Timing(),
         placer: Placer = no_placement,
+        keys: Keys = key_in_id,
     ) -> None:
-        self.transport = transport
+        if identity.node_id != transport.node_id:
+            raise ValueError(
+                f"identity {identity.node_id} is not the transport's {transport.node_id}"
+            )
         self.store = store
         self.cluster = cluster
+        self.trust = Trust(seed, lambda: store.state)
+        sealer = Sealer(identity, cluster)
+        decoder = Decoder(cluster, self.trust, keys)
+        self.guard = Guard(transport, sealer, decoder, self.trust)
+        self.transport: Transport = self.guard
+        transport = self.guard
         self.replica = Replica(
             store,
             transport,
             repair_interval_s=timing.repair_interval_s,
             request_timeout_s=timing.request_timeout_s,
         )
-        self.master = Master(store, transport, cluster, self.replica.applied, placer)
+        self.replica.listeners.append(self._membership_changed)
+        self.master = Master(
+            store, transport, sealer, self.replica.applied, placer, founders=self.trust.seed
+        )
         transport.serve(COMMAND_RPC, self.master.serve_command)
         transport.serve(PING_RPC, _pong)
         self.election = Election(
             transport,
             store,
-            cluster,
+            sealer,
             self._master_changed,
             heartbeat_s=timing.heartbeat_s,
             settle_s=timing.settle_s,
             join_grace_s=timing.join_grace_s,
         )
-        self.reporter = Reporter(transport, cluster, self.master.on_local)
-        dispatch = Dispatcher(transport, Decoder(cluster))
+        self.reporter = Reporter(transport, sealer, self.master.on_local)
+        dispatch = Dispatcher(transport, decoder)
         dispatch.on(GlobalEvent, self._on_global)
-        dispatch.on(LocalEvent, lambda _sender, body: self.master.on_local(body))
+        dispatch.on(LocalEvent, lambda sender, body: self.master.on_local(body, sender))
         dispatch.on(CommandMessage, self._on_command)
         dispatch.on(Campaign, self._on_campaign)
         transport.on_peer(self._on_peer)
@@ -127,6 +148,20 @@ class ClusterNode:
                 await self.replica.reached(result.index)
         return result
 
+    async def admit(self, node_id: NodeId) -> list[NodeId]:
+        """Record a newly certified node as a member; the members once this node knows it."""
+        result = await self.command(AdmitMember(node_id=node_id))
+        if not result.ok:
+            raise ShoalError(f"not admitted: {result.message}")
+        return list(self.state.members)
+
+    async def remove_member(self, node_id: NodeId) -> str:
+        """Revoke a member for good (its messages dropped, no rejoining); what happened."""
+        result = await self.command(RemoveMember(node_id=node_id))
+        if not result.ok:
+            raise ShoalError(f"not removed: {result.message}")
+        return f"removed {node_id}"
+
     async def ping(
         self, node: NodeId, count: int, timeout_s: float = 2.0
     ) -> tuple[list[float], int]:
@@ -159,6 +194,10 @@ class ClusterNode:
     def _on_campaign(self, sender: NodeId, body: Campaign) -> None:
         if body.node_id == sender:
             self.election.on_campaign(body)
+
+    def _membership_changed(self, entries: list[IndexedEvent]) -> None:
+        if not entries or any(isinstance(e.event, MemberAdmitted | MemberRemoved) for e in entries):
+            self.guard.refresh()
 
     def _on_peer(self, change: PeerEvent) -> None:
         self.election.on_peer(change)

@@ -11,17 +11,26 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 
-from shoal.net.codec import encode
+from shoal.net.codec import Sealer
 from shoal.net.transport import PeerEvent, Transport
 from shoal.state.model import State
 from shoal.state.store import StateStore
-from shoal.types.commands import CommandResult, DeleteInstance, ForgetNode, PlaceModel
+from shoal.types.commands import (
+    AdmitMember,
+    CommandResult,
+    DeleteInstance,
+    ForgetNode,
+    PlaceModel,
+    RemoveMember,
+)
 from shoal.types.events import (
     Event,
     IndexedEvent,
     InstanceDeleted,
     InstancePlaced,
     MasterElected,
+    MemberAdmitted,
+    MemberRemoved,
     NodeForgotten,
     NodeJoined,
     NodeLost,
@@ -31,7 +40,7 @@ from shoal.types.events import (
 from shoal.types.ids import InstanceId, NodeId
 from shoal.types.instance import Instance
 from shoal.types.runner import Failed
-from shoal.types.wire import PROTOCOL_VERSION, CommandMessage, Envelope, GlobalEvent, LocalEvent
+from shoal.types.wire import CommandMessage, GlobalEvent, LocalEvent
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +62,16 @@ class Master:
         self,
         store: StateStore,
         transport: Transport,
-        cluster: str,
+        sealer: Sealer,
         on_applied: Callable[[list[IndexedEvent]], None],
         placer: Placer = no_placement,
+        founders: frozenset[NodeId] = frozenset(),
     ) -> None:
         self._placer = placer
         self._store = store
         self._transport = transport
-        self._cluster = cluster
+        self._sealer = sealer
+        self._founders = founders  # the members a log without any starts with
         self._on_applied = on_applied
         self.term: int | None = None  # set while this node is master
         self._outbox: asyncio.Queue[IndexedEvent] = asyncio.Queue()
@@ -79,8 +90,10 @@ class Master:
         self.term = term
         log.info("this node is master (term %d%s)", term, "" if quorum else ", minority side")
         events: list[Event] = [MasterElected(node_id=self.me, term=term, quorum=quorum)]
-        live = self._transport.peers() | {self.me}
         state = self._store.state
+        if not state.members:  # a new cluster's log starts with who may speak in it
+            events += [MemberAdmitted(node_id=n) for n in sorted(self._founders | {self.me})]
+        live = self._transport.peers() | {self.me}
         for node_id, record in state.nodes.items():
             if record.connected and node_id not in live:
                 events.append(NodeLost(node_id=node_id, reason=f"not reachable at term {term}"))
@@ -112,7 +125,7 @@ class Master:
 
     def _heal(self, event: Event) -> None:
         """Re-place the instances a lost node or a given-up stage runner leaves broken."""
-        if isinstance(event, NodeLost):
+        if isinstance(event, NodeLost | MemberRemoved):
             lost = event.node_id
             self._replace(lambda i: lost in i.nodes, f"node {lost} was lost", ())
         elif isinstance(event, RunnerStatusChanged) and isinstance(event.status, Failed):
@@ -145,13 +158,9 @@ class Master:
         """Publish appended entries, one at a time, in index order."""
         while True:
             entry = await self._outbox.get()
-            envelope = Envelope(
-                v=PROTOCOL_VERSION,
-                cluster=self._cluster,
-                sender=self.me,
-                body=GlobalEvent(entry=entry),
+            await self._transport.publish(
+                "global_events", self._sealer.seal(GlobalEvent(entry=entry))
             )
-            await self._transport.publish("global_events", encode(envelope))
 
     # --- inputs ----------------------------------------------------------------------------
 
@@ -164,14 +173,25 @@ class Master:
         elif not change.up and record is not None and record.connected:
             self.append([NodeLost(node_id=change.node_id, reason="left or unreachable")])
 
-    def on_local(self, message: LocalEvent) -> None:
-        if not self.active or self._duplicate((message.origin, message.seq)):
+    def on_local(self, message: LocalEvent, sender: NodeId | None = None) -> None:
+        """A node's fact about itself (sender: the member that signed it; None: this node)."""
+        if not self.active:
             return
+        origin = message.origin
         event = message.event
-        if isinstance(event, NodeProfiled) and event.profile.node_id != message.origin:
+        if origin != (self.me if sender is None else sender):
+            log.warning("node %s sent an event as %s: dropped", sender, origin)
+            return
+        if not isinstance(event, NodeProfiled | RunnerStatusChanged):
             log.warning(
-                "node %s sent a profile for %s: dropped", message.origin, event.profile.node_id
+                "node %s sent a %s event, which nodes do not report: dropped", origin, event.kind
             )
+            return
+        about = event.profile.node_id if isinstance(event, NodeProfiled) else event.node_id
+        if about != origin:
+            log.warning("node %s sent a %s event for %s: dropped", origin, event.kind, about)
+            return
+        if self._duplicate((origin, message.seq)):
             return
         self.append([event])
 
@@ -201,6 +221,18 @@ class Master:
                 if instance_id not in state.instances:
                     return CommandResult(ok=False, message=f"no instance {instance_id}")
                 self.append([InstanceDeleted(instance_id=instance_id, reason="deleted on request")])
+            case AdmitMember(node_id=node_id):
+                if node_id in state.revoked:
+                    return CommandResult(ok=False, message=f"node {node_id} was removed")
+                if node_id not in state.members:
+                    self.append([MemberAdmitted(node_id=node_id)])
+                    log.info("admitted member %s", node_id)
+            case RemoveMember(node_id=node_id):
+                if node_id == self.me:
+                    return CommandResult(ok=False, message="the master cannot remove itself")
+                if node_id not in state.revoked:
+                    self.append([MemberRemoved(node_id=node_id, reason="removed on request")])
+                    log.warning("removed member %s: its messages are dropped from now on", node_id)
         return CommandResult(ok=True, index=self._store.last_index)
 
     async def serve_command(self, payload: bytes) -> bytes:

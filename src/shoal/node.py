@@ -17,6 +17,8 @@ from shoal.engines.registry import available_engines
 from shoal.errors import BadRequest, ShoalError
 from shoal.models.catalog import Catalog, find_local_weights
 from shoal.models.local_card import card_for_path
+from shoal.net.credentials import Credentials
+from shoal.net.enrol import EnrolServer, credentials_for
 from shoal.net.identity import Identity
 from shoal.net.transport import DuplicateNodeId
 from shoal.net.zenoh_transport import ZenohTransport
@@ -38,15 +40,35 @@ def _advertised_host(host: str) -> str:
     return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
 
 
-def _transport(settings: Settings, identity: Identity) -> ZenohTransport:
+def _transport(settings: Settings, creds: Credentials, endpoints: list[str]) -> ZenohTransport:
+    """zenoh over mutual TLS with this node's cluster certificate (see net/credentials.py)."""
     return ZenohTransport(
-        identity.node_id,
-        settings.cluster,
-        listen=[f"tcp/{settings.host}:{settings.control_port}"],
-        connect=[f"tcp/{peer}" for peer in settings.peers],
+        creds.node_id,
+        creds.cluster,
+        listen=[f"tls/{settings.host}:{settings.control_port}"],
+        connect=[f"tls/{peer}" for peer in settings.peers] + endpoints,
         multicast=settings.discovery == "multicast",
         lease_ms=settings.lease_ms,
+        tls=creds,
     )
+
+
+async def _enrolment(settings: Settings, creds: Credentials, cluster: ClusterNode) -> None:
+    """Serve joins (with a token) and removals (by members); tell `shoal invite` where."""
+    host = _advertised_host(settings.host)
+    enrol = EnrolServer(
+        creds,
+        settings.data_dir,
+        admit=cluster.admit,
+        remove=cluster.remove_member,
+        trusts=cluster.trust,
+        endpoints=lambda: [f"tls/{host}:{settings.control_port}"],
+    )
+    server = await enrol.start(settings.host, settings.enrol_port)
+    port = server.sockets[0].getsockname()[1]
+    (settings.data_dir / "tls" / "enrol.addr").write_text(f"{host}:{port}\n")
+    async with server:
+        await server.serve_forever()
 
 
 async def serve(settings: Settings) -> None:
@@ -66,13 +88,21 @@ async def serve(settings: Settings) -> None:
             f"(installed: {', '.join(available_engines())})"
         )
     identity = Identity.load_or_create(settings.data_dir)
-    transport = _transport(settings, identity)
+    creds = await credentials_for(settings.data_dir, settings.cluster, settings.join)
+    if "cluster" in settings.model_fields_set and settings.cluster != creds.cluster:
+        raise BadRequest(
+            f"this data dir belongs to cluster {creds.cluster!r}, not {settings.cluster!r}"
+        )
+    seed, endpoints = creds.seed()
+    transport = _transport(settings, creds, endpoints)
     try:
         await transport.start()
     except DuplicateNodeId as exc:
         raise ShoalError(str(exc)) from exc
     store = StateStore.open(settings.data_dir / "state.db")
-    cluster = ClusterNode(transport, store, settings.cluster, placer=make_placer(catalog))
+    cluster = ClusterNode(
+        transport, store, creds.cluster, identity, seed, placer=make_placer(catalog)
+    )
     service = ClusterService(
         cluster, catalog, auto_place=settings.auto_load, max_batch=settings.max_batch
     )
@@ -128,12 +158,13 @@ async def serve(settings: Settings) -> None:
         settings.host,
         settings.port,
         settings.control_port,
-        settings.cluster,
+        creds.cluster,
         settings.data_dir,
     )
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(_until_stopped(server), name="http")
+            group.create_task(_enrolment(settings, creds, cluster), name="enrolment")
             for coroutine in cluster.coroutines():
                 group.create_task(coroutine)
             group.create_task(profiler.run(), name="profiler")

@@ -10,11 +10,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from shoal.net.codec import encode
+from shoal.net.codec import Sealer
 from shoal.net.transport import Transport
 from shoal.types.events import Event, RunnerStatusChanged
 from shoal.types.ids import NodeId
-from shoal.types.wire import PROTOCOL_VERSION, Envelope, LocalEvent
+from shoal.types.wire import LocalEvent
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,10 @@ class Reporter:
     """Delivers this node's local events to whoever is master."""
 
     def __init__(
-        self, transport: Transport, cluster: str, deliver_locally: Callable[[LocalEvent], None]
+        self, transport: Transport, sealer: Sealer, deliver_locally: Callable[[LocalEvent], None]
     ) -> None:
         self._transport = transport
-        self._cluster = cluster
+        self._sealer = sealer
         self._deliver_locally = deliver_locally  # the Master, when this node is master
         self._seq = time.time_ns()  # unique across restarts, so dedup never eats a new event
         self._latest: dict[tuple[str, ...], LocalEvent] = {}
@@ -59,10 +59,7 @@ class Reporter:
         if self.master == self._transport.node_id:
             self._deliver_locally(message)
             return
-        envelope = Envelope(
-            v=PROTOCOL_VERSION, cluster=self._cluster, sender=self._transport.node_id, body=message
-        )
-        await self._transport.publish("local_events", encode(envelope))
+        await self._transport.publish("local_events", self._sealer.seal(message))
 
 
 def _key(event: Event) -> tuple[str, ...]:

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.net.credentials import Credentials
+from shoal.net.enrol import invite
+
 SUBNET = "10.213.0"  # inside the namespaces only
+ENROL_PORT = 52417  # the default: tokens name the first host's
 
 
 def why_not_supported() -> str | None:
@@ -90,6 +94,20 @@ class Host:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def found_cluster(self, data: Path, args: Sequence[str] = ()) -> None:
+        """Start the first node of a new cluster (its credentials made first, as `shoal init`)."""
+        Credentials.create(data, "default")
+        self.start_node(data, args)
+
+    def invite(self) -> str:
+        """A join token from this host, the cluster's first (as `shoal invite` prints it)."""
+        assert self.log_path is not None, "start the first node before inviting"
+        return invite(Credentials.load(self.log_path.parent), f"{self.ip}:{ENROL_PORT}").encode()
+
+    def join(self, first: "Host", data: Path, args: Sequence[str] = ()) -> None:
+        """Start a node that joins first's cluster with a fresh token."""
+        self.start_node(data, ["--join", first.invite(), *args])
 
     def unplug(self) -> None:
         sh("ip", "-n", self.bridge_ns, "link", "set", self.bridge_port, "down")

@@ -19,6 +19,7 @@ async def test_nodes_elect_one_master_and_converge(tmp_path: Path, size: int) ->
         state = next(iter(c.nodes.values())).state
         assert state.master == NodeId("n0")  # the most senior
         assert sorted(state.nodes) == [f"n{i}" for i in range(size)]
+        assert state.members == tuple(sorted(state.nodes))  # the founders
         assert all(r.connected for r in state.nodes.values())
 
 
@@ -41,7 +42,7 @@ async def test_master_crash_elects_a_new_one_and_keeps_the_log(tmp_path: Path) -
         await c.until(c.converged)
         for node in c.nodes.values():
             await node.report(NodeProfiled(profile=profile(node.node_id)))
-        await c.until(lambda: c.converged() and c.nodes[NodeId("n1")].state.index >= 7)
+        await c.until(lambda: c.converged() and c.nodes[NodeId("n1")].state.index >= 10)
         before = c.nodes[NodeId("n1")].store.entries(1, c.nodes[NodeId("n1")].store.last_index + 1)
         await c.stop("n0", crash=True)
         await c.until(c.converged)

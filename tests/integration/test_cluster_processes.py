@@ -80,16 +80,30 @@ def test_bad_messages_are_dropped_and_logged_once(tmp_path: Path) -> None:
 
     import zenoh
 
+    from shoal.net.credentials import Credentials
+    from shoal.types.wire import PROTOCOL_VERSION
+    from tests.helpers.trust import signed_by
+
     node = start_cluster_node(tmp_path)
     try:
         node.wait_ready()
         until(lambda: node.get("/state")["master"] is not None, 10, "a cluster of one")
+        # a holder of a certificate from the cluster's CA (else zenoh's TLS keeps it out)
+        creds = signed_by(Credentials.load(node.data), tmp_path / "sender")
         config = zenoh.Config()
-        config.insert_json5("mode", '"peer"')
-        config.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{node.control_port}"]))
-        config.insert_json5("listen/endpoints", json.dumps([]))
-        config.insert_json5("scouting/multicast/enabled", "false")
-        good = {"v": 1, "cluster": "default", "sender": "12D3KooWEvil", "body": {}}
+        for key, value in {
+            "mode": "peer",
+            "connect/endpoints": [f"tls/127.0.0.1:{node.control_port}"],
+            "listen/endpoints": [],
+            "scouting/multicast/enabled": False,
+            "transport/link/tls/root_ca_certificate": str(creds.paths.ca_cert),
+            "transport/link/tls/connect_private_key": str(creds.paths.node_key),
+            "transport/link/tls/connect_certificate": str(creds.paths.node_cert),
+            "transport/link/tls/enable_mtls": True,
+            "transport/link/tls/verify_name_on_connect": False,
+        }.items():
+            config.insert_json5(key, json.dumps(value))
+        good = {"v": PROTOCOL_VERSION, "cluster": "default", "sender": "12D3KooWEvil", "body": {}}
         payloads = [
             b"\x00\xff not json",
             b"x" * (2 << 20),
@@ -140,6 +154,8 @@ def test_a_copied_data_dir_is_refused_with_a_clear_message(tmp_path: Path) -> No
                 str(free_port()),
                 "--data-dir",
                 str(copy),
+                "--enrol-port",
+                str(free_port()),
                 "--peers",
                 f"127.0.0.1:{node.control_port}",
                 *CLUSTER_FLAGS,

@@ -1,28 +1,45 @@
 """ZenohTransport on loopback: static peers + gossip, no multicast, liveliness, request/reply.
 
-Every session listens on 127.0.0.1 only and multicast scouting stays off.
+Every session listens on 127.0.0.1 only and multicast scouting stays off. Sessions run over
+mutual TLS with certificates from one test CA, as nodes do; sessions without them get nothing.
 """
 
 import asyncio
+import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import zenoh
 
+from shoal.net.credentials import Credentials
 from shoal.net.transport import DuplicateNodeId, PeerEvent, Transport
 from shoal.net.zenoh_transport import ZenohTransport, zenoh_config
 from shoal.types.ids import NodeId
 from tests.helpers.nodes import free_port
+from tests.helpers.trust import members
 
 A, B, C = NodeId("12D3KooWA"), NodeId("12D3KooWB"), NodeId("12D3KooWC")
 LEASE_MS = 1000
 pytestmark = pytest.mark.timeout(30)
 
 
+CREDS: dict[str, Credentials] = {}  # "A", "B", "C": members of one CA; "X": another CA's
+
+
+@pytest.fixture(autouse=True, scope="module")
+def credentials(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    root = tmp_path_factory.mktemp("creds")
+    CREDS.update(zip("ABC", members(root / "ours", 3), strict=True))
+    CREDS["X"] = members(root / "theirs", 1)[0]
+    yield
+    CREDS.clear()
+
+
 def endpoint(port: int) -> str:
-    return f"tcp/127.0.0.1:{port}"
+    return f"tls/127.0.0.1:{port}"
 
 
 class Watch:
@@ -60,7 +77,9 @@ class Watch:
             await self._changed.wait_for(predicate)
 
 
-def transport(node_id: NodeId, port: int, peers: list[int], cluster: str = "t") -> ZenohTransport:
+def transport(
+    node_id: NodeId, port: int, peers: list[int], cluster: str = "t", creds: str = ""
+) -> ZenohTransport:
     return ZenohTransport(
         node_id,
         cluster,
@@ -68,6 +87,7 @@ def transport(node_id: NodeId, port: int, peers: list[int], cluster: str = "t") 
         connect=[endpoint(p) for p in peers],
         multicast=False,
         lease_ms=LEASE_MS,
+        tls=CREDS[creds or node_id[-1]],
     )
 
 
@@ -86,7 +106,8 @@ async def trio() -> AsyncIterator[dict[NodeId, ZenohTransport]]:
 
 
 def test_config_pins_what_matters() -> None:
-    config = zenoh_config(listen=[endpoint(7000)], connect=[endpoint(7001)], lease_ms=1500)
+    tcp = ["tcp/127.0.0.1:7000"], ["tcp/127.0.0.1:7001"]
+    config = zenoh_config(listen=tcp[0], connect=tcp[1], lease_ms=1500)
     got = {
         key: config.get_json(key)
         for key in (
@@ -255,6 +276,93 @@ async def test_no_threads_left_after_close() -> None:
         await a.publish("global_events", b"too late")
     leftover = set(threading.enumerate()) - before
     assert [t.name for t in leftover if not t.name.startswith("asyncio_")] == []
+
+
+def test_tls_config_is_mutual_and_refuses_plain_endpoints() -> None:
+    creds = CREDS["A"]
+    config = zenoh_config(listen=[endpoint(7000)], connect=[], tls=creds)
+    tls = json.loads(config.get_json("transport/link/tls"))
+    assert tls["enable_mtls"] is True
+    assert tls["root_ca_certificate"] == str(creds.paths.ca_cert)
+    assert tls["listen_certificate"] == tls["connect_certificate"] == str(creds.paths.node_cert)
+    with pytest.raises(ValueError, match="tls/"):
+        zenoh_config(listen=["tcp/127.0.0.1:7000"], connect=[], tls=creds)
+
+
+def _outsider(connect: str, creds: Credentials | None, ca: Credentials | None) -> zenoh.Session:
+    """A plain zenoh session (no shoal code): tcp, or TLS with someone's CA and certificate."""
+    settings: dict[str, Any] = {
+        "mode": "peer",
+        "connect/endpoints": [connect],
+        "scouting/multicast/enabled": False,
+        "connect/timeout_ms": 0,
+        "connect/exit_on_failure": False,
+    }
+    if ca is not None:
+        settings |= {
+            "transport/link/tls/root_ca_certificate": str(ca.paths.ca_cert),
+            "transport/link/tls/verify_name_on_connect": False,
+        }
+    if creds is not None:
+        settings |= {
+            "transport/link/tls/connect_private_key": str(creds.paths.node_key),
+            "transport/link/tls/connect_certificate": str(creds.paths.node_cert),
+            "transport/link/tls/enable_mtls": True,
+        }
+    config = zenoh.Config()
+    for key, value in settings.items():
+        config.insert_json5(key, json.dumps(value))
+    return zenoh.open(config)
+
+
+OUTSIDERS = {
+    "plain tcp": ("tcp", None, None),
+    "tls, no certificate": ("tls", None, "A"),
+    "another CA's certificate": ("tls", "X", "X"),
+    "another CA's certificate, trusting ours": ("tls", "X", "A"),
+}
+
+
+@pytest.mark.parametrize("how", OUTSIDERS.values(), ids=OUTSIDERS.keys())
+async def test_a_session_without_a_members_certificate_gets_nothing(
+    how: tuple[str, str | None, str | None],
+) -> None:
+    scheme, cert, ca = how
+    pa, pb = free_port(), free_port()
+    a, b = transport(A, pa, []), transport(B, pb, [pa])
+    watch = Watch(a)
+    await a.start()
+    await b.start()
+    heard: list[bytes] = []
+    outsider = await asyncio.to_thread(
+        _outsider,
+        f"{scheme}/127.0.0.1:{pa}",
+        CREDS[cert] if cert else None,
+        CREDS[ca] if ca else None,
+    )
+    try:
+        await watch.until(lambda: B in a.peers())
+        sub = outsider.declare_subscriber(
+            "shoal/**",
+            lambda s: heard.append(s.payload.to_bytes()),
+            allowed_origin=zenoh.Locality.REMOTE,  # not its own put
+        )
+        replies = await asyncio.to_thread(
+            lambda: list(outsider.liveliness().get("shoal/**", timeout=1.0))
+        )
+        outsider.put("shoal/t/global_events", b"forged")
+        outsider.liveliness().declare_token("shoal/t/nodes/12D3KooWIntruder")
+        await b.publish("global_events", b"secret")
+        await watch.until(lambda: b"secret" in watch.messages)
+        await asyncio.sleep(0.3)
+        assert [r for r in replies if r.ok is not None] == []  # it saw no node
+        assert heard == []  # it read nothing
+        assert watch.messages == [b"secret"] and a.peers() == {B}  # it published nothing
+        sub.undeclare()
+    finally:
+        await asyncio.to_thread(outsider.close)
+        await a.close()
+        await b.close()
 
 
 @pytest.mark.parametrize("cluster", ["", "a/b", "a*", "$x", "a?b", "a#b"])

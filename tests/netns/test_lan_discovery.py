@@ -40,12 +40,13 @@ def lan(tmp_path: Path) -> Iterator[Lan]:
 
 def test_multicast_static_peers_and_a_pulled_cable(lan: Lan, tmp_path: Path) -> None:
     four = [lan.add_host() for _ in range(4)]
-    for i, host in enumerate(four):
-        host.start_node(tmp_path / f"h{i}", ["--discovery", "multicast"])
+    four[0].found_cluster(tmp_path / "h0", ["--discovery", "multicast"])
+    for i, host in enumerate(four[1:], start=1):
+        host.join(four[0], tmp_path / f"h{i}", ["--discovery", "multicast"])
     until(lambda: one_cluster(four), 60, "four hosts to find each other by multicast")
 
     fifth = lan.add_host()  # multicast off: it knows only the first host
-    fifth.start_node(tmp_path / "h5", ["--peers", f"{four[0].ip}:52416"])
+    fifth.join(four[0], tmp_path / "h5", ["--peers", f"{four[0].ip}:52416"])
     everyone = [*four, fifth]
     until(lambda: one_cluster(everyone), 60, "the fifth host to join through its one peer")
 

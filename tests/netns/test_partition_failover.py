@@ -83,9 +83,9 @@ def lan() -> Iterator[Lan]:
 
 def test_pulled_cable_mid_stream(lan: Lan, tmp_path: Path) -> None:
     hosts = [lan.add_host() for _ in range(3)]
-    hosts[0].start_node(tmp_path / "h1")
+    hosts[0].found_cluster(tmp_path / "h1")
     for i, host in enumerate(hosts[1:], start=2):
-        host.start_node(tmp_path / f"h{i}", ["--peers", f"{hosts[0].ip}:52416"])
+        host.join(hosts[0], tmp_path / f"h{i}", ["--peers", f"{hosts[0].ip}:52416"])
     until(
         lambda: (
             [

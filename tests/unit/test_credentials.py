@@ -123,3 +123,38 @@ def test_a_certificate_from_another_ca_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BadCertificate):
         check_issued(ca, cert)
     assert key is not None
+
+
+def test_a_join_token_round_trips_and_holds_no_key(tmp_path: Path) -> None:
+    from shoal.net.enrol import JoinToken, invite
+
+    creds = Credentials.create(tmp_path, "home")
+    token = invite(creds, "10.0.0.5:52417")
+    text = token.encode()
+    assert text.startswith("shoal1.") and JoinToken.decode(text) == token
+    assert (token.cluster, token.ca_fingerprint, token.address) == (
+        "home",
+        creds.fingerprint,
+        "10.0.0.5:52417",
+    )
+    ca_key = creds.paths.ca_key.read_bytes()
+    assert ca_key not in text.encode() and len(text) < 300
+
+
+@pytest.mark.parametrize("bad", ["", "shoal1.", "shoal1.!!!", "k3s::x", "shoal1.e30"])
+def test_a_damaged_token_is_refused(bad: str) -> None:
+    from shoal.net.enrol import JoinError, JoinToken
+
+    with pytest.raises(JoinError):
+        JoinToken.decode(bad)
+
+
+def test_an_invite_is_used_once_and_expires(tmp_path: Path) -> None:
+    from shoal.net.enrol import Invites
+
+    invites = Invites(tmp_path)
+    secret, stale = invites.create(), invites.create(ttl_s=-1)
+    assert not invites.consume("guess")
+    assert invites.consume(secret) and not invites.consume(secret)
+    assert not invites.consume(stale)
+    assert secret not in (tmp_path / "tls" / "invites.json").read_text()  # only its hash

@@ -14,12 +14,32 @@ from typing import Any
 
 import httpx
 
+from shoal.net import enrol
+from shoal.net.credentials import Credentials
+
 
 def free_port() -> int:
     """A port nothing listens on right now (the kernel picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(count: int, avoid: int = 0) -> list[int]:
+    """`count` distinct free ports, none equal to avoid (all held open while the kernel picks)."""
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] == avoid:
+                s.close()
+                continue
+            held.append(s)
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 @dataclass
@@ -32,6 +52,7 @@ class NodeProcess:
     control_port: int = 0
     threads: int = 1
     python: str = sys.executable
+    enrol_port: int = 0
     proc: subprocess.Popen[bytes] = field(init=False)
     _node_id: str = field(default="", init=False)
 
@@ -63,6 +84,7 @@ class NodeProcess:
             "--threads",
             str(self.threads),
             *(["--control-port", str(self.control_port)] if self.control_port else []),
+            *(["--enrol-port", str(self.enrol_port)] if self.enrol_port else []),
             *self.args,
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -122,9 +144,15 @@ def start_node(
     tmp: Path, args: Sequence[str] = (), *, threads: int = 1, python: str = sys.executable
 ) -> NodeProcess:
     """A standalone node on a free port with its own data dir under tmp."""
-    port = free_port()
+    return _node_at(tmp / f"node-{(port := free_port())}", port, args, threads, python)
+
+
+def _node_at(
+    data: Path, port: int, args: Sequence[str], threads: int = 1, python: str = sys.executable
+) -> NodeProcess:
     cache = [] if "--weights-cache" in args else ["--weights-cache", str(SHARED_WEIGHTS_CACHE)]
-    return NodeProcess(tmp / f"node-{port}", port, [*args, *cache], free_port(), threads, python)
+    control, enrol_port = free_ports(2, avoid=port)
+    return NodeProcess(data, port, [*args, *cache], control, threads, python, enrol_port=enrol_port)
 
 
 # One dequantized-weights cache for every node started here: each node's own would rewrite
@@ -133,10 +161,27 @@ SHARED_WEIGHTS_CACHE = Path(tempfile.gettempdir()) / "shoal-shared-weights-cache
 CLUSTER_FLAGS = ["--no-microbench", "--profile-interval", "1", "--lease-ms", "1000"]
 
 
+def invite(founder: NodeProcess) -> str:
+    """A join token from the node that made the cluster (as `shoal invite` prints it)."""
+    creds = Credentials.load(founder.data)
+    return enrol.invite(creds, f"127.0.0.1:{founder.enrol_port}").encode()
+
+
 def start_cluster_node(
     tmp: Path, peers: Sequence[NodeProcess] = (), args: Sequence[str] = ()
 ) -> NodeProcess:
-    """A node that knows `peers` statically (multicast stays off), with fast test timings."""
+    """A node that knows `peers` statically (multicast stays off), with fast test timings.
+
+    Without peers it makes a new cluster (its credentials first, as `shoal init` does); with
+    peers it joins theirs with a token from the first of them, which must be that cluster's
+    first node."""
+    port = free_port()
+    data = tmp / f"node-{port}"
     peer_arg = ",".join(f"127.0.0.1:{p.control_port}" for p in peers)
-    extra = [*CLUSTER_FLAGS, *(["--peers", peer_arg] if peer_arg else []), *args]
-    return start_node(tmp, extra)
+    if peers:
+        join = ["--join", invite(peers[0])]
+    else:
+        Credentials.create(data, "default")
+        join = []
+    extra = [*CLUSTER_FLAGS, *(["--peers", peer_arg] if peer_arg else []), *join, *args]
+    return _node_at(data, port, extra)

@@ -12,11 +12,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 from shoal.election.rules import Standing, decide, has_quorum, next_term
-from shoal.net.codec import encode
+from shoal.net.codec import Sealer
 from shoal.net.transport import PeerEvent, Transport
 from shoal.state.store import StateStore
+from shoal.types.events import MAX_TERM
 from shoal.types.ids import NodeId
-from shoal.types.wire import PROTOCOL_VERSION, Campaign, Envelope
+from shoal.types.wire import Campaign
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class Election:
         self,
         transport: Transport,
         store: StateStore,
-        cluster: str,
+        sealer: Sealer,
         on_master: OnMaster,
         *,
         started_at: float | None = None,
@@ -40,7 +41,7 @@ class Election:
     ) -> None:
         self._transport = transport
         self._store = store
-        self._cluster = cluster
+        self._sealer = sealer
         self._on_master = on_master
         self.started_at = time.time() if started_at is None else started_at
         self._heartbeat = heartbeat_s
@@ -52,6 +53,7 @@ class Election:
         self._campaigns: dict[NodeId, tuple[Campaign, float]] = {}  # standing, when received
         self._wake = asyncio.Event()
         self._changed_at = time.monotonic()
+        self._exhausted = False  # logged once: terms ran out (only a member could do that)
 
     @property
     def me(self) -> NodeId:
@@ -121,7 +123,13 @@ class Election:
         if winner == self.master:
             return
         if winner == self.me:
-            self.term = next_term([self.term, self._store.last_term])
+            term = next_term([self.term, self._store.last_term])
+            if term > MAX_TERM:
+                if not self._exhausted:
+                    self._exhausted = True
+                    log.error("term %d is past the last term a log can hold: not ruling", term)
+                return
+            self.term = term
             state = self._store.state
             members = {n for n, r in state.nodes.items() if r.connected} | live | {self.me}
             # only peers heard from since the membership changed count towards a majority: one
@@ -157,8 +165,7 @@ class Election:
             master=self.master,
             quorum=self.master == self.me and self.quorum,
         )
-        envelope = Envelope(v=PROTOCOL_VERSION, cluster=self._cluster, sender=self.me, body=body)
-        await self._transport.publish("election_messages", encode(envelope))
+        await self._transport.publish("election_messages", self._sealer.seal(body))
 
 
 def _standing(c: Campaign) -> Standing:

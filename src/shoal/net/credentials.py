@@ -9,6 +9,7 @@ Files, in `<data_dir>/tls/` (keys mode 0600):
     ca.pem      the cluster CA certificate (every node)
     ca.key      the CA's private key (only the node that made the cluster: it signs joiners)
     node.pem    this node's certificate, signed by the CA
+    join.json   the members and control endpoints this node was given when it joined (its seed)
 The node's private key stays `<data_dir>/identity.key`.
 
 API (what other parts of shoal use):
@@ -30,6 +31,7 @@ Everything here is X.509 and TLS from `cryptography` and the stdlib `ssl`; nothi
 
 import datetime
 import hashlib
+import json
 import logging
 import os
 import ssl
@@ -70,11 +72,14 @@ class CredentialPaths:
     ca_key: Path
     node_cert: Path
     node_key: Path
+    joined: Path
 
     @classmethod
     def of(cls, data_dir: Path) -> "CredentialPaths":
         tls = data_dir / TLS_DIR
-        return cls(tls / "ca.pem", tls / "ca.key", tls / "node.pem", data_dir / KEY_FILE)
+        return cls(
+            tls / "ca.pem", tls / "ca.key", tls / "node.pem", data_dir / KEY_FILE, tls / "join.json"
+        )
 
 
 def _pem_key(key: Ed25519PrivateKey) -> bytes:
@@ -272,6 +277,18 @@ class Credentials:
         if not isinstance(key, Ed25519PrivateKey):
             raise BadCertificate(f"{self.paths.ca_key} does not hold an Ed25519 key")
         return key
+
+    def seed(self) -> tuple[list[NodeId], list[str]]:
+        """The members and control endpoints this node was given when it joined (or itself)."""
+        if not self.paths.joined.exists():
+            return [self.node_id], []
+        data = json.loads(self.paths.joined.read_text())
+        return [NodeId(m) for m in data["members"]], [str(e) for e in data["endpoints"]]
+
+    def save_seed(self, members: list[NodeId], endpoints: list[str]) -> None:
+        """Remember what joining gave us (members to trust until our log has them; peers)."""
+        data = {"members": sorted(members), "endpoints": endpoints}
+        write_public(self.paths.joined, json.dumps(data, indent=1).encode())
 
     @classmethod
     def load(cls, data_dir: Path) -> "Credentials":

@@ -45,6 +45,14 @@ def public_key_of(node_id: NodeId | str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(decoded[len(_PREFIX) :])
 
 
+def key_in_id(node_id: NodeId) -> Ed25519PublicKey | None:
+    """The public key a peer id carries, or None if node_id is not an Ed25519 peer id."""
+    try:
+        return public_key_of(node_id)
+    except ValueError:
+        return None
+
+
 def verify(node_id: NodeId | str, data: bytes, signature: bytes) -> bool:
     """Whether `signature` over `data` was made by the key behind `node_id`."""
     try:
@@ -78,6 +86,12 @@ class Identity:
 
     private_key: Ed25519PrivateKey
     node_id: NodeId
+
+    @classmethod
+    def generate(cls) -> "Identity":
+        """A new identity kept in memory only (tests, in-process clusters)."""
+        key = Ed25519PrivateKey.generate()
+        return cls(private_key=key, node_id=node_id_of(key.public_key()))
 
     @classmethod
     def load_or_create(cls, data_dir: Path) -> "Identity":

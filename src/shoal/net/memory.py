@@ -19,6 +19,7 @@ from shoal.net.transport import (
     PeerEvent,
     PeerHandler,
     QueryHandler,
+    Refused,
     Topic,
 )
 from shoal.types.ids import NodeId
@@ -172,6 +173,8 @@ class MemoryTransport:
                 raise TimeoutError(f"no node {node} serving {name!r} is reachable")
             try:
                 reply = await handler(payload)
+            except Refused as exc:
+                raise TimeoutError(f"{node} refused {name!r}") from exc
             except Exception as exc:
                 log.warning("%s failed to serve %r: %s", node, name, exc, exc_info=True)
                 raise TimeoutError(f"{node} failed to serve {name!r}: {exc}") from exc

@@ -29,6 +29,10 @@ class PeerEvent:
 PeerHandler = Callable[[PeerEvent], None]
 
 
+class Refused(Exception):
+    """A request the serving side will not answer (unsigned, or not from a member)."""
+
+
 class DuplicateNodeId(Exception):
     """Another live node already uses this node id (e.g. a copied data dir)."""
 

@@ -5,6 +5,11 @@ liveliness tokens, `rpc/<node_id>/<name>` for requests. zenoh runs callbacks on 
 they only copy the sample and hand it to the event loop (`call_soon_threadsafe`). Calls that can
 block (open, close, put under congestion, reply, get) run on one sender thread, which also keeps
 publications in the order they were made, and never on the loop.
+
+With credentials (what every node runs with), links are zenoh's TLS with mutual authentication:
+`tls/host:port` endpoints only, our node certificate on both sides of a link, and the peer's
+checked against the cluster CA, so a process without a member's certificate cannot open a
+session with us, read or publish. Host names are not checked: nodes are known by certificate.
 """
 
 import asyncio
@@ -19,6 +24,7 @@ from typing import Any
 import zenoh
 from zenoh.handlers import Callback
 
+from shoal.net.credentials import Credentials
 from shoal.net.transport import (
     TOPICS,
     DuplicateNodeId,
@@ -26,6 +32,7 @@ from shoal.net.transport import (
     PeerEvent,
     PeerHandler,
     QueryHandler,
+    Refused,
     Topic,
 )
 from shoal.types.ids import NodeId
@@ -45,8 +52,10 @@ def zenoh_config(
     gossip: bool = True,
     lease_ms: int = 2000,
     multicast_interface: str | None = None,
+    tls: Credentials | None = None,
 ) -> zenoh.Config:
-    """Peer-mode zenoh config: static peers retried forever, the given lease, scouting as asked."""
+    """Peer-mode zenoh config: static peers retried forever, the given lease, scouting as asked;
+    with credentials, mutual TLS on every link (and only tls/ endpoints)."""
     retry = {"period_init_ms": CONNECT_RETRY_INIT_MS, "period_max_ms": CONNECT_RETRY_MAX_MS}
     settings: dict[str, Any] = {
         "mode": "peer",
@@ -68,6 +77,20 @@ def zenoh_config(
     }
     if multicast_interface is not None:
         settings["scouting/multicast/interface"] = multicast_interface
+    if tls is not None:
+        plain = [e for e in [*listen, *connect] if not e.startswith("tls/")]
+        if plain:
+            raise ValueError(f"with TLS every endpoint must be tls/HOST:PORT, not {plain}")
+        files = tls.paths
+        settings |= {
+            "transport/link/tls/root_ca_certificate": str(files.ca_cert),
+            "transport/link/tls/listen_private_key": str(files.node_key),
+            "transport/link/tls/listen_certificate": str(files.node_cert),
+            "transport/link/tls/connect_private_key": str(files.node_key),
+            "transport/link/tls/connect_certificate": str(files.node_cert),
+            "transport/link/tls/enable_mtls": True,
+            "transport/link/tls/verify_name_on_connect": False,  # known by certificate, not name
+        }
     config = zenoh.Config()
     for key, value in settings.items():
         config.insert_json5(key, json.dumps(value))
@@ -88,6 +111,7 @@ class ZenohTransport:
         gossip: bool = True,
         lease_ms: int = 2000,
         multicast_interface: str | None = None,
+        tls: Credentials | None = None,
     ) -> None:
         if not cluster or any(c in cluster for c in "/*$?#"):
             raise ValueError(f"cluster name {cluster!r} must be one key chunk (no / * $ ? #)")
@@ -102,7 +126,9 @@ class ZenohTransport:
             gossip=gossip,
             lease_ms=lease_ms,
             multicast_interface=multicast_interface,
+            tls=tls,
         )
+        self._config()  # a bad endpoint or setting fails here, not at start()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: zenoh.Session | None = None
         self._entities: list[Any] = []  # subscribers, queryable, token: undeclared on close
@@ -366,6 +392,9 @@ class ZenohTransport:
             if handler is None:
                 raise LookupError(f"{self._node_id} serves no {name!r}")
             reply = await handler(payload)
+        except Refused as exc:
+            log.debug("refused %r: %s", name, exc)
+            self._send(_finish, query, None, "refused")
         except Exception as exc:
             if handler is not None:
                 log.warning("serving %r failed: %s", name, exc, exc_info=True)

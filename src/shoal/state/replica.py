@@ -9,7 +9,7 @@ requests from its own journal.
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from shoal.net.transport import Transport
 from shoal.state.model import State
@@ -45,6 +45,8 @@ class Replica:
         self._resync = False  # our log differs from the master's inside our snapshot
         self._progress = asyncio.Event()  # set whenever entries are applied
         self._watchers: set[asyncio.Queue[IndexedEvent | None]] = set()
+        # called after entries (or a snapshot: []) changed the state, e.g. to re-check members
+        self.listeners: list[Callable[[list[IndexedEvent]], None]] = []
         transport.serve(LOG_RPC, self._serve_log)
 
     @property
@@ -80,6 +82,8 @@ class Replica:
         """Tell watchers about entries now in the state (the master calls this for its own)."""
         if entries:
             self._progress.set()
+            for listener in list(self.listeners):
+                listener(entries)
         for entry in entries:
             for queue in list(self._watchers):
                 try:
@@ -167,6 +171,8 @@ class Replica:
         self.store.install_snapshot(state)
         self._resync = False
         self._progress.set()
+        for listener in list(self.listeners):
+            listener([])
 
     async def _ask(self, node: NodeId, req: LogRequest) -> LogReply | None:
         try:

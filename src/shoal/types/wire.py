@@ -10,11 +10,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.types.commands import Command
-from shoal.types.events import Event, IndexedEvent
+from shoal.types.events import MAX_INDEX, MAX_TERM, Event, IndexedEvent
 from shoal.types.ids import NodeId
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: signed envelopes, Rpc bodies
 MAX_MESSAGE_BYTES = 1 << 20  # larger messages are dropped (and logged once)
+MAX_RPC_BYTES = 64 << 20  # a log reply may carry a whole snapshot
+MAX_SEQ = 2**63 - 1
 
 
 class _Wire(BaseModel):
@@ -33,7 +35,7 @@ class LocalEvent(_Wire):
 
     kind: Literal["local_event"] = "local_event"
     origin: NodeId
-    seq: int = Field(ge=0)
+    seq: int = Field(ge=0, le=MAX_SEQ)
     event: Event
 
 
@@ -41,7 +43,7 @@ class CommandMessage(_Wire):
     """A command for the master; the id makes retries idempotent."""
 
     kind: Literal["command"] = "command"
-    command_id: str
+    command_id: str = Field(max_length=128)
     command: Command
 
 
@@ -54,32 +56,47 @@ class Campaign(_Wire):
 
     kind: Literal["campaign"] = "campaign"
     node_id: NodeId
-    term: int = Field(ge=0)  # the highest term this node has seen
-    last_index: int = Field(ge=0)
-    last_term: int = Field(ge=0)
-    started_at: float  # seconds since the epoch when the node joined; lower = more senior
+    term: int = Field(ge=0, le=MAX_TERM)  # the highest term this node has seen
+    last_index: int = Field(ge=0, le=MAX_INDEX)
+    last_term: int = Field(ge=0, le=MAX_TERM)
+    started_at: float = Field(
+        ge=0, lt=1e11, allow_inf_nan=False
+    )  # seconds since the epoch when the node joined; lower = more senior
     master: NodeId | None = None  # whom it follows now
     quorum: bool = False  # it is master, elected seeing a majority of the known nodes
 
 
-Body = Annotated[GlobalEvent | LocalEvent | CommandMessage | Campaign, Field(discriminator="kind")]
+class Rpc(_Wire):
+    """A request to one node, or its reply (same name and nonce): the payload, base64."""
+
+    kind: Literal["rpc"] = "rpc"
+    name: str = Field(max_length=64)
+    nonce: str = Field(max_length=64)
+    reply: bool = False
+    data: str  # base64
+
+
+Body = Annotated[
+    GlobalEvent | LocalEvent | CommandMessage | Campaign | Rpc, Field(discriminator="kind")
+]
 
 
 class Envelope(_Wire):
-    """Every control-plane message: protocol version, cluster, sender, body."""
+    """Every control-plane message: protocol version, cluster, sender, body, sender's signature."""
 
     v: int
     cluster: str
     sender: NodeId
     body: Body
+    sig: str = ""  # base64 Ed25519 signature of the envelope's JSON without this field
 
 
 class LogRequest(_Wire):
     """Ask a node for log entries [start, end) (end None: to its last); for gap repair."""
 
-    start: int = Field(ge=1)
-    end: int | None = None
-    limit: int = Field(default=2000, ge=1)
+    start: int = Field(ge=1, le=MAX_INDEX)
+    end: int | None = Field(default=None, ge=1, le=MAX_INDEX)
+    limit: int = Field(default=2000, ge=1, le=10_000)
     snapshot: bool = False  # send the whole state instead (our log diverged inside a snapshot)
 
 
@@ -87,5 +104,5 @@ class LogReply(_Wire):
     """Entries from the answering node's journal, or its snapshot when they were compacted away."""
 
     entries: tuple[IndexedEvent, ...] = ()
-    last_index: int = Field(ge=0)
+    last_index: int = Field(ge=0, le=MAX_INDEX)
     snapshot_json: str | None = None  # the State at the compaction point, as JSON
