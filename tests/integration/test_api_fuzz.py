@@ -1,0 +1,153 @@
+"""Schemathesis against a real `shoal node` serving SmolLM2: a few hundred generated requests,
+none may get a server error, then the node still answers a plain chat correctly.
+
+The schema is the app's own (the node serves it at /openapi.json). Generation is derandomized
+(seeded), so a run is the same run every time. Two things keep it short: the model id is set to
+the served one whenever a string was generated (so requests reach tokenizing and generation, not
+a 404), and token limits are folded into 1..MAX_TOKENS (chat with no limit gets one: it would
+run to EOS or the 8192-token context). Non-positive limits, wrong types, bad token ids and seeds
+stay as generated. Left out: GET /events (an endless stream) and /instance POST/DELETE (they place
+and stop model instances).
+
+Where the schema is too loose to guide the fuzzer: `prompt` token ids, `seed` and `max_tokens`
+have no bounds (so most generated values are out of range and only exercise validation); error
+statuses are undocumented (the app answers 400, the schema lists 422) and streamed answers are
+text/event-stream where the schema says application/json, so only server errors and documented
+response bodies are checked, not status codes or content types.
+"""
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis.config import SchemathesisConfig
+from schemathesis.specs.openapi.checks import response_schema_conformance
+
+from shoal.api.app import create_app
+from tests.helpers.nodes import NodeProcess, start_node
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(170)]
+
+MODEL = "smollm2-135m"
+MAX_TOKENS = 4
+GENERATING = "/v1/(chat/)?completions$"  # 100 + 40 valid cases each; other operations 12 each
+SEEN: Counter[tuple[str, int]] = Counter()  # (operation, status) of every generated request
+CONFIG = SchemathesisConfig.from_dict({"seed": 14, "phases": {"coverage": {"enabled": False}}})
+# valid bodies only: most generated bodies are invalid (and stop at validation); these reach
+# tokenizing, the scheduler and the sampler
+VALID = SchemathesisConfig.from_dict(
+    {"seed": 15, "phases": {"coverage": {"enabled": False}}, "generation": {"mode": "positive"}}
+)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    proc = start_node(tmp_path_factory.mktemp("fuzz"), ["--model", MODEL], threads=2)
+    try:
+        proc.wait_ready(MODEL, timeout=180)
+        yield proc
+    finally:
+        proc.stop()
+
+
+# The app's own schema, built here without a service (building the schema calls none); the last
+# test checks that the node serves exactly this one.
+OPENAPI = create_app(None).openapi()  # type: ignore[arg-type]
+schema = (
+    schemathesis.openapi.from_dict(OPENAPI, config=CONFIG)
+    .exclude(path="/events")
+    .exclude(path_regex="^/instance")
+)
+generating = schema.include(path_regex=GENERATING)
+generating_valid = schemathesis.openapi.from_dict(OPENAPI, config=VALID).include(
+    path_regex=GENERATING
+)
+other = schema.exclude(path_regex=GENERATING)
+FUZZ = {
+    "derandomize": True,
+    "deadline": None,
+    "phases": [Phase.explicit, Phase.generate],
+    "suppress_health_check": list(HealthCheck),
+    "database": None,
+}
+
+
+def tame(body: dict[str, Any], chat: bool) -> None:
+    """The served model, and token limits folded into 1..MAX_TOKENS (see the module doc)."""
+    if isinstance(body.get("model"), str):
+        body["model"] = MODEL
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
+            body[key] = value % MAX_TOKENS + 1
+    if chat and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = MAX_TOKENS
+
+
+def in_band_errors(text: str) -> list[dict[str, Any]]:
+    """Error events of an SSE body."""
+    out = []
+    for line in text.splitlines():
+        payload = line[5:].strip() if line.startswith("data:") else ""
+        if payload and payload != "[DONE]":
+            event = json.loads(payload)
+            if isinstance(event, dict) and "error" in event:
+                out.append(event["error"])
+    return out
+
+
+def check(case: Any, node: NodeProcess) -> None:
+    """Send one generated case; no 5xx, documented bodies conform, streams end well."""
+    if case.method == "POST" and isinstance(case.body, dict):
+        tame(case.body, chat=case.path.endswith("/chat/completions"))
+    response = case.call(base_url=node.url, timeout=60)
+    SEEN[(f"{case.method} {case.path}", response.status_code)] += 1
+    case.validate_response(
+        response,
+        checks=[schemathesis.checks.not_a_server_error, response_schema_conformance],
+    )
+    content_type = response.headers.get("content-type", [""])[0]  # header -> list of values
+    if content_type.startswith("text/event-stream"):
+        text = response.text
+        assert text.rstrip().endswith("data: [DONE]"), text[-300:]
+        server = [e for e in in_band_errors(text) if e.get("type") == "server_error"]
+        assert not server, f"in-band server error: {server}"
+
+
+@generating.parametrize()
+@settings(max_examples=100, **FUZZ)
+def test_no_generation_request_gets_a_server_error(case: Any, node: NodeProcess) -> None:
+    check(case, node)
+
+
+@generating_valid.parametrize()
+@settings(max_examples=40, **FUZZ)
+def test_no_valid_generation_request_gets_a_server_error(case: Any, node: NodeProcess) -> None:
+    check(case, node)
+
+
+@other.parametrize()
+@settings(max_examples=12, **FUZZ)
+def test_no_other_request_gets_a_server_error(case: Any, node: NodeProcess) -> None:
+    check(case, node)
+
+
+def test_the_node_answers_a_plain_chat_after_the_fuzzing(node: NodeProcess) -> None:
+    if SEEN:  # after the fuzzing in this run: it did reach generation on both endpoints
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            assert SEEN[(f"POST {path}", 200)] >= 5, SEEN
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0,
+        "max_tokens": 16,
+    }
+    r = httpx.post(f"{node.url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+    assert httpx.get(f"{node.url}/healthz", timeout=10).json()["active_requests"] == 0
+    assert httpx.get(f"{node.url}/openapi.json", timeout=10).json() == OPENAPI
