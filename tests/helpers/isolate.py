@@ -6,6 +6,7 @@ holds one test that runs the real ones (`<engine>_cases.py`, a name pytest does 
 itself) in a child and reads its exit status.
 """
 
+import os
 import signal
 import subprocess
 import sys
@@ -23,16 +24,30 @@ def _text(out: str | bytes | None) -> str:
     return out or ""
 
 
-def run_in_child(cases: str, engine: str, timeout_s: float) -> None:
-    """Run the tests in `cases` (a path from the repo root) in a child pytest.
+IN_CHILD = "SHOAL_TEST_NATIVE_HERE"  # set in the child: native engines may run in this process
+
+
+def native_here() -> bool:
+    """Whether this process is such a child (tests elsewhere leave native engines to one)."""
+    return os.environ.get(IN_CHILD) == "1"
+
+
+def run_in_child(cases: str, engine: str, timeout_s: float, *, select: str | None = None) -> None:
+    """Run the tests in `cases` (a path from the repo root; `select` a -k expression) in a
+    child pytest.
 
     Fails with the child's output: "<engine> died with SIGSEGV" when a signal killed it, and
     likewise when it failed, collected nothing (exit 5) or ran past timeout_s (then killed).
     Skips when every test there skipped.
     """
     cmd = [sys.executable, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", cases]
+    if select is not None:
+        cmd += ["-k", select]
+    env = {**os.environ, IN_CHILD: "1"}
     try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=env
+        )
     except subprocess.TimeoutExpired as e:
         out = (_text(e.stdout) + _text(e.stderr))[-TAIL_CHARS:]
         pytest.fail(f"{engine} tests ran past {timeout_s:g} s and were killed:\n{out}", False)
