@@ -12,6 +12,7 @@ import uvicorn
 
 from shoal import __version__
 from shoal.api.app import create_app
+from shoal.api.limits import header_timeout_protocol
 from shoal.cluster import ClusterNode
 from shoal.engines.registry import available_engines
 from shoal.errors import BadRequest, ShoalError
@@ -33,6 +34,10 @@ from shoal.types.profile import NodeProfile
 from shoal.worker.worker import Worker
 
 log = logging.getLogger(__name__)
+
+# open HTTP connections a node serves at once; past it uvicorn answers 503 (slowloris aside:
+# header_timeout_protocol closes connections that send nothing)
+MAX_HTTP_CONNECTIONS = 1024
 
 
 def _advertised_host(host: str) -> str:
@@ -104,9 +109,20 @@ async def serve(settings: Settings) -> None:
         transport, store, creds.cluster, identity, seed, placer=make_placer(catalog)
     )
     service = ClusterService(
-        cluster, catalog, auto_place=settings.auto_load, max_batch=settings.max_batch
+        cluster,
+        catalog,
+        auto_place=settings.auto_load,
+        max_batch=settings.max_batch,
+        max_queue=settings.max_queue,
+        prefill_chunk=settings.prefill_chunk,
     )
-    app = create_app(service, cluster=cluster, max_body_bytes=settings.max_body_bytes)
+    app = create_app(
+        service,
+        cluster=cluster,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.http_timeout_s,
+        profile_wait_s=settings.lease_ms / 1000,
+    )
 
     def locate(model_id: ModelId) -> Path | None:
         found = find_local_weights(catalog.get(model_id))
@@ -133,6 +149,8 @@ async def serve(settings: Settings) -> None:
         log_level="warning",
         lifespan="off",
         timeout_graceful_shutdown=30,
+        http=header_timeout_protocol(settings.http_timeout_s),
+        limit_concurrency=MAX_HTTP_CONNECTIONS,
     )
     server = _Server(config)
     host = _advertised_host(settings.host)
