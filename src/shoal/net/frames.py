@@ -17,10 +17,11 @@ from enum import IntEnum
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from shoal.errors import ShoalError
 from shoal.types.ids import RequestId
+from shoal.types.message import Message
 
 MAGIC = b"SHDP"
 VERSION = 1
@@ -66,11 +67,7 @@ class FrameError(ShoalError):
     """Bytes that are not a frame this side understands; the connection must be closed."""
 
 
-class _Meta(BaseModel):
-    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
-
-
-class WireSampling(_Meta):
+class WireSampling(Message):
     """What the last stage needs to pick a token (stops and lengths stay with the caller)."""
 
     temperature: float
@@ -79,7 +76,7 @@ class WireSampling(_Meta):
     seed: int | None = None
 
 
-class WireItem(_Meta):
+class WireItem(Message):
     """One request's slice of a FORWARD: `length` rows of the data, starting at `start`."""
 
     rid: RequestId
@@ -88,32 +85,32 @@ class WireItem(_Meta):
     sampling: WireSampling | None = None
 
 
-class HelloMeta(_Meta):
+class HelloMeta(Message):
     """First frame each way: who is talking, in which protocol version."""
 
     protocol: int
     role: Literal["client", "listener", "stage"]
 
 
-class ForwardMeta(_Meta):
+class ForwardMeta(Message):
     """The batch's items, in data order."""
 
     items: tuple[WireItem, ...] = Field(min_length=1)
 
 
-class ResultMeta(_Meta):
+class ResultMeta(Message):
     """One sampled token per item; None where no token was asked for."""
 
     tokens: tuple[int | None, ...]
 
 
-class FreeMeta(_Meta):
+class FreeMeta(Message):
     """Drop this request's cache (and sampler) on every stage."""
 
     rid: RequestId
 
 
-class ErrorMeta(_Meta):
+class ErrorMeta(Message):
     """Why a step failed; `stage` names the unreachable stage when FLAG_STAGE_LOST is set."""
 
     message: str
@@ -121,7 +118,7 @@ class ErrorMeta(_Meta):
 
 
 Meta = HelloMeta | ForwardMeta | ResultMeta | FreeMeta | ErrorMeta
-_META: dict[Kind, type[_Meta]] = {
+_META: dict[Kind, type[Message]] = {
     Kind.HELLO: HelloMeta,
     Kind.FORWARD: ForwardMeta,
     Kind.RESULT: ResultMeta,

@@ -10,23 +10,20 @@ order above. Options that come out the same are listed once, with every policy t
 from itertools import combinations
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from shoal.placement.memory import MemoryModel, fmt_bytes, memory_model
 from shoal.placement.place import choose
 from shoal.placement.plans import Candidate, Plan, Profiles, over_memory, split, survey
 from shoal.placement.speed import DEFAULT_HOP_S, Links
 from shoal.types.ids import NodeId
 from shoal.types.instance import Policy, StagePlan
+from shoal.types.message import Document
 from shoal.types.model_card import ModelCard
 
 MAX_SUBSET_NODES = 4  # every subset is listed only up to this many usable nodes
 
 
-class Preview(BaseModel):
+class Preview(Document):
     """One placement option: its stages, speed and memory, or why it does not fit."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     label: str  # "a", "a+b": the nodes in stage order
     chosen_by: tuple[Policy, ...] = ()  # the policies whose choice this is

@@ -2,18 +2,15 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from shoal.types.ids import InstanceId, ModelId, NodeId
+from shoal.types.message import Message
 
 Policy = Literal["latency", "throughput"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-class StagePlan(_Frozen):
+class StagePlan(Message):
     """Layers [start, end) of the model on node_id, run by `engine`."""
 
     node_id: NodeId
@@ -26,7 +23,7 @@ class StagePlan(_Frozen):
         return self.end - self.start
 
 
-class Instance(_Frozen):
+class Instance(Message):
     """A model placed over stages that together cover [0, n_layers) in order."""
 
     instance_id: InstanceId

@@ -2,17 +2,14 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from shoal.types.ids import ModelId
+from shoal.types.message import Document
 from shoal.types.weights import Quant
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PackagedWeights(_Frozen):
+class PackagedWeights(Document):
     """Weights shipped inside an installed Python package (found through importlib.resources)."""
 
     kind: Literal["package"] = "package"
@@ -21,7 +18,7 @@ class PackagedWeights(_Frozen):
     resource: str
 
 
-class HubWeights(_Frozen):
+class HubWeights(Document):
     """Weights in a Hugging Face repository (downloaded on demand, never in tests)."""
 
     kind: Literal["hub"] = "hub"
@@ -30,7 +27,7 @@ class HubWeights(_Frozen):
     file: str | None = None  # one GGUF file in the repo; None = the whole snapshot
 
 
-class LocalWeights(_Frozen):
+class LocalWeights(Document):
     """Weights at a path on this machine: a GGUF file or a safetensors directory."""
 
     kind: Literal["local"] = "local"
@@ -43,7 +40,7 @@ WeightsLocation = Annotated[
 ]
 
 
-class ModelCard(_Frozen):
+class ModelCard(Document):
     """Public metadata of one model; `weights` lists where to find them, in order of preference."""
 
     id: ModelId

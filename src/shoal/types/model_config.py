@@ -2,16 +2,16 @@
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from shoal.types.message import Document
 
 # Architectures the model files implement (Hugging Face model_type names).
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(Document):
     """Everything an engine needs to build a Llama-family decoder, named as in config.json."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     architecture: str  # Hugging Face model_type
     num_hidden_layers: int = Field(gt=0)

@@ -2,16 +2,13 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from shoal.types.ids import NodeId
+from shoal.types.message import Message
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-class GpuInfo(_Frozen):
+class GpuInfo(Message):
     """One accelerator; memory in bytes (unified memory on Apple Silicon)."""
 
     vendor: Literal["nvidia", "apple", "amd", "other"]
@@ -21,7 +18,7 @@ class GpuInfo(_Frozen):
     backend: Literal["cuda", "metal", "rocm", "other"]
 
 
-class NodeProfile(_Frozen):
+class NodeProfile(Message):
     """A node's self-description, refreshed every few seconds."""
 
     node_id: NodeId

@@ -2,14 +2,12 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from shoal.types.message import Message
 
 
-class _State(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-class Loading(_State):
+class Loading(Message):
     """Reading weights: `done` of `total` units (layers)."""
 
     kind: Literal["loading"] = "loading"
@@ -17,13 +15,13 @@ class Loading(_State):
     total: int = 0
 
 
-class Ready(_State):
+class Ready(Message):
     """Loaded and serving."""
 
     kind: Literal["ready"] = "ready"
 
 
-class Failed(_State):
+class Failed(Message):
     """Could not load or crashed; `reason` says why in one line."""
 
     kind: Literal["failed"] = "failed"

@@ -1,14 +1,13 @@
 """A shard: the half-open layer range [start, end) of one model that one stage runs."""
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from shoal.types.ids import ModelId
+from shoal.types.message import Document
 
 
-class Shard(BaseModel):
+class Shard(Document):
     """Layers [start, end) of n_layers; the first shard holds embeddings, the last the head."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     model_id: ModelId
     start: int = Field(ge=0)
