@@ -255,11 +255,13 @@ def test_streams_are_summarised_as_multiples_of_one_stream() -> None:
 def test_the_noisy_neighbour_summary_and_its_table() -> None:
     from shoal.bench import noisy
 
-    # alone: TTFT 100, gaps 20 (median) and 30 (largest); the 1024-token prompt alone 400 ms in 4
-    # chunks of 256 → 100 ms a chunk; beside it: TTFT 250, largest gap 150 ≤ 2 × 20 + 100
+    # alone: TTFT 100, gaps 20 (median) and 30 (largest); a 256-token prompt alone 100 ms (one
+    # chunk), the 1024-token one 480 ms in 4 chunks of 256 → 120 ms a chunk on average; beside
+    # it: TTFT 250, largest gap 150 > 2 × 20 + 100
     run = {
         "long_prompt_tokens": 1024,
-        "long_alone_ttft_ms": 400.0,
+        "long_alone_ttft_ms": 480.0,
+        "chunk_alone_ttft_ms": 100.0,
         "alone_ttft_ms": 100.0,
         "alone_max_gap_ms": 30.0,
         "decode_step_ms": 20.0,
@@ -270,6 +272,7 @@ def test_the_noisy_neighbour_summary_and_its_table() -> None:
     }
     summary = noisy.summarise([run, run | {"with_prefill_max_gap_ms": 130.0}, run], 256)
     assert summary["prefill_chunks"] == 4 and summary["prefill_chunk_ms"] == 100.0
+    assert summary["prefill_chunk_mean_ms"] == 120.0
     assert summary["ttft_ratio"] == 2.5 and summary["max_gap_ratio"] == 5.0
     assert summary["gap_budget_ms"] == 140.0 and summary["gap_within_budget"] is False
     stamps = noisy.StreamSample(start=0.0, stamps=[1.0, 1.02, 1.1, 1.12])
