@@ -24,6 +24,7 @@ from shoal.net import frames
 from shoal.net.frames import HEADER, DType, Kind, WireItem
 from shoal.types.ids import RequestId
 from shoal.worker.supervisor import RunnerConfig, RunnerProcess
+from tests.helpers.dataplane import trust
 from tests.helpers.tiny import BASE, MODEL_ID, N_LAYERS, VOCAB
 from tests.integration.test_stage_limits import GREEDY, Raw, prompt, step
 
@@ -57,6 +58,7 @@ def runner(model_dir: Path, start: int, end: int) -> RunnerProcess:
         max_live_requests=LIVE_CAP,
         hello_timeout_s=TIMEOUT_S,
         frame_timeout_s=TIMEOUT_S,
+        credentials=trust().runner_dir,
     )
     return RunnerProcess(config, stop_timeout_s=3.0)
 
@@ -76,7 +78,7 @@ async def chain(model_dir: Path) -> AsyncIterator[tuple[list[RunnerProcess], lis
 
 
 async def connected(addrs: list[str]) -> RemotePipeline:
-    pipeline = RemotePipeline(addrs, result_timeout_s=10)
+    pipeline = RemotePipeline(addrs, tls=trust().client_ssl(), result_timeout_s=10)
     await pipeline.connect()
     return pipeline
 
@@ -150,7 +152,7 @@ async def test_300_slowloris_connections_are_closed_while_a_client_is_served(
     floods = []
     began = time.monotonic()
     for i in range(300):  # nothing, or half a header
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, ssl=trust().client_ssl())
         writer.write(hello[:20] if i % 2 else b"")
         floods.append((reader, writer))
     flooded_s, began = time.monotonic() - began, time.monotonic()

@@ -24,6 +24,7 @@ from shoal.models.source import open_weights
 from shoal.types.ids import ModelId, RequestId
 from shoal.types.shard import Shard
 from shoal.worker.supervisor import RunnerConfig, RunnerProcess, RunnerStartFailed
+from tests.helpers.dataplane import trust
 from tests.helpers.tiny import N_LAYERS, VOCAB
 
 pytest.importorskip("transformers")
@@ -61,6 +62,7 @@ def runner(model_dir: Path | str, start: int, end: int, inline_tokens: int = 16)
         device="cpu",
         threads=1,
         inline_tokens=inline_tokens,
+        credentials=trust().runner_dir,
     )
     return RunnerProcess(config, stop_timeout_s=3.0)
 
@@ -97,7 +99,7 @@ async def stages(model_dir: Path) -> AsyncIterator[dict[str, list[str]]]:
 
 
 async def connected(addrs: list[str]) -> RemotePipeline:
-    pipeline = RemotePipeline(addrs, result_timeout_s=30)
+    pipeline = RemotePipeline(addrs, tls=trust().client_ssl(), result_timeout_s=30)
     await pipeline.connect()
     return pipeline
 

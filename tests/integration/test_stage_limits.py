@@ -28,6 +28,7 @@ from shoal.net.frames import HEADER, DType, Frame, FrameReader, Kind, WireItem
 from shoal.types.ids import RequestId
 from shoal.worker.stage import Control, StageServer, stage_limits
 from shoal.worker.supervisor import RunnerConfig
+from tests.helpers.dataplane import trust
 from tests.helpers.tiny import HIDDEN, MODEL_ID, N_LAYERS, VOCAB, tiny_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -59,14 +60,22 @@ async def chain(*bounds: tuple[int, int], **limits: Any) -> AsyncIterator[list[S
                 n_layers=N_LAYERS,
                 engine="fake",
                 inline_tokens=1 << 20,
+                credentials=trust().runner_dir,
                 **limits,
             )
             engine = FakeEngine(vocab_size=VOCAB, hidden_size=HIDDEN)
             engine.load(config.shard)
             control = Control(next_addr=stages[0].addr if stages else None)
             limits_ = stage_limits(config, tiny_config())
-            server = StageServer(engine, config, control, executor, limits_)
-            listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+            client_ssl = trust().runner.client_ssl_context()
+            server = StageServer(engine, config, control, executor, limits_, client_ssl=client_ssl)
+            listener = await asyncio.start_server(
+                server.handle,
+                "127.0.0.1",
+                0,
+                ssl=trust().runner.server_ssl_context(),
+                ssl_handshake_timeout=config.hello_timeout_s,
+            )
             port = listener.sockets[0].getsockname()[1]
             stages.insert(0, Stage(server, engine, listener, f"127.0.0.1:{port}"))
         yield stages
@@ -87,7 +96,7 @@ class Raw:
     @classmethod
     async def open(cls, addr: str, role: str | None = "client", session: int = 7) -> "Raw":
         host, port = frames.parse_addr(addr)
-        raw = cls(*await asyncio.open_connection(host, port))
+        raw = cls(*await asyncio.open_connection(host, port, ssl=trust().client_ssl()))
         if role is not None:
             await raw.send(frames.hello(session, role))  # type: ignore[arg-type]
             assert (await raw.receive()).kind == Kind.HELLO
@@ -127,7 +136,9 @@ def prompt(n: int = 6, seed: int = 0) -> np.ndarray:
 
 
 async def connected(stages: list[Stage]) -> RemotePipeline:
-    pipeline = RemotePipeline([s.addr for s in stages], result_timeout_s=10)
+    pipeline = RemotePipeline(
+        [s.addr for s in stages], tls=trust().client_ssl(), result_timeout_s=10
+    )
     await pipeline.connect()
     return pipeline
 
@@ -263,7 +274,7 @@ async def test_silent_and_stalled_connections_are_closed_while_the_pipeline_is_s
         sent = [hello + half] * 10 + [b"", hello[:20]] * 150
         floods = []
         for data in sent:
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, ssl=trust().client_ssl())
             writer.write(data)
             floods.append((reader, writer))
         began = time.monotonic()
@@ -293,7 +304,7 @@ async def test_connections_past_the_cap_are_refused() -> None:
         pipeline = await connected(stages)  # two connections: client and listener
         third = await Raw.open(stages[0].addr)
         host, port = frames.parse_addr(stages[0].addr)
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, ssl=trust().client_ssl())
         async with asyncio.timeout(2):
             assert await reader.read(1) == b""  # refused: nobody without HELLO to make room for
         writer.close()

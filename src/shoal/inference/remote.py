@@ -6,12 +6,17 @@ stage, registered under a random session id, brings back the RESULTs. Stages pas
 to each other directly. Errors come back on either connection. A stage that is gone (refused,
 reset, EOF, unreachable from its predecessor, or silent past the result timeout) raises
 StageLost; the pipeline is then dead and the caller re-places the instance.
+
+Both connections run TLS with the node's cluster certificate (`tls`: Credentials'
+client_ssl_context()); a stage must hold a certificate from the cluster CA, and stages take
+only members. The handshake is paid once per connection: connections are persistent.
 """
 
 import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 from collections.abc import Sequence
 from typing import Literal
 
@@ -49,13 +54,19 @@ class _Link:
 
     @classmethod
     async def open(
-        cls, addr: str, role: Literal["client", "listener"], session: int, timeout_s: float
+        cls,
+        addr: str,
+        role: Literal["client", "listener"],
+        session: int,
+        timeout_s: float,
+        tls: ssl.SSLContext | None,
     ) -> "_Link":
-        """Connect and shake hands within timeout_s; StageLost if the stage does not answer."""
+        """Connect (TLS when given) and shake hands within timeout_s; StageLost if the stage does
+        not answer, or its certificate is not from our cluster."""
         try:
             async with asyncio.timeout(timeout_s):
                 host, port = frames.parse_addr(addr)
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await asyncio.open_connection(host, port, ssl=tls)
                 link = cls(addr, reader, writer)
                 await link.send(frames.hello(session, role))
                 reply = (await link.receive())[0]
@@ -93,6 +104,7 @@ class RemotePipeline:
         self,
         stage_addrs: Sequence[str],
         *,
+        tls: ssl.SSLContext | None,  # the cluster's client context; None: plain TCP (debugging)
         wire_dtype: WireDType = "float32",
         connect_timeout_s: float = 5.0,
         result_timeout_s: float = 300.0,
@@ -100,6 +112,7 @@ class RemotePipeline:
         if not stage_addrs:
             raise ValueError("a pipeline needs at least one stage")
         self.stage_addrs = list(stage_addrs)
+        self.tls = tls
         self.wire_dtype = wire_dtype  # for hidden states fed to stage 0 (token ids go as int64)
         self.connect_timeout_s = connect_timeout_s
         self.result_timeout_s = result_timeout_s  # generous: a long prefill chunk on a slow node
@@ -114,11 +127,11 @@ class RemotePipeline:
     async def connect(self) -> None:
         """Open the listener (last stage) and client (stage 0) connections."""
         self._listener = await _Link.open(
-            self.stage_addrs[-1], "listener", self.session, self.connect_timeout_s
+            self.stage_addrs[-1], "listener", self.session, self.connect_timeout_s, self.tls
         )
         try:
             self._client = await _Link.open(
-                self.stage_addrs[0], "client", self.session, self.connect_timeout_s
+                self.stage_addrs[0], "client", self.session, self.connect_timeout_s, self.tls
             )
         except StageLost:
             self._listener.close()

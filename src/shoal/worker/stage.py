@@ -8,8 +8,12 @@ the frame's session. FREE frees every stage down the chain. Errors flow back the
 came (the last stage answers through the listener), so the client always hears why a step
 failed; the runner keeps serving.
 
-A peer is not trusted (worker/limits.py): frames larger than the model allows are refused from
-their header, bad items and requests past the live-cache cap get an ERROR for their step, a
+Peers are members: with credentials (RunnerConfig.credentials) the runner serves and connects
+over mutual TLS against the cluster CA (net/credentials.py), and a peer whose certificate names a
+revoked node (Control.revoked, updated by the worker) is refused, its open connections closed.
+
+Even a member is not trusted (worker/limits.py): frames larger than the model allows are refused
+from their header, bad items and requests past the live-cache cap get an ERROR for their step, a
 connection must say HELLO in time and may not stall midway through a frame, connections past a
 cap are refused, and the caches a client connection created are freed, here and down the
 chain, when it closes.
@@ -17,6 +21,7 @@ chain, when it closes.
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,8 +33,9 @@ from shoal.engines.base import Engine, StepInput
 from shoal.inference.pipeline import Sampler
 from shoal.inference.request import SamplingParams
 from shoal.net import frames
+from shoal.net.credentials import BadCertificate, peer_node_id
 from shoal.net.frames import Frame, FrameError, FrameReader, Kind
-from shoal.types.ids import RequestId
+from shoal.types.ids import NodeId, RequestId
 from shoal.types.model_config import ModelConfig
 from shoal.worker.limits import LimitExceeded, LiveRequests, StageLimits
 from shoal.worker.supervisor import RunnerConfig
@@ -44,10 +50,18 @@ CONNECT_TIMEOUT_S = 5.0
 
 @dataclass
 class Control:
-    """What the parent has said so far: where outputs go, and whether to stop."""
+    """What the parent has said so far: where outputs go, who is revoked, whether to stop."""
 
     next_addr: str | None = None
+    revoked: frozenset[NodeId] = frozenset()
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    on_revoke: list[Callable[[frozenset[NodeId]], None]] = field(default_factory=list)
+
+    def revoke(self, node_ids: tuple[NodeId, ...]) -> None:
+        """Every revoked node from now on (a new list, not a change); tells on_revoke."""
+        self.revoked = frozenset(node_ids)
+        for hook in self.on_revoke:
+            hook(self.revoked)
 
 
 def one_line(exc: BaseException) -> str:
@@ -83,6 +97,8 @@ class StageServer:
         control: Control,
         executor: ThreadPoolExecutor,
         limits: StageLimits,
+        *,
+        client_ssl: ssl.SSLContext | None,  # to the next stage; None: plain TCP (no credentials)
     ) -> None:
         self.engine = engine
         self.shard = config.shard
@@ -102,6 +118,9 @@ class StageServer:
         # keeps only weak references to tasks)
         self._next: tuple[str, asyncio.StreamWriter, asyncio.Task[None]] | None = None
         self._next_lock = asyncio.Lock()
+        self._client_ssl = client_ssl
+        self._peers: dict[asyncio.StreamWriter, NodeId] = {}  # TLS connections, in and out
+        control.on_revoke.append(self._drop_revoked)
         self._closing = False
         self._warned: set[str] = set()
 
@@ -114,7 +133,11 @@ class StageServer:
         """One incoming connection: HELLO in time, then frames until it closes."""
         task = asyncio.current_task()
         assert task is not None
+        if not self._member(writer, "refusing"):
+            writer.close()
+            return
         if not self._admit(task, writer):
+            self._peers.pop(writer, None)
             return
         role, session, parser = None, 0, self.limits.reader()
         hello_by = asyncio.get_running_loop().time() + self.config.hello_timeout_s
@@ -138,6 +161,7 @@ class StageServer:
         finally:
             self._handlers.pop(task, None)
             self._greeting.pop(task, None)
+            self._peers.pop(writer, None)
             if self._listeners.get(session) is writer:
                 del self._listeners[session]
             for s in [s for s, w in self._origins.items() if w is writer]:
@@ -145,6 +169,32 @@ class StageServer:
             writer.close()
             if role == "client":  # its requests can never be continued on this connection
                 await self._release(writer)
+
+    def _member(self, writer: asyncio.StreamWriter, doing: str) -> bool:
+        """Whether the peer is a member not revoked (remembered per connection); plain TCP is
+        taken as is: the runner then has no credentials, and TLS already refused strangers."""
+        conn = writer.get_extra_info("ssl_object")
+        if conn is None:
+            return True
+        try:
+            peer = peer_node_id(conn)
+        except BadCertificate as exc:
+            self._warn_once("certificate", f"{doing} a peer: {exc}")
+            return False
+        if peer in self.control.revoked:
+            self._warn_once(f"revoked {peer}", f"{doing} {peer}: it was removed from the cluster")
+            return False
+        self._peers[writer] = peer
+        return True
+
+    def _drop_revoked(self, revoked: frozenset[NodeId]) -> None:
+        """Close every connection, in or out, to a node that is revoked now."""
+        for writer, peer in list(self._peers.items()):
+            if peer in revoked:
+                log.warning("closing a connection to %s: it was removed from the cluster", peer)
+                writer.close()
+                if self._next is not None and self._next[1] is writer:
+                    self._drop_next()
 
     def _admit(self, task: asyncio.Task[Any], writer: asyncio.StreamWriter) -> bool:
         """Take a new connection if there is room; when full, the oldest without HELLO goes."""
@@ -317,8 +367,11 @@ class StageServer:
                 raise ConnectionError("stopping")
             host, port = frames.parse_addr(addr)
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), CONNECT_TIMEOUT_S
+                asyncio.open_connection(host, port, ssl=self._client_ssl), CONNECT_TIMEOUT_S
             )
+            if not self._member(writer, "not sending to"):
+                writer.close()
+                raise ConnectionError(f"the next stage {addr} is not a member")
             writer.write(frames.encode(frames.hello(0, "client")))
             watcher = asyncio.get_running_loop().create_task(self._watch_next(addr, reader, writer))
             self._next = (addr, writer, watcher)
@@ -341,6 +394,7 @@ class StageServer:
         finally:
             if self._next is not None and self._next[1] is writer:
                 self._next = None
+            self._peers.pop(writer, None)
             writer.close()
 
     def _drop_next(self) -> None:
