@@ -8,7 +8,6 @@ membership it inherited with who is actually alive.
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 
 from shoal.net.codec import Sealer
@@ -37,7 +36,7 @@ from shoal.types.events import (
     NodeProfiled,
     RunnerStatusChanged,
 )
-from shoal.types.ids import InstanceId, NodeId
+from shoal.types.ids import NodeId, new_instance_id
 from shoal.types.instance import Instance
 from shoal.types.runner import Failed
 from shoal.types.wire import CommandMessage, GlobalEvent, LocalEvent
@@ -140,7 +139,7 @@ class Master:
             if not affected(old):
                 continue
             self.append([InstanceDeleted(instance_id=iid, reason=why)])
-            new_id = InstanceId(f"{old.model_id}-{uuid.uuid4().hex[:8]}")
+            new_id = new_instance_id(old.model_id)
             command = PlaceModel(
                 instance_id=new_id, model_id=old.model_id, policy=old.policy, avoid=avoid
             )

@@ -1,8 +1,14 @@
 """Distinct id types: a NodeId is not a RequestId, even though both are strings."""
 
+import uuid
 from typing import NewType
 
 NodeId = NewType("NodeId", str)
 InstanceId = NewType("InstanceId", str)
 RequestId = NewType("RequestId", str)
 ModelId = NewType("ModelId", str)
+
+
+def new_instance_id(model_id: str) -> InstanceId:
+    """A fresh id for an instance of the model: `<model id>-<8 hex digits>`."""
+    return InstanceId(f"{model_id}-{uuid.uuid4().hex[:8]}")
