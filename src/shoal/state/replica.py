@@ -8,6 +8,7 @@ requests from its own journal.
 """
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -43,7 +44,8 @@ class Replica:
         self.master: NodeId | None = None
         self._repair = asyncio.Event()
         self._resync = False  # our log differs from the master's inside our snapshot
-        self._progress = asyncio.Event()  # set whenever entries are applied
+        # wait_past's waiters: (past this index, our last index then, resolved to wake it)
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._watchers: set[asyncio.Queue[IndexedEvent | None]] = set()
         # called after entries (or a snapshot: []) changed the state, e.g. to re-check members
         self.listeners: list[Callable[[list[IndexedEvent]], None]] = []
@@ -70,18 +72,42 @@ class Replica:
     async def reached(self, index: int) -> None:
         """Until this node's state has applied entry `index` (wrap in a timeout)."""
         while self.store.last_index < index:
-            self._progress.clear()
-            await self._progress.wait()
+            await self.wait_past(self.store.last_index)
+
+    async def wait_past(self, index: int) -> None:
+        """Until the state is past entry `index` (at once if it is), or entries up to it changed.
+
+        A condition, not an edge: read `state.index`, look at the state, then wait past that
+        index, and a change that lands in between is not missed. Entries at or before `index`
+        that replace ours (a new master cut our log) or an installed snapshot also wake it.
+        """
+        if self.store.last_index > index:
+            return
+        waiter = (index, self.store.last_index, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            await waiter[2]
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
 
     async def changed(self) -> None:
-        """Until the next entries are applied."""
-        self._progress.clear()
-        await self._progress.wait()
+        """Until the next entries are applied (an edge: prefer wait_past)."""
+        await self.wait_past(self.store.last_index)
+
+    def _wake(self, entries: list[IndexedEvent] | None) -> None:
+        """Wake the waiters the state moved past (None: the state was replaced, wake all)."""
+        last = self.store.last_index
+        first = min((e.index for e in entries), default=last + 1) if entries is not None else 0
+        for index, then, future in self._waiters:
+            # first <= then: an entry the waiter had seen was replaced
+            if (last > index or first <= then) and not future.done():
+                future.set_result(None)
 
     def applied(self, entries: list[IndexedEvent]) -> None:
         """Tell watchers about entries now in the state (the master calls this for its own)."""
         if entries:
-            self._progress.set()
+            self._wake(entries)
             for listener in list(self.listeners):
                 listener(entries)
         for entry in entries:
@@ -170,7 +196,7 @@ class Replica:
         log.info("installing the master's snapshot at index %d", state.index)
         self.store.install_snapshot(state)
         self._resync = False
-        self._progress.set()
+        self._wake(None)
         for listener in list(self.listeners):
             listener([])
 
