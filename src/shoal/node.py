@@ -24,8 +24,9 @@ from shoal.net.identity import Identity
 from shoal.net.transport import DuplicateNodeId
 from shoal.net.zenoh_transport import ZenohTransport
 from shoal.paths import user_cards_dir
+from shoal.placer import make_placer
 from shoal.profile.actor import Profiler
-from shoal.serving import ClusterService, make_placer
+from shoal.serving import ClusterService
 from shoal.settings import Settings
 from shoal.state.store import StateStore
 from shoal.types.events import NodeProfiled

@@ -3,96 +3,39 @@
 ClusterService implements InferenceService over the replicated state. A request goes to the
 least-loaded ready instance of its model; with none, the node asks the master to place one and
 waits for its runners (auto-placement can be switched off). Each instance this node talks to
-gets one RemotePipeline to its stages and one Scheduler, so requests arriving here are batched
-together per instance.
+gets one InstanceHandle (handles.py), so requests arriving here are batched together per
+instance; when a handle's chain breaks, `_recover` drives failover.py's decision until another
+chain answers. Every wait is for the state to pass the index it was read at, so no change is
+missed between reading the state and waiting.
 """
 
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
-import uuid
-from dataclasses import dataclass
 
 from shoal.cluster import ClusterNode
 from shoal.errors import ModelUnavailable
 from shoal.inference.pipeline import PipelineBroken
 from shoal.inference.remote import RemotePipeline
-from shoal.inference.request import GenerationRequest
-from shoal.inference.scheduler import RequestStream, Scheduler
 from shoal.inference.service import ModelStatus
-from shoal.master import Placer
 from shoal.models.catalog import Catalog, find_local_weights
 from shoal.models.source import open_weights
 from shoal.models.tokenizer import Tokenizer
 from shoal.net.frames import WireDType
-from shoal.placement.place import NoFit, place
-from shoal.state.model import InstanceRecord, State
+from shoal.placer import why_not_runnable, why_unplaceable
+from shoal.serving.failover import GiveUp, Place, Use, Wait, next_chain
+from shoal.serving.handles import InstanceHandle, open_handle
+from shoal.state.model import InstanceRecord
 from shoal.types.commands import PlaceModel
-from shoal.types.ids import InstanceId, ModelId
+from shoal.types.ids import InstanceId, ModelId, new_instance_id
 from shoal.types.instance import Instance, Policy
 from shoal.types.model_card import ModelCard
-from shoal.types.model_config import LLAMA_FAMILY
-from shoal.types.profile import NodeProfile
 
 log = logging.getLogger(__name__)
 
-SAME_CHAIN_AFTER_S = 3.0  # a broken chain may be retried as is after this (a transient break)
-
-
-def profiles_of(state: State) -> list[NodeProfile]:
-    """Profiles of the nodes that are connected now."""
-    return [r.profile for r in state.nodes.values() if r.connected and r.profile is not None]
-
-
-def why_not_runnable(card: ModelCard) -> str | None:
-    """A reason no engine here can run the model at all, or None."""
-    if card.architecture not in LLAMA_FAMILY:
-        supported = ", ".join(sorted(LLAMA_FAMILY))
-        return f"architecture {card.architecture} is not supported yet (supported: {supported})"
-    if not any(w.format in ("gguf", "safetensors") for w in card.weights):
-        return f"no engine here reads its {card.weights[0].format if card.weights else ''} weights"
-    return None
-
-
-def make_placer(catalog: Catalog) -> Placer:
-    """The master's placer: the card from the catalog, the profiles from the state."""
-
-    def placer(command: PlaceModel, state: State) -> Instance | str:
-        card = catalog.get(command.model_id)
-        if (reason := why_not_runnable(card)) is not None:
-            return reason
-        usable = [p for p in profiles_of(state) if p.node_id not in command.avoid]
-        found = place(
-            card,
-            usable,
-            policy=command.policy,
-            overrides=command.layers,
-            engine=command.engine,
-            instance_id=command.instance_id,
-        )
-        return found.reason if isinstance(found, NoFit) else found.instance
-
-    return placer
-
-
-@dataclass
-class InstanceHandle:
-    """A ready instance as the API uses it (a ModelHandle)."""
-
-    card: ModelCard
-    tokenizer: Tokenizer
-    instance_id: InstanceId
-    scheduler: Scheduler
-    pipeline: RemotePipeline
-    task: asyncio.Task[None]
-
-    @property
-    def context_length(self) -> int:
-        return self.card.context_length
-
-    def generate(self, req: GenerationRequest) -> RequestStream:
-        return self.scheduler.generate(req)
+RETRY_REFUSED_S = 1.0  # every ready chain refused a connection: try again after this at most
 
 
 class ClusterService:
@@ -108,6 +51,7 @@ class ClusterService:
         max_queue: int = 64,
         prefill_chunk: int = 256,
         wire_dtype: WireDType = "float32",
+        tls: ssl.SSLContext | None = None,  # the data plane's client context (RemotePipeline)
         ready_timeout_s: float = 300.0,
         failover_timeout_s: float = 120.0,
     ) -> None:
@@ -119,6 +63,7 @@ class ClusterService:
         self._max_queue = max_queue
         self._prefill_chunk = prefill_chunk
         self._wire_dtype = wire_dtype
+        self._tls = tls
         self._ready_timeout = ready_timeout_s
         self._handles: dict[InstanceId, InstanceHandle] = {}
         self._tokenizers: dict[ModelId, Tokenizer] = {}
@@ -168,11 +113,8 @@ class ClusterService:
         if failed:
             reasons = [getattr(x.status, "reason", "") for x in failed[0].runners.values()]
             return ModelStatus("failed", next((r for r in reasons if r), "a runner failed"))
-        if (reason := why_not_runnable(card)) is not None:
+        if (reason := why_unplaceable(card, self._cluster.state)) is not None:
             return ModelStatus("unavailable", reason)
-        found = place(card, profiles_of(self._cluster.state), instance_id=InstanceId("preview"))
-        if isinstance(found, NoFit):
-            return ModelStatus("unavailable", found.reason)
         return ModelStatus("available")
 
     async def acquire(self, model_id: str) -> InstanceHandle:
@@ -190,6 +132,7 @@ class ClusterService:
     async def _ready_instance(self, card: ModelCard) -> InstanceHandle:
         async with asyncio.timeout(self._ready_timeout):
             while True:
+                seen = self._cluster.state.index
                 ready = [r for r in self._instances(card.id) if r.ready]
                 if ready:
                     return await self._handle(card, self._least_loaded(ready))
@@ -203,11 +146,12 @@ class ClusterService:
                 failure = self.status(card)
                 if failure.status == "failed":
                     raise ModelUnavailable(f"cannot run {card.id}: {failure.reason}")
-                await self._cluster.replica.changed()
+                await self._cluster.replica.wait_past(seen)
 
     async def _pinned(self, instance_id: InstanceId) -> InstanceHandle:
         async with asyncio.timeout(self._ready_timeout):
             while True:
+                seen = self._cluster.state.index
                 record = self._cluster.state.instances.get(instance_id)
                 if record is None:
                     raise ModelUnavailable(f"instance {instance_id} is gone")
@@ -217,7 +161,7 @@ class ClusterService:
                 failed = [r for r in record.runners.values() if r.status.kind == "failed"]
                 if failed:
                     raise ModelUnavailable(f"instance {instance_id} failed: {failed[0].status}")
-                await self._cluster.replica.changed()
+                await self._cluster.replica.wait_past(seen)
 
     # --- placing -----------------------------------------------------------------------------
 
@@ -233,7 +177,7 @@ class ClusterService:
         card = self._catalog.get(model_id)
         if (reason := why_not_runnable(card)) is not None:
             raise ModelUnavailable(f"cannot run {card.id}: {reason}")
-        instance_id = InstanceId(f"{card.id}-{uuid.uuid4().hex[:8]}")
+        instance_id = new_instance_id(card.id)
         command = PlaceModel(
             instance_id=instance_id, model_id=card.id, policy=policy, layers=layers, engine=engine
         )
@@ -267,40 +211,31 @@ class ClusterService:
         return await asyncio.shield(task)
 
     async def _connect(self, card: ModelCard, record: InstanceRecord) -> InstanceHandle:
-        tokenizer = await self._tokenizer(card)
-        pipeline = RemotePipeline(record.stage_addrs(), wire_dtype=self._wire_dtype)
-        await pipeline.connect()
-        iid = record.instance.instance_id
-        handle: InstanceHandle
-
-        async def recover(exc: PipelineBroken) -> RemotePipeline:
-            return await self._recover(handle, exc)
-
-        scheduler = Scheduler(
-            pipeline,
-            tokenizer,
-            context_length=card.context_length,
-            vocab_size=card.vocab_size,
-            hidden_size=card.hidden_size,
+        handle = await open_handle(
+            card,
+            await self._tokenizer(card),
+            record,
+            self._recover,
+            tls=self._tls,
+            wire_dtype=self._wire_dtype,
             max_batch=self._max_batch,
             max_queue=self._max_queue,
             prefill_chunk=self._prefill_chunk,
-            recover=recover,
         )
-        task = asyncio.create_task(scheduler.run(), name=f"scheduler {iid}")
-        handle = InstanceHandle(card, tokenizer, iid, scheduler, pipeline, task)
-        self._handles[iid] = handle
+        self._handles[handle.instance_id] = handle
         log.info(
-            "serving %s through instance %s (%d stages)", card.id, iid, len(record.instance.stages)
+            "serving %s through instance %s (%d stages)",
+            card.id,
+            handle.instance_id,
+            len(record.instance.stages),
         )
         return handle
 
     async def _recover(self, handle: InstanceHandle, exc: PipelineBroken) -> RemotePipeline:
         """A working pipeline for the handle's model: a re-placed or restarted instance.
 
-        Waits for the state to show a ready instance whose stages differ from the broken chain
-        (the master re-places after a lost node; a worker restarts a crashed runner); the same
-        chain is tried again only after a grace period, in case the break was transient.
+        Asks failover.next_chain what to do after every state change (and when its wait runs
+        out), until a chain connects, the model cannot come back, or the failover timeout.
         """
         card, broken = handle.card, handle.pipeline.stage_addrs
         started = time.monotonic()
@@ -308,40 +243,46 @@ class ClusterService:
         try:
             async with asyncio.timeout(self._failover_timeout):
                 while True:
-                    ready = [r for r in self._instances(card.id) if r.ready]
-                    fresh = [r for r in ready if r.stage_addrs() != broken]
-                    late = time.monotonic() - started > SAME_CHAIN_AFTER_S
-                    for record in fresh or (ready if late else []):
-                        pipeline = RemotePipeline(record.stage_addrs(), wire_dtype=self._wire_dtype)
-                        try:
-                            await pipeline.connect()
-                        except PipelineBroken:
-                            continue
-                        self._rekey(handle, record.instance.instance_id, pipeline)
-                        return pipeline
-                    if not self._instances(card.id) and not placed:
-                        if (why := self.status(card)).status == "unavailable":
-                            raise ModelUnavailable(
-                                f"{card.id} lost a stage ({exc}) and cannot "
-                                f"be re-placed: {why.reason}"
-                            )
-                        placed = True
-                        await self.place(card.id)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(1.0):
-                            await self._cluster.replica.changed()
+                    state = self._cluster.state
+                    elapsed = time.monotonic() - started
+                    match next_chain(state, card, broken, elapsed, placed=placed):
+                        case Use(records):
+                            for record in records:
+                                pipeline = RemotePipeline(
+                                    record.stage_addrs(), tls=self._tls, wire_dtype=self._wire_dtype
+                                )
+                                try:
+                                    await pipeline.connect()
+                                except PipelineBroken:
+                                    continue
+                                self._rekey(handle, record.instance.instance_id, pipeline)
+                                return pipeline
+                            await self._wait_past(state.index, RETRY_REFUSED_S)
+                        case Place():
+                            placed = True
+                            await self.place(card.id)
+                        case GiveUp(reason):
+                            raise ModelUnavailable(f"{card.id} lost a stage ({exc}) and {reason}")
+                        case Wait(at_most_s):
+                            await self._wait_past(state.index, at_most_s)
         except TimeoutError:
             raise ModelUnavailable(
                 f"{card.id} lost a stage ({exc}) and no capacity came back within "
                 f"{self._failover_timeout:.0f} s"
             ) from None
 
+    async def _wait_past(self, index: int, at_most_s: float | None) -> None:
+        """Until the state is past `index`, or at_most_s passed (None: no cap)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(at_most_s):
+                await self._cluster.replica.wait_past(index)
+
     def _rekey(self, handle: InstanceHandle, iid: InstanceId, pipeline: RemotePipeline) -> None:
         """The handle now drives another instance (or the same one, restarted)."""
         if self._handles.get(handle.instance_id) is handle:
             del self._handles[handle.instance_id]
         log.info("instance %s replaced by %s for %s", handle.instance_id, iid, handle.card.id)
-        handle.instance_id, handle.pipeline = iid, pipeline
+        handle.move_to(iid, pipeline)
         if iid in self._handles:
             self._orphans.append(handle)  # finishes its requests; new ones go to the other
         else:
@@ -371,16 +312,12 @@ class ClusterService:
                 handle.pipeline.abort("the cluster re-placed or restarted a stage")
         for iid in [i for i in self._handles if i not in state.instances]:
             if self._handles[iid].scheduler.load == 0:  # busy ones are failing over
-                handle = self._handles.pop(iid)
-                handle.task.cancel()
-                await handle.pipeline.close()
+                await self._handles.pop(iid).close()
         for handle in [h for h in self._orphans if h.scheduler.load == 0]:
             self._orphans.remove(handle)
-            handle.task.cancel()
-            await handle.pipeline.close()
+            await handle.close()
 
     async def close(self) -> None:
         for handle in self._handles.values():
-            handle.task.cancel()
-            await handle.pipeline.close()
+            await handle.close()
         self._handles.clear()

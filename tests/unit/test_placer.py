@@ -1,0 +1,79 @@
+"""The master's placer (shoal.placer): runnable cards, connected profiles, placing commands."""
+
+import pytest
+
+from shoal.models.catalog import Catalog
+from shoal.placer import make_placer, profiles_of, why_not_runnable, why_unplaceable
+from shoal.state.model import NodeRecord, State
+from shoal.types.commands import PlaceModel
+from shoal.types.ids import InstanceId, ModelId, NodeId, new_instance_id
+from shoal.types.instance import Instance
+from tests.helpers.state import GIB, profile
+
+CATALOG = Catalog()
+SMOL = ModelId("smollm2-135m")
+
+
+def state(**free_gib: float) -> State:
+    """Connected nodes with `free_gib` GiB of RAM each; a node named lost_* is disconnected."""
+    return State(
+        nodes={
+            NodeId(n): NodeRecord(
+                node_id=NodeId(n),
+                profile=profile(n, ram_available=int(gib * GIB)),
+                connected=not n.startswith("lost"),
+                joined_index=1,
+            )
+            for n, gib in free_gib.items()
+        }
+    )
+
+
+def command(**fields: object) -> PlaceModel:
+    return PlaceModel(instance_id=InstanceId("i1"), model_id=SMOL, **fields)  # type: ignore[arg-type]
+
+
+def test_profiles_of_takes_connected_profiled_nodes_only() -> None:
+    st = state(a=8, lost_b=8)
+    st = st.model_copy(
+        update={"nodes": {**st.nodes, NodeId("c"): NodeRecord(node_id=NodeId("c"), joined_index=2)}}
+    )
+    assert [p.node_id for p in profiles_of(st)] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("model_id", "runnable"),
+    [("smollm2-135m", True), ("phi-3-mini", False), ("llama-3.2-1b", False)],  # mlx-only weights
+)
+def test_why_not_runnable(model_id: str, runnable: bool) -> None:
+    assert (why_not_runnable(CATALOG.get(model_id)) is None) is runnable
+
+
+def test_why_unplaceable() -> None:
+    card = CATALOG.get(SMOL)
+    assert why_unplaceable(card, state(a=8)) is None
+    assert why_unplaceable(card, state()) is not None  # no nodes
+    assert why_unplaceable(card, state(lost_a=8)) is not None  # only a lost one
+
+
+def test_the_placer_places_on_the_nodes_not_avoided() -> None:
+    placer = make_placer(CATALOG)
+    placed = placer(command(), state(a=8, b=8))
+    assert isinstance(placed, Instance) and placed.instance_id == "i1"
+    assert {s.node_id for s in placed.stages} <= {"a", "b"}
+    again = placer(command(avoid=(NodeId("a"),)), state(a=8, b=8))
+    assert isinstance(again, Instance) and {s.node_id for s in again.stages} == {"b"}
+
+
+def test_the_placer_says_why_not() -> None:
+    placer = make_placer(CATALOG)
+    assert isinstance(placer(command(), state()), str)
+    assert isinstance(placer(command(avoid=(NodeId("a"),)), state(a=8)), str)
+    phi = PlaceModel(instance_id=InstanceId("i2"), model_id=ModelId("phi-3-mini"))
+    assert placer(phi, state(a=8)) == why_not_runnable(CATALOG.get("phi-3-mini"))
+
+
+def test_new_instance_ids_name_the_model_and_differ() -> None:
+    ids = {new_instance_id("smollm2-135m") for _ in range(100)}
+    assert len(ids) == 100
+    assert all(i.startswith("smollm2-135m-") and len(i) == len("smollm2-135m-") + 8 for i in ids)
