@@ -69,6 +69,7 @@ class ClusterNode:
             )
         self.store = store
         self.cluster = cluster
+        self._admitting: set[asyncio.Task[None]] = set()
         self.trust = Trust(seed, lambda: store.state)
         sealer = Sealer(identity, cluster)
         decoder = Decoder(cluster, self.trust, keys)
@@ -149,11 +150,28 @@ class ClusterNode:
         return result
 
     async def admit(self, node_id: NodeId) -> list[NodeId]:
-        """Record a newly certified node as a member; the members once this node knows it."""
-        result = await self.command(AdmitMember(node_id=node_id))
-        if not result.ok:
-            raise ShoalError(f"not admitted: {result.message}")
-        return list(self.state.members)
+        """Have a newly certified node recorded as a member (in the background: a joiner need not
+        wait for a master); the members it may trust until its log has them."""
+        if node_id in self.state.revoked:
+            raise ShoalError(f"node {node_id} was removed from this cluster")
+        if node_id not in self.state.members:
+            self.trust.vouch(node_id)  # we certified it: no waiting for a master to see it
+            self.guard.refresh()
+            task = asyncio.get_running_loop().create_task(self._admit(node_id))
+            self._admitting.add(task)
+            task.add_done_callback(self._admitting.discard)
+        return sorted({*self.state.members, *self.trust.seed, self.node_id, node_id})
+
+    async def _admit(self, node_id: NodeId) -> None:
+        while True:
+            try:
+                result = await self.command(AdmitMember(node_id=node_id), within_s=30.0)
+            except TimeoutError:
+                log.warning("no master recorded member %s within 30 s: asking again", node_id)
+                continue
+            if not result.ok:
+                log.warning("member %s not admitted: %s", node_id, result.message)
+            return
 
     async def remove_member(self, node_id: NodeId) -> str:
         """Revoke a member for good (its messages dropped, no rejoining); what happened."""

@@ -303,6 +303,7 @@ async def join(token: JoinToken, data_dir: Path, wait_s: float = JOIN_WAIT_S) ->
     identity = Identity.load_or_create(data_dir)
     host, port = token.host_port()
     deadline = time.monotonic() + wait_s
+    tries = 0
     while True:
         try:
             got = await _ask(host, port, _unverified_context(), {"op": "ca"})
@@ -310,8 +311,10 @@ async def join(token: JoinToken, data_dir: Path, wait_s: float = JOIN_WAIT_S) ->
         except (OSError, TimeoutError) as exc:
             if time.monotonic() > deadline:
                 raise JoinError(f"cannot reach {token.address} to join: {exc}") from exc
-            log.info("cannot reach %s to join yet (%s): trying again", token.address, exc)
-            await asyncio.sleep(0.5)
+            tries += 1
+            if tries == 1:
+                log.info("cannot reach %s to join yet (%s): trying again", token.address, exc)
+            await asyncio.sleep(0.1)
     try:
         ca_pem = str(got["ca"]).encode()
         ca = x509.load_pem_x509_certificate(ca_pem)
