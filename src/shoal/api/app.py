@@ -1,10 +1,15 @@
-"""The FastAPI application: routers by resource, OpenAI-shaped errors, a body-size limit."""
+"""The FastAPI application: routers by resource, OpenAI-shaped errors, a body-size limit, API
+keys (api/auth.py) and CORS for the origins it is given."""
+
+from collections.abc import Sequence
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from shoal import __version__
 from shoal.api import chat, completions, errors, health, instances, models
 from shoal.api import cluster as cluster_routes
+from shoal.api.auth import ApiKeyAuth, ApiKeys
 from shoal.api.limits import BodyLimit
 from shoal.cluster import ClusterNode
 from shoal.inference.service import InferenceService
@@ -17,6 +22,8 @@ def create_app(
     max_body_bytes: int = 4 * 1024 * 1024,
     body_timeout_s: float = 30.0,
     profile_wait_s: float = 2.0,
+    keys: ApiKeys | None = None,  # None, or no key in it: the API is open
+    cors_origins: Sequence[str] = (),  # browsers on these origins may call the API
 ) -> FastAPI:
     """An app serving `service` (and `cluster`); the caller runs it and owns their lifetimes."""
     app = FastAPI(title="shoal", version=__version__)
@@ -27,5 +34,15 @@ def create_app(
     errors.install(app)
     for module in (models, chat, completions, health, cluster_routes, instances):
         app.include_router(module.router)
+    # outermost last: CORS answers preflights and marks 401s, the key check runs before a body
+    # is buffered
     app.add_middleware(BodyLimit, limit=max_body_bytes, timeout_s=body_timeout_s)
+    app.add_middleware(ApiKeyAuth, keys=keys or ApiKeys())
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["*"],
+            allow_headers=["authorization", "x-api-key", "content-type"],
+        )
     return app
