@@ -132,7 +132,7 @@ async def serve(settings: Settings) -> None:
     worker = Worker(
         identity.node_id,
         lambda: cluster.state,
-        cluster.replica.changed,
+        cluster.replica.wait_past,
         cluster.report,
         locate,
         host=settings.host,
@@ -234,9 +234,11 @@ async def _until_stopped(server: uvicorn.Server) -> None:
 
 
 async def _prune(service: ClusterService, cluster: ClusterNode) -> None:
-    """Let go of instances that are deleted or broken."""
+    """Let go of instances that are deleted or broken, after every state change."""
+    seen = cluster.state.index
     while True:
-        await cluster.replica.changed()
+        await cluster.replica.wait_past(seen)
+        seen = cluster.state.index
         await service.prune()
 
 
@@ -245,7 +247,7 @@ async def _preload(service: ClusterService, cluster: ClusterNode, model_id: str)
     while cluster.state.nodes.get(cluster.node_id) is None or (
         cluster.state.nodes[cluster.node_id].profile is None
     ):
-        await cluster.replica.changed()
+        await cluster.replica.wait_past(cluster.state.index)
     try:
         await service.acquire(model_id)
     except ShoalError as exc:

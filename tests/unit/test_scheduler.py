@@ -306,7 +306,7 @@ async def test_prefill_chunks_shrink_as_attention_grows_and_keep_their_cost() ->
         LocalPipeline([engine]),
         ByteTokenizer(),
         context_length=4096,
-        hidden_size=16,  # attention weighs like projections after 6 * 16 = 96 positions
+        hidden_size=32,  # attention weighs like projections after 3 * 32 = 96 positions
         prefill_chunk=64,
     )
     async with running(scheduler) as s:

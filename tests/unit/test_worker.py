@@ -85,7 +85,7 @@ async def test_a_crashing_runner_is_retried_with_backoff_then_given_up(
     async def report(event: Event) -> None:
         reports.append(event)
 
-    async def wait_changed() -> None:
+    async def wait_changed(_index: int) -> None:
         await changed.wait()
 
     worker = Worker(

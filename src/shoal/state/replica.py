@@ -91,10 +91,6 @@ class Replica:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
 
-    async def changed(self) -> None:
-        """Until the next entries are applied (an edge: prefer wait_past)."""
-        await self.wait_past(self.store.last_index)
-
     def _wake(self, entries: list[IndexedEvent] | None) -> None:
         """Wake the waiters the state moved past (None: the state was replaced, wake all)."""
         last = self.store.last_index

@@ -7,6 +7,7 @@ crashed runner is an event in the log, never a dead node.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -43,7 +44,7 @@ class Worker:
         self,
         me: NodeId,
         state: Callable[[], State],
-        changed: Callable[[], Awaitable[None]],
+        wait_past: Callable[[int], Awaitable[None]],  # until the state is past an index
         report: Report,
         locate: Locate,
         *,
@@ -66,7 +67,7 @@ class Worker:
         self._stopping: set[asyncio.Task[None]] = set()
         self._me = me
         self._state = state
-        self._changed = changed
+        self._wait_past = wait_past
         self._report = report
         self._locate = locate
         self._host = host
@@ -85,15 +86,16 @@ class Worker:
         self._backoff_s = backoff_s
 
     async def run(self) -> None:
-        """Reconcile after every state change (and every second, for routes)."""
+        """Reconcile after every state change, and when a crashed runner's backoff ends."""
         try:
             while True:
+                seen = self._state().index
                 await self._reconcile()
-                try:
-                    async with asyncio.timeout(1.0):
-                        await self._changed()
-                except TimeoutError:
-                    pass
+                now = time.monotonic()
+                backoff = min((t - now for t in self._retry_at.values() if t > now), default=None)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(backoff):
+                        await self._wait_past(seen)
         finally:
             await self.shutdown()
 
