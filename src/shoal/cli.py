@@ -32,7 +32,39 @@ class CliError(Exception):
 
 def _add_node(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="run a node: serve the OpenAI API and models")
-    p.add_argument("--host", help="address to listen on (default 0.0.0.0; SHOAL_HOST)")
+    p.add_argument(
+        "--host",
+        help="the HTTP API's address (default 127.0.0.1; 0.0.0.0 opens it to the network; "
+        "SHOAL_HOST)",
+    )
+    p.add_argument(
+        "--cluster-host",
+        help="address runners, the control plane and enrolment listen on and other nodes reach "
+        "this one at (default: this machine's address on its default route; SHOAL_CLUSTER_HOST)",
+    )
+    p.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        help="a key the API takes for inference and reads (repeatable; SHOAL_API_KEYS, commas)",
+    )
+    p.add_argument(
+        "--admin-key",
+        dest="admin_keys",
+        action="append",
+        help="a key that may also place and delete instances (repeatable; SHOAL_ADMIN_KEYS)",
+    )
+    p.add_argument(
+        "--api-keys-file",
+        type=Path,
+        help="keys, one a line: KEY or KEY user or KEY admin; # comments (SHOAL_API_KEYS_FILE)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        help="a browser origin allowed to call the API, e.g. https://chat.example (repeatable)",
+    )
     p.add_argument("--port", type=int, help="HTTP port (default 52415; SHOAL_PORT)")
     p.add_argument("--data-dir", type=Path, help="where the node keeps its files (SHOAL_DATA_DIR)")
     p.add_argument("--model", help="model id to load at start, e.g. smollm2-135m (SHOAL_MODEL)")
@@ -144,9 +176,21 @@ def _fast_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
 # --- client commands ---------------------------------------------------------------------------
 
 
-def _get(api: str, path: str) -> Any:
+def _auth(args: argparse.Namespace) -> dict[str, str]:
+    """The Authorization header for --api-key / SHOAL_API_KEY, if one is given."""
+    from shoal.settings import client_api_key
+
+    key = client_api_key(getattr(args, "api_key", None))
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _add_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", help="the node's API key, if it wants one (SHOAL_API_KEY)")
+
+
+def _get(api: str, path: str, headers: dict[str, str]) -> Any:
     try:
-        response = httpx.get(f"{api.rstrip('/')}{path}", timeout=30)
+        response = httpx.get(f"{api.rstrip('/')}{path}", headers=headers, timeout=30)
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach a shoal node at {api}: {exc}") from exc
     return _checked(response)
@@ -166,11 +210,12 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the models a node knows, and whether it can run them")
     p.add_argument("--api", default=DEFAULT_API, help=f"node to ask (default {DEFAULT_API})")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+    _add_key(p)
     p.set_defaults(func=_models)
 
 
 def _models(args: argparse.Namespace) -> None:
-    data = _get(args.api, "/v1/models")["data"]
+    data = _get(args.api, "/v1/models", _auth(args))["data"]
     if args.json:
         print(json.dumps(data, indent=2))
         return
@@ -195,6 +240,7 @@ def _models(args: argparse.Namespace) -> None:
 def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="the cluster as a table: nodes, hardware, engines, master")
     p.add_argument("--api", default=DEFAULT_API, help=f"node to ask (default {DEFAULT_API})")
+    _add_key(p)
     p.set_defaults(func=_status)
 
 
@@ -203,7 +249,7 @@ def _gib(n: int | None) -> str:
 
 
 def _status(args: argparse.Namespace) -> None:
-    data = _get(args.api, "/v1/nodes")
+    data = _get(args.api, "/v1/nodes", _auth(args))
     table = Table(title=f"cluster at {args.api} (log index {data['index']})")
     for column in ("", "node", "OS/arch", "RAM free/total GiB", "GPUs", "engines", "seen"):
         table.add_column(column)
@@ -227,7 +273,7 @@ def _status(args: argparse.Namespace) -> None:
             seen,
         )
     Console().print(table)
-    instances = _get(args.api, "/v1/instances")["data"]
+    instances = _get(args.api, "/v1/instances", _auth(args))["data"]
     if instances:
         placed = Table(title="instances")
         for column in ("instance", "model", "stages", "status"):
@@ -254,6 +300,7 @@ def _add_place(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", help="manual split NODE:START-END,... (NODE: id or unique prefix)")
     p.add_argument("--engine", help="force this engine on every stage")
     p.add_argument("--api", default=DEFAULT_API, help=f"node to talk to (default {DEFAULT_API})")
+    _add_key(p)
     p.set_defaults(func=_place)
 
 
@@ -265,7 +312,8 @@ def _place(args: argparse.Namespace) -> None:
         "engine": args.engine,
     }
     try:
-        r = httpx.post(f"{args.api.rstrip('/')}/instance", json=body, timeout=60)
+        url = f"{args.api.rstrip('/')}/instance"
+        r = httpx.post(url, json=body, headers=_auth(args), timeout=60)
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach a shoal node at {args.api}: {exc}") from exc
     instance = _checked(r)
@@ -288,6 +336,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--seed", type=int)
+    _add_key(p)
     p.set_defaults(func=_chat)
 
 
@@ -314,7 +363,8 @@ def _chat(args: argparse.Namespace) -> None:
     }
     url = f"{args.api.rstrip('/')}/v1/chat/completions"
     try:
-        with httpx.stream("POST", url, json=body, timeout=httpx.Timeout(600, connect=10)) as r:
+        timeout = httpx.Timeout(600, connect=10)
+        with httpx.stream("POST", url, json=body, headers=_auth(args), timeout=timeout) as r:
             if r.status_code >= 400:
                 r.read()
                 _checked(r)

@@ -16,6 +16,11 @@ from shoal.types.weights import DType, Quant
 # field name -> environment variable
 ENV: dict[str, str] = {
     "host": "SHOAL_HOST",
+    "cluster_host": "SHOAL_CLUSTER_HOST",
+    "api_keys": "SHOAL_API_KEYS",
+    "admin_keys": "SHOAL_ADMIN_KEYS",
+    "api_keys_file": "SHOAL_API_KEYS_FILE",
+    "cors_origins": "SHOAL_CORS_ORIGINS",
     "port": "SHOAL_PORT",
     "data_dir": "SHOAL_DATA_DIR",
     "model": "SHOAL_MODEL",
@@ -45,13 +50,23 @@ ENV: dict[str, str] = {
     "weights_cache": "SHOAL_WEIGHTS_CACHE",
 }
 
+# what the client commands (`shoal chat`, `status`, `place`, `bench`, …) send as their API key
+CLIENT_API_KEY_ENV = "SHOAL_API_KEY"
+
 
 class Settings(BaseModel):
     """Everything a node is configured with."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # the HTTP API's address: loopback unless told (0.0.0.0: every one)
+    # where runners, zenoh and enrolment listen, and what other nodes reach this one at;
+    # None: this machine's address on its default route (node.py), so a LAN cluster just works
+    cluster_host: str | None = None
+    api_keys: tuple[str, ...] = ()  # user keys: inference and reads (api/auth.py)
+    admin_keys: tuple[str, ...] = ()  # also place and delete instances
+    api_keys_file: Path | None = None  # `KEY [user|admin]` a line
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
     port: int = Field(default=52415, ge=0, le=65535)
     data_dir: Path = Field(default_factory=default_data_dir)
     model: str | None = None  # preload this model id at start
@@ -83,9 +98,9 @@ class Settings(BaseModel):
     probe_engines: bool = True  # offer llama.cpp and MLX only once they ran a tiny model here
     weights_cache: Path | None = None  # dequantized weights; None = <data-dir>/weights-cache
 
-    @field_validator("peers", mode="before")
+    @field_validator("peers", "api_keys", "admin_keys", "cors_origins", mode="before")
     @classmethod
-    def _split_peers(cls, v: object) -> object:
+    def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             return tuple(p.strip() for p in v.split(",") if p.strip())
         return v
@@ -98,6 +113,12 @@ class Settings(BaseModel):
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"peer {peer!r} is not HOST:PORT")
         return v
+
+
+def client_api_key(flag: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The key a client command sends: --api-key, else SHOAL_API_KEY, else none."""
+    env = os.environ if environ is None else environ
+    return flag or env.get(CLIENT_API_KEY_ENV) or None
 
 
 def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:

@@ -77,6 +77,8 @@ class Host:
             "node",
             "--host",
             self.ip,
+            "--cluster-host",
+            self.ip,
             "--data-dir",
             str(data),
             "--threads",

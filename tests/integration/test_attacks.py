@@ -371,14 +371,16 @@ def test_a_node_needs_a_token_and_a_removed_one_cannot_come_back(tmp_path: Path)
         shutil.copy(member.data / "identity.key", again / "identity.key")
         member.stop()
         back = subprocess.run(
-            [*shoal, "node", "--host", "127.0.0.1", "--data-dir", str(again), "--join", token,
+            [*shoal, "node", "--host", "127.0.0.1", "--cluster-host", "127.0.0.1",
+             "--data-dir", str(again), "--join", token,
              "--port", "0", "--control-port", "0", "--enrol-port", "0"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert back.returncode == 1 and "was removed" in back.stderr, back.stderr[-2000:]
         # and the token it burned does not let anyone else in either
         used = subprocess.run(
-            [*shoal, "node", "--host", "127.0.0.1", "--data-dir", str(tmp_path / "other"),
+            [*shoal, "node", "--host", "127.0.0.1", "--cluster-host", "127.0.0.1",
+             "--data-dir", str(tmp_path / "other"),
              "--join", token, "--port", "0", "--control-port", "0", "--enrol-port", "0"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip

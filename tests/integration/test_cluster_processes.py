@@ -148,6 +148,8 @@ def test_a_copied_data_dir_is_refused_with_a_clear_message(tmp_path: Path) -> No
                 "node",
                 "--host",
                 "127.0.0.1",
+                "--cluster-host",
+                "127.0.0.1",
                 "--port",
                 str(free_port()),
                 "--control-port",

@@ -1,6 +1,7 @@
 """API keys and CORS on the real app (in process, no sockets): 401 without a key, 403 for a user
 key on an admin route, /healthz open, preflights for allowed origins only; the keys file."""
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,7 +48,7 @@ class PlacingService:
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     keys = ApiKeys.of(user=[USER], admin=[ADMIN])
-    app = create_app(PlacingService(), keys=keys, cors_origins=[ORIGIN])  # type: ignore[arg-type]
+    app = create_app(PlacingService(), keys=keys, cors_origins=[ORIGIN])
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
         yield c
@@ -112,7 +113,7 @@ async def test_cors_preflight_for_an_allowed_origin_only(client: httpx.AsyncClie
 
 
 async def test_without_origins_there_is_no_cors_and_without_keys_no_check() -> None:
-    app = create_app(PlacingService())  # type: ignore[arg-type]
+    app = create_app(PlacingService())
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
         r = await c.get("/v1/models", headers={"Origin": ORIGIN})
@@ -162,3 +163,45 @@ def test_presented_key(headers: list[tuple[bytes, bytes]], key: str | None) -> N
 )
 def test_which_routes_need_an_admin(method: str, path: str, admin: bool) -> None:
     assert needs_admin(method, path) is admin
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "warned"),
+    [
+        ("0.0.0.0", ApiKeys(), True),
+        ("192.168.1.5", ApiKeys(), True),
+        ("0.0.0.0", ApiKeys.of(user=[USER]), False),
+        ("127.0.0.1", ApiKeys(), False),
+        ("localhost", ApiKeys(), False),
+        ("::1", ApiKeys(), False),
+    ],
+)
+def test_an_open_api_beyond_loopback_is_warned_about_once(
+    host: str, keys: ApiKeys, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from shoal.node import _check_exposure
+    from shoal.settings import load_settings
+
+    with caplog.at_level(logging.WARNING, logger="shoal.node"):
+        _check_exposure(load_settings({"host": host}, environ={}), keys)
+    assert len(caplog.records) == (1 if warned else 0)
+    assert not warned or "takes no key" in caplog.records[0].getMessage()
+
+
+def test_settings_default_to_a_loopback_api_and_split_keys_from_the_environment() -> None:
+    from shoal.node import _cluster_addresses
+    from shoal.settings import client_api_key, load_settings
+
+    env = {"SHOAL_API_KEYS": "a, b", "SHOAL_CORS_ORIGINS": ORIGIN, "SHOAL_API_KEY": "k"}
+    settings = load_settings({"admin_keys": ["c"]}, environ=env)
+    assert settings.host == "127.0.0.1"
+    assert (settings.api_keys, settings.admin_keys, settings.cors_origins) == (
+        ("a", "b"),
+        ("c",),
+        (ORIGIN,),
+    )
+    loopback = load_settings({"cluster_host": "127.0.0.1"}, environ={})
+    assert _cluster_addresses(loopback) == ("127.0.0.1", "127.0.0.1")
+    assert client_api_key(None, env) == "k"
+    assert client_api_key("flag", env) == "flag"
+    assert client_api_key(None, {}) is None

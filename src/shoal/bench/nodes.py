@@ -77,6 +77,9 @@ class NodeProcess:
             "node",
             "--host",
             "127.0.0.1",
+            # runners, zenoh and enrolment: loopback too, never this machine's LAN address
+            "--cluster-host",
+            "127.0.0.1",
             "--port",
             str(self.port),
             "--data-dir",
