@@ -32,7 +32,7 @@ from shoal.state.store import StateStore
 from shoal.types.events import NodeProfiled
 from shoal.types.ids import ModelId
 from shoal.types.profile import NodeProfile
-from shoal.worker.worker import Worker
+from shoal.worker.worker import RunnerOptions, Worker
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +135,15 @@ async def serve(settings: Settings) -> None:
         cluster.replica.wait_past,
         cluster.report,
         locate,
-        host=settings.host,
-        advertise=_advertised_host(settings.host),
-        device=settings.device,
-        dtype=settings.dtype,
         quant=lambda model_id: settings.quant or catalog.get(model_id).quant,
-        threads=settings.threads,
-        cache_dir=settings.weights_cache or settings.data_dir / "weights-cache",
+        options=RunnerOptions(
+            host=settings.host,
+            advertise=_advertised_host(settings.host),
+            device=settings.device,
+            dtype=settings.dtype,
+            threads=settings.threads,
+            cache_dir=settings.weights_cache or settings.data_dir / "weights-cache",
+        ),
     )
     config = uvicorn.Config(
         app,

@@ -341,6 +341,39 @@ def test_forced_engine() -> None:
     )
 
 
+CPU_NATIVE = ("torch", "numpy", "native")
+
+
+@pytest.mark.parametrize(
+    ("quant", "engines", "gpus", "forced", "shape", "expected"),
+    [
+        ("int4", CPU_NATIVE, False, None, {}, "native"),  # what torch would hand its shards to
+        ("int8", ("numpy", "native"), False, None, {}, "native"),
+        ("int4", ("native", "torch"), False, None, {}, "native"),  # never first for its own sake
+        ("fp16", CPU_NATIVE, False, None, {}, "torch"),  # not a block format
+        ("none", ("native", "numpy"), False, None, {}, "numpy"),
+        ("int4", ("torch", "numpy"), False, None, {}, "torch"),  # no kernels compiled here
+        ("int4", CPU_NATIVE, True, None, {}, "torch"),  # torch runs on the GPU
+        ("int4", CPU_NATIVE, False, "torch", {}, "torch"),  # the caller named it
+        ("int4", CPU_NATIVE, False, "native", {}, "native"),
+        ("int4", CPU_NATIVE, False, None, {"hidden_size": 580}, "torch"),  # not blocks of 32
+        ("int4", CPU_NATIVE, False, None, {"architecture": "phi3"}, "torch"),
+    ],
+)  # fmt: skip
+def test_native_is_named_where_it_runs(
+    quant: str,
+    engines: tuple[str, ...],
+    gpus: bool,
+    forced: str | None,
+    shape: dict[str, Any],
+    expected: str,
+) -> None:
+    n = node("a", engines=engines, gpus=(cuda(70),) if gpus else ())
+    result = place(card(SMOL, quant=quant, **shape), [n], instance_id=IID, engine=forced)
+    assert isinstance(result, Placement), result
+    assert [s.engine for s in result.instance.stages] == [expected]
+
+
 def test_fake_only_and_profileless_nodes_are_skipped() -> None:
     nodes = {NodeId("f"): node("f", engines=("fake",)), NodeId("g"): None}
     result = place(card(SMOL), nodes, instance_id=IID)

@@ -13,7 +13,7 @@ from shoal.types.instance import Instance, StagePlan
 from shoal.types.runner import Ready
 from shoal.worker import worker as worker_module
 from shoal.worker.plan import StageKey, plan
-from shoal.worker.worker import Worker
+from shoal.worker.worker import RunnerOptions, Watch, Worker
 
 A, B = NodeId("a"), NodeId("b")
 
@@ -94,9 +94,8 @@ async def test_a_crashing_runner_is_retried_with_backoff_then_given_up(
         wait_changed,
         report,
         lambda _: Path("/m"),
-        max_restarts=2,
-        backoff_s=0.05,
-        keep_spare=False,
+        options=RunnerOptions(keep_spare=False),
+        watch=Watch(max_restarts=2, backoff_s=0.05),
     )
     task = asyncio.create_task(worker.run())
     try:

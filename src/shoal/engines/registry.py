@@ -1,18 +1,50 @@
-"""Which engines this machine can run, and building one by name without importing the others."""
+"""Which engines this machine can run, the options each takes, and building one by name without
+importing the others."""
 
 import importlib
 import importlib.util
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from shoal.engines.base import Engine
 from shoal.errors import BadRequest
+from shoal.types.weights import DType, Quant
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a node runs its engines; each backend takes the ones it knows (`Backend.kwargs`)."""
+
+    device: str | None = None  # torch: cpu, cuda, mps (None: the best there is); llamacpp: cpu
+    dtype: DType = "float32"  # torch only
+    quant: Quant = "none"  # torch, numpy, native: the projections' weight format
+    threads: int | None = None  # numpy, native, llamacpp (torch's are set process-wide)
+
+
+Kwargs = Callable[[EngineOptions], dict[str, Any]]
+
+
+def _take(*names: str) -> Kwargs:
+    """Options passed under their own names."""
+    return lambda options: {name: getattr(options, name) for name in names}
+
+
+def _llamacpp(options: EngineOptions) -> dict[str, Any]:
+    # offloads every layer it can, unless told to stay on the CPU
+    return {"n_threads": options.threads, "n_gpu_layers": 0 if options.device == "cpu" else -1}
+
+
+def _native_compiles() -> bool:
+    from shoal.engines.native.build import library  # compiles once per machine, then cached
+
+    return library() is not None
 
 
 @dataclass(frozen=True)
 class Backend:
-    """Where an engine lives, what it needs installed, and whether it must be tried first."""
+    """Where an engine lives, what it needs installed and takes, and whether it is tried first."""
 
     module: str
     cls: str
@@ -21,11 +53,19 @@ class Backend:
     # Native code built outside shoal (llama.cpp, MLX): a build for the wrong CPU kills the
     # process instead of raising, so a node tries it in a child before offering it.
     probed: bool = False
+    kwargs: Kwargs = _take()  # the node's options as this engine's constructor arguments
+    works: Callable[[], bool] | None = None  # a check beyond the import (None: the import will do)
 
 
-# best first
+# best first; "native" runs only int8/int4 shards on the CPU, so placement picks it for those only
 _BACKENDS: dict[str, Backend] = {
-    "torch": Backend("shoal.engines.torch.engine", "TorchEngine", "torch", "torch"),
+    "torch": Backend(
+        "shoal.engines.torch.engine",
+        "TorchEngine",
+        "torch",
+        "torch",
+        kwargs=_take("device", "dtype", "quant"),
+    ),
     "mlx": Backend("shoal.engines.mlx.engine", "MlxEngine", "mlx_lm", "mlx", probed=True),
     "llamacpp": Backend(
         "shoal.engines.llamacpp.engine",
@@ -33,15 +73,33 @@ _BACKENDS: dict[str, Backend] = {
         "llama_cpp",
         "llama-cpp-python",
         probed=True,
+        kwargs=_llamacpp,
     ),
-    "numpy": Backend("shoal.engines.numpy.engine", "NumpyEngine", "numpy", "numpy"),
+    "numpy": Backend(
+        "shoal.engines.numpy.engine",
+        "NumpyEngine",
+        "numpy",
+        "numpy",
+        kwargs=_take("quant", "threads"),
+    ),
+    # kernels compiled here for this CPU (engines/native/build.py): no probe, but no compiler, no
+    # engine
+    "native": Backend(
+        "shoal.engines.native.engine",
+        "NativeEngine",
+        "numpy",
+        "numpy",
+        kwargs=_take("quant", "threads"),
+        works=_native_compiles,
+    ),
     "fake": Backend("shoal.engines.fake", "FakeEngine", None, None),
 }
 
 
 def available_engines() -> list[str]:
-    """Engines whose framework is installed, best first; "fake" is always there."""
-    names = [name for name, backend in _BACKENDS.items() if _installed(backend.needs)]
+    """Engines whose framework is installed (and native kernels compile), best first; "fake" is
+    always there."""
+    names = [name for name, found in _BACKENDS.items() if _usable(found)]
     if platform.system() == "Darwin" and platform.machine() == "arm64" and "mlx" in names:
         names.remove("mlx")  # Metal: MLX is the fast path on Apple Silicon
         names.insert(0, "mlx")
@@ -64,6 +122,15 @@ def create_engine(name: str, **options: Any) -> Engine:
             f"engine {name!r} needs {found.needs}, which is not installed", param="engine"
         )
     return cast(Engine, getattr(importlib.import_module(found.module), found.cls)(**options))
+
+
+def build_engine(name: str, options: EngineOptions) -> Engine:
+    """A new, unloaded engine given the node's options, each engine taking those it knows."""
+    return create_engine(name, **backend(name).kwargs(options))
+
+
+def _usable(found: Backend) -> bool:
+    return _installed(found.needs) and (found.works is None or found.works())
 
 
 def _installed(package: str | None) -> bool:

@@ -1,6 +1,6 @@
 """The memory model: the bytes a pipeline stage of a model holds, and what a node offers.
 
-The torch and numpy engines dequantize on load and hold a projection weight in the card's
+The torch, numpy and native engines dequantize on load and hold a projection weight in the card's
 `quant` (`weight_bytes`: none = the engine's dtype, fp16 = 2, int8 = 34/32 for Q8_0 blocks,
 int4 = 20/32 for Q4_1 blocks; numpy has no fp16 and holds float32). llama.cpp and MLX keep the
 file's format, but are still planned at `dtype_bytes` (the safe side, as before formats). So a
@@ -38,7 +38,8 @@ HEADROOM_FIXED = 256 * MIB
 DEFAULT_DTYPE_BYTES = 4  # the torch engine's float32
 DEFAULT_CONTEXT = 4096  # tokens of KV cache planned when the caller names none
 GPU_ENGINES = frozenset({"torch", "mlx", "llamacpp"})  # engines that run on a node's GPUs
-FORMAT_ENGINES = frozenset({"torch", "numpy"})  # engines that hold weights in the card's quant
+# engines that hold weights in the card's quant
+FORMAT_ENGINES = frozenset({"torch", "numpy", "native"})
 _QUANT_BYTES: dict[Quant, float] = {"fp16": 2.0, "int8": 34 / 32, "int4": 20 / 32}
 
 # Bits per weight of each quantization label, block scales included (lower case, "-" → "_").

@@ -23,6 +23,7 @@ from shoal.placement.plans import (
     Profiles,
     Survey,
     evaluate,
+    native_runs,
     over_memory,
     split,
     survey,
@@ -213,7 +214,7 @@ def place(
     mem = memory_model(
         card, context=context, sequences=sequences, dtype_bytes=dtype_bytes, engine=engine
     )
-    nodes = survey(profiles, mem, engine=engine)
+    nodes = survey(profiles, mem, engine=engine, native=native_runs(card, card.quant))
     if overrides is not None:
         result = _overridden(mem, nodes, overrides, links, hop_s)
     else:

@@ -1,7 +1,10 @@
 """Nodes as placement sees them (engine, memory to plan with, time per layer) and plans over them.
 
 A node is usable when it has a profile and an engine: the forced one if the caller names one (the
-node must list it), else the first it lists that is not the test-only "fake". Usable nodes are
+node must list it), else the first it lists that is not the test-only "fake" nor "native"; where
+that engine would run an int8/int4 shard on the CPU and the node lists "native", native instead (the
+torch and numpy engines hand those shards to it anyway: naming it keeps the state true). Usable
+nodes are
 ranked fastest first (time per layer), then by node id; that rank is also the stage order of every
 split, so the same inputs always give the same plan. A `Plan` is stages with the bytes each node
 holds and both speed figures; `split` makes one by `allocate_layers`, `evaluate` scores given ones.
@@ -12,6 +15,10 @@ hidden states) only ever gets [0, n_layers): splits leave it out.
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from shoal.engines.native.blocks import BLOCK
+from shoal.engines.native.decoder import Decoder
+from shoal.engines.native.engine import KINDS
+from shoal.engines.native.model import ARCHITECTURES
 from shoal.placement.allocate import NodeCapacity, allocate_layers
 from shoal.placement.memory import MemoryModel, capacity, fmt_bytes, usable_memory
 from shoal.placement.speed import (
@@ -25,10 +32,14 @@ from shoal.placement.speed import (
 )
 from shoal.types.ids import NodeId
 from shoal.types.instance import StagePlan
+from shoal.types.model_card import ModelCard
 from shoal.types.profile import NodeProfile
+from shoal.types.weights import Quant
 
 Profiles = Mapping[NodeId, NodeProfile | None] | Iterable[NodeProfile]
 WHOLE_MODEL_ENGINES = frozenset({"llamacpp"})  # engines that run all layers of a model or none
+NATIVE = "native"
+HANDS_TO_NATIVE = frozenset({"torch", "numpy"})  # engines whose int8/int4 CPU shards run on native
 
 
 @dataclass(frozen=True)
@@ -70,22 +81,50 @@ def profile_map(profiles: Profiles) -> dict[NodeId, NodeProfile | None]:
     return dict(sorted(pairs, key=lambda pair: pair[0]))
 
 
-def choose_engine(profile: NodeProfile, forced: str | None) -> str | None:
-    """The engine this node would run the model with, or None when it has none to offer."""
+def native_runs(card: ModelCard, quant: Quant) -> bool:
+    """Whether the native engine runs `card` in `quant`, as far as a card tells
+    (engines/native/engine.py `runs`): a block format, a Llama-family model, widths in whole blocks
+    of 32. The card has no MLP width: a runner whose model fails there runs on torch or numpy and
+    says so in its Ready status."""
+    d = card.head_dim
+    return (
+        quant in KINDS
+        and card.architecture in ARCHITECTURES
+        and card.hidden_size % BLOCK == 0
+        and card.heads * d % BLOCK == 0
+        and d % 2 == 0
+        and d <= Decoder.MAX_HEAD_DIM
+        and card.heads % card.kv_heads == 0
+    )
+
+
+def choose_engine(profile: NodeProfile, forced: str | None, *, native: bool = False) -> str | None:
+    """The engine this node would run the model with, or None when it has none to offer.
+
+    native: whether the model's shards may run on the native engine (`native_runs`); then a CPU
+    stage of torch or numpy is named native where the node lists it."""
     if forced is not None:
         return forced if forced in profile.engines else None
-    return next((name for name in profile.engines if name != "fake"), None)
+    chosen = next((name for name in profile.engines if name not in ("fake", NATIVE)), None)
+    on_cpu = chosen == "numpy" or (chosen == "torch" and not profile.gpus)
+    if native and on_cpu and NATIVE in profile.engines:
+        return NATIVE
+    return chosen
 
 
-def survey(profiles: Profiles, mem: MemoryModel, *, engine: str | None = None) -> Survey:
-    """Which nodes can take part, how fast and with how much memory, and why the rest cannot."""
+def survey(
+    profiles: Profiles, mem: MemoryModel, *, engine: str | None = None, native: bool = False
+) -> Survey:
+    """Which nodes can take part, how fast and with how much memory, and why the rest cannot.
+
+    native: as for `choose_engine`."""
     usable: list[Candidate] = []
     skipped: dict[NodeId, str] = {}
     for node_id, profile in profile_map(profiles).items():
         if profile is None:
             skipped[node_id] = "no profile yet"
             continue
-        chosen = choose_engine(profile, engine)
+        chosen = choose_engine(profile, engine, native=native)
         if chosen is None:
             has = ", ".join(profile.engines) or "none"
             want = f"engine {engine!r}" if engine else "an engine other than 'fake'"

@@ -12,7 +12,15 @@ from typing import Any
 
 from shoal.placement.memory import MemoryModel, fmt_bytes, memory_model
 from shoal.placement.place import choose
-from shoal.placement.plans import Candidate, Plan, Profiles, over_memory, split, survey
+from shoal.placement.plans import (
+    Candidate,
+    Plan,
+    Profiles,
+    native_runs,
+    over_memory,
+    split,
+    survey,
+)
 from shoal.placement.speed import DEFAULT_HOP_S, Links
 from shoal.types.ids import NodeId
 from shoal.types.instance import Policy, StagePlan
@@ -98,7 +106,7 @@ def previews(
     mem = memory_model(
         card, context=context, sequences=sequences, dtype_bytes=dtype_bytes, engine=engine
     )
-    nodes = survey(profiles, mem, engine=engine)
+    nodes = survey(profiles, mem, engine=engine, native=native_runs(card, card.quant))
     found: dict[tuple[object, ...], Preview] = {}
 
     def add(p: Preview) -> None:

@@ -16,9 +16,12 @@ class Loading(Message):
 
 
 class Ready(Message):
-    """Loaded and serving."""
+    """Loaded and serving; `engine` runs the shard (the runner says: it can differ from the
+    stage's planned engine where torch or numpy hand an int8/int4 CPU shard to native, or native
+    cannot run a model). None: not said (entries from before it was)."""
 
     kind: Literal["ready"] = "ready"
+    engine: str | None = None
 
 
 class Failed(Message):

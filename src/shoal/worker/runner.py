@@ -1,15 +1,14 @@
 """A stage runner: one engine serving one shard [start, end) over the data plane, as a subprocess.
 
-With its parent (supervisor.py), in JSON lines. stdin: one RunnerConfig, then commands
-{"cmd": "route", "next": "host:port" | null} and {"cmd": "stop"}; EOF also means stop (the parent
-died). stdout: {"status": "loading", "done", "total"}, then {"status": "ready", "data_addr"} or
-{"status": "failed", "reason"} (exit 1). Logs go to stderr: stdout carries only statuses. The
-data plane it serves once loaded is worker/stage.py.
+With its parent (supervisor.py), one typed message a line (worker/pipe.py). stdin: a RunnerConfig,
+then Route and Stop; EOF also means stop (the parent died). stdout: RunnerLoading per layer, then
+RunnerReady (with the engine that runs the shard) or RunnerFailed (exit 1). Logs go to stderr:
+stdout carries only statuses. The data plane it serves once loaded is worker/stage.py.
 """
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import sys
@@ -20,14 +19,26 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from shoal.engines.args import ModelArgs
 from shoal.engines.base import Engine, WeightSource
-from shoal.engines.registry import create_engine
+from shoal.engines.registry import available_engines, build_engine, create_engine
 from shoal.models.source import open_weights
 from shoal.models.weight_cache import CachedWeights
 from shoal.net import frames
+from shoal.types.message import Message
 from shoal.types.model_config import ModelConfig
+from shoal.worker.pipe import (
+    Route,
+    RunnerConfig,
+    RunnerFailed,
+    RunnerLoading,
+    RunnerReady,
+    Stop,
+    brief,
+    down_decoder,
+    parse_down,
+)
 from shoal.worker.stage import Control, StageServer, one_line, stage_limits
-from shoal.worker.supervisor import RunnerConfig
 
 # under `python -m`, __name__ is "__main__"; the spec keeps the module's real name
 log = logging.getLogger(__spec__.name if __spec__ is not None else __name__)
@@ -43,11 +54,39 @@ BACKLOG = 1024
 _stdout_lock = threading.Lock()
 
 
-def emit(status: str, **fields: Any) -> None:
+def emit(status: Message) -> None:
     """One status line for the parent; called from the loading thread too."""
     with _stdout_lock:
-        sys.stdout.write(json.dumps({"status": status, **fields}) + "\n")
+        sys.stdout.write(status.model_dump_json() + "\n")
         sys.stdout.flush()
+
+
+# ---- the engine ----
+
+
+def build(config: RunnerConfig, model: ModelConfig) -> Engine:
+    """The placed engine; but a native shard that native cannot run here (a width not in whole
+    blocks of 32, kernels that did not compile, a node --quant that is no block format) runs on
+    torch on the CPU, or numpy, which the ready status then names."""
+    options = config.engine_options
+    if config.engine == "native" and not _native_runs(config.quant, model):
+        fallback = "torch" if "torch" in available_engines() else "numpy"
+        log.warning("native cannot run %s in %s here: running it on %s", model.architecture,
+                    config.quant, fallback)  # fmt: skip
+        return build_engine(fallback, dataclasses.replace(options, device="cpu"))
+    return build_engine(config.engine, options)
+
+
+def _native_runs(quant: str, model: ModelConfig) -> bool:
+    from shoal.engines.native.engine import runs  # numpy and the kernels: only when asked
+
+    return runs(quant, ModelArgs.from_config(model))
+
+
+def running(engine: Engine) -> str:
+    """The engine that runs the shard: torch and numpy hand an int8/int4 CPU shard to native."""
+    # their handle on it is private (engines/torch/engine.py, numpy/engine.py `_native`)
+    return "native" if getattr(engine, "_native", None) is not None else engine.name
 
 
 def load_engine(config: RunnerConfig) -> tuple[Engine, ModelConfig]:
@@ -55,19 +94,12 @@ def load_engine(config: RunnerConfig) -> tuple[Engine, ModelConfig]:
     source: WeightSource = open_weights(Path(config.model_path))
     if config.cache_dir is not None:
         source = CachedWeights(source, Path(config.model_path), Path(config.cache_dir))
-    options: dict[str, Any]
-    if config.engine == "llamacpp":  # offloads every layer it can, unless told to stay on cpu
-        options = {"n_threads": config.threads, "n_gpu_layers": 0 if config.device == "cpu" else -1}
-    elif config.engine == "torch":
-        options = {"device": config.device, "dtype": config.dtype, "quant": config.quant}
-    elif config.engine == "numpy":
-        options = {"quant": config.quant, "threads": config.threads}
-    else:
-        options = {}
-    engine = create_engine(config.engine, **options)
+    engine = build(config, source.config)
     if config.threads is not None and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(config.threads)
-    engine.load(config.shard, source, lambda done, total: emit("loading", done=done, total=total))
+    engine.load(
+        config.shard, source, lambda done, total: emit(RunnerLoading(done=done, total=total))
+    )
     return engine, source.config
 
 
@@ -75,19 +107,17 @@ def load_engine(config: RunnerConfig) -> tuple[Engine, ModelConfig]:
 
 
 async def read_commands(stdin: asyncio.StreamReader, control: Control) -> None:
-    """Apply the parent's commands until stop or EOF."""
+    """Apply the parent's commands until stop or EOF; bad lines are dropped (logged once)."""
+    decode = down_decoder(log)
     while line := await stdin.readline():
-        try:
-            cmd = json.loads(line)
-            if cmd["cmd"] == "stop":
+        match decode(line):
+            case Stop():
                 break
-            if cmd["cmd"] == "route":
-                control.next_addr = cmd["next"]
-                log.info("routed to %s", control.next_addr or "(the last stage)")
-                continue
-            raise ValueError(f"unknown command {cmd['cmd']!r}")
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring a bad command line %r: %s", line[:200], exc)
+            case Route(next_addr=next_addr):
+                control.next_addr = next_addr
+                log.info("routed to %s", next_addr or "(the last stage)")
+            case RunnerConfig():
+                log.warning("ignoring a second runner config")
     control.stopped.set()
 
 
@@ -97,20 +127,24 @@ async def serve() -> int:
     stdin = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     line = await stdin.readline()
-    if not line.strip() or line.strip() == b'{"cmd": "stop"}':
-        return 0  # stopped before a config: a spare runner that was never needed
+    if not line.strip():
+        return 0  # stdin closed before a config: a spare runner that was never needed
     try:
-        config = RunnerConfig.model_validate_json(line)
+        message = parse_down(line)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "line"
-        emit("failed", reason=f"bad runner config: {where}: {error['msg']}")
+        emit(RunnerFailed(reason=f"bad runner config: {brief(exc)}"))
         return 1
+    if isinstance(message, Stop):
+        return 0  # stopped before a config: a spare runner that was never needed
+    if isinstance(message, Route):
+        emit(RunnerFailed(reason="bad runner config: a route before the config"))
+        return 1
+    config = message
     logging.getLogger().setLevel(config.log_level)
     control = Control()
     commands = asyncio.create_task(read_commands(stdin, control))
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-    emit("loading", done=0, total=config.end - config.start)
+    emit(RunnerLoading(done=0, total=config.end - config.start))
     loading = asyncio.ensure_future(loop.run_in_executor(executor, load_engine, config))
     stopped = asyncio.create_task(control.stopped.wait())
     first: list[asyncio.Future[Any]] = [loading, stopped]
@@ -125,7 +159,7 @@ async def serve() -> int:
         server = await asyncio.start_server(stage.handle, config.host, 0, backlog=BACKLOG)
     except Exception as exc:  # any load or bind failure becomes the failed status
         log.error("starting %s failed: %s", config.shard, exc)
-        emit("failed", reason=one_line(exc))
+        emit(RunnerFailed(reason=one_line(exc)))
         commands.cancel()
         stopped.cancel()
         executor.shutdown(wait=False)
@@ -133,7 +167,10 @@ async def serve() -> int:
     port = server.sockets[0].getsockname()[1]
     addr = frames.format_addr(config.host, port)
     log.info("serving %s on %s", config.shard, addr)
-    emit("ready", data_addr=addr)
+    runs = running(engine)
+    if runs != config.engine:
+        log.warning("placed on %s, %s runs on %s", config.engine, config.shard, runs)
+    emit(RunnerReady(data_addr=addr, engine=runs))
     await stopped
     server.close()
     await stage.close()

@@ -20,13 +20,38 @@ from shoal.types.events import Event, RunnerStatusChanged
 from shoal.types.ids import ModelId, NodeId
 from shoal.types.runner import Failed, Loading, Ready, RunnerStatus
 from shoal.types.weights import DType, Quant
+from shoal.worker.pipe import RunnerConfig, RunnerExited, RunnerFailed, RunnerLoading, RunnerReady
 from shoal.worker.plan import Assignment, StageKey, plan
-from shoal.worker.supervisor import RunnerConfig, RunnerProcess
+from shoal.worker.supervisor import RunnerProcess
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[Event], Awaitable[None]]
 Locate = Callable[[ModelId], Path | None]  # where this node has the model's weights
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """What every runner of this node starts with: where it listens, how its engine runs (the
+    weight format is the model's: Worker's `quant`)."""
+
+    host: str = "127.0.0.1"
+    advertise: str | None = None  # the address others reach this node's runners at (None: host)
+    device: str | None = None
+    dtype: DType = "float32"
+    threads: int | None = None
+    wire_dtype: WireDType = "float32"
+    cache_dir: Path | None = None  # dequantized weights cached here (models/weight_cache.py)
+    keep_spare: bool = True  # one process with its engine imported, so a restart skips that
+
+
+@dataclass(frozen=True)
+class Watch:
+    """How the worker watches its runners: loading reports, restarts after a crash."""
+
+    progress_steps: int = 4  # Loading events per load
+    max_restarts: int = 3  # then the stage is Failed (and re-placed elsewhere)
+    backoff_s: float = 0.5  # before the first restart, doubled for each next one
 
 
 @dataclass
@@ -48,21 +73,12 @@ class Worker:
         report: Report,
         locate: Locate,
         *,
-        host: str = "127.0.0.1",
-        advertise: str | None = None,
-        device: str | None = None,
-        dtype: DType = "float32",
-        quant: Callable[[ModelId], Quant] = lambda _: "none",
-        threads: int | None = None,
-        wire_dtype: WireDType = "float32",
-        progress_steps: int = 4,
-        max_restarts: int = 3,
-        backoff_s: float = 0.5,
-        cache_dir: Path | None = None,
-        keep_spare: bool = True,
+        quant: Callable[[ModelId], Quant] = lambda _: "none",  # the weight format of a model
+        options: RunnerOptions = RunnerOptions(),
+        watch: Watch = Watch(),
     ) -> None:
-        self._cache_dir = cache_dir
-        self._keep_spare = keep_spare
+        self._options = options
+        self._watching = watch
         self._spare: RunnerProcess | None = None
         self._stopping: set[asyncio.Task[None]] = set()
         self._me = me
@@ -70,20 +86,12 @@ class Worker:
         self._wait_past = wait_past
         self._report = report
         self._locate = locate
-        self._host = host
-        self._advertise = advertise or host  # the address others reach this node's runners at
-        self._device = device
-        self._dtype = dtype
-        self._quant = quant  # the torch weight format of a model
-        self._threads = threads
-        self._wire_dtype = wire_dtype
-        self._progress_steps = progress_steps
+        self._advertise = options.advertise or options.host
+        self._quant = quant
         self._running: dict[StageKey, _Running] = {}
         self._done: set[StageKey] = set()  # given up on: not restarted (no crash loops)
         self._crashes: dict[StageKey, int] = {}
         self._retry_at: dict[StageKey, float] = {}  # crashed runners wait here before a restart
-        self._max_restarts = max_restarts
-        self._backoff_s = backoff_s
 
     async def run(self) -> None:
         """Reconcile after every state change, and when a crashed runner's backoff ends."""
@@ -111,9 +119,9 @@ class Worker:
 
     async def _spawn_spare(self, engine: str) -> None:
         """Keep one runner process started with its engine imported: a restart skips that."""
-        if self._spare is None and self._keep_spare:
+        if self._spare is None and self._options.keep_spare:
             self._spare = RunnerProcess()
-            await self._spare.spawn(preload=engine, threads=self._threads)
+            await self._spare.spawn(preload=engine, threads=self._options.threads)
 
     async def _reconcile(self) -> None:
         wanted = plan(self._state(), self._me)
@@ -140,6 +148,7 @@ class Worker:
             reason = f"the weights of {assignment.instance.model_id} are not on this node"
             await self._status(assignment, Failed(reason=reason))
             return
+        options = self._options
         config = RunnerConfig(
             model_path=str(path),
             model_id=assignment.instance.model_id,
@@ -147,13 +156,13 @@ class Worker:
             end=stage.end,
             n_layers=assignment.instance.n_layers,
             engine=stage.engine,
-            device=self._device,
-            dtype=self._dtype,
+            device=options.device,
+            dtype=options.dtype,
             quant=self._quant(assignment.instance.model_id),
-            host=self._host,
-            threads=self._threads,
-            wire_dtype=self._wire_dtype,
-            cache_dir=str(self._cache_dir) if self._cache_dir is not None else None,
+            host=options.host,
+            threads=options.threads,
+            wire_dtype=options.wire_dtype,
+            cache_dir=str(options.cache_dir) if options.cache_dir is not None else None,
         )
         log.info(
             "starting runner %s: layers [%d, %d) of %s on %s",
@@ -166,7 +175,7 @@ class Worker:
         process, self._spare = self._spare, None
         if process is None:
             process = RunnerProcess()
-            await process.spawn(threads=self._threads)
+            await process.spawn(threads=self._options.threads)
         await process.configure(config)
         await self._spawn_spare(stage.engine)
         item = _Running(assignment, process)
@@ -175,42 +184,42 @@ class Worker:
         item.watcher = asyncio.create_task(self._watch(item), name=f"runner {key}")
 
     async def _watch(self, item: _Running) -> None:
-        """Turn the runner's status lines into events; its exit into Failed."""
+        """Turn the runner's statuses into events; its exit into Failed."""
         a = item.assignment
-        step = max(1, a.plan.layers // self._progress_steps)
-        reason = "the runner exited"
+        step = max(1, a.plan.layers // self._watching.progress_steps)
+        failed: RunnerFailed | None = None
         try:
             async for status in item.process.statuses():
-                match status.get("status"):
-                    case "loading":
-                        done, total = int(status["done"]), int(status["total"])
+                match status:
+                    case RunnerLoading(done=done, total=total):
                         if done % step == 0 and 0 < done < total:
                             log.info("runner %s loading: %d/%d layers", a.key, done, total)
                             await self._status(a, Loading(done=done, total=total))
-                    case "ready":
-                        port = str(status["data_addr"]).rpartition(":")[2]
-                        log.info("runner %s ready on port %s", a.key, port)
-                        await self._status(a, Ready(), f"{self._advertise}:{port}")
-                    case "failed":
-                        reason = str(status.get("reason", reason))
+                    case RunnerReady(data_addr=addr, engine=engine):
+                        port = addr.rpartition(":")[2]
+                        log.info("runner %s ready on port %s (%s)", a.key, port, engine)
+                        await self._status(a, Ready(engine=engine), f"{self._advertise}:{port}")
+                    case RunnerFailed():
+                        failed = status
         finally:
             code = await item.process.stop()  # reaps it (it has exited, or is made to)
             if self._running.get(a.key) is item:  # not stopped on purpose: a crash or failure
                 del self._running[a.key]
-                why = reason if reason != "the runner exited" else f"runner exited with {code}"
-                await self._crashed(a, why, loaded=reason == "the runner exited")
+                await self._crashed(a, failed or RunnerExited(code))
 
-    async def _crashed(self, a: Assignment, why: str, *, loaded: bool) -> None:
-        """Restart a runner that crashed after loading, with backoff; give up after a few."""
+    async def _crashed(self, a: Assignment, outcome: RunnerFailed | RunnerExited) -> None:
+        """Restart a runner that exited (after loading, or while), with backoff; give up after a
+        few. One that reported a failure is not restarted: it would fail again."""
+        why, loaded = outcome.reason, isinstance(outcome, RunnerExited)
         crashes = self._crashes[a.key] = self._crashes.get(a.key, 0) + 1
-        if loaded and crashes <= self._max_restarts:
-            delay = self._backoff_s * 2 ** (crashes - 1)
+        if loaded and crashes <= self._watching.max_restarts:
+            delay = self._watching.backoff_s * 2 ** (crashes - 1)
             log.warning(
                 "runner %s crashed (%s): restart %d/%d in %.1f s",
                 a.key,
                 why,
                 crashes,
-                self._max_restarts,
+                self._watching.max_restarts,
                 delay,
             )
             self._retry_at[a.key] = time.monotonic() + delay
