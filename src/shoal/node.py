@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -12,6 +13,7 @@ import uvicorn
 
 from shoal import __version__
 from shoal.api.app import create_app
+from shoal.api.auth import ApiKeys
 from shoal.api.limits import header_timeout_protocol
 from shoal.cluster import ClusterNode
 from shoal.engines.registry import available_engines
@@ -41,17 +43,56 @@ log = logging.getLogger(__name__)
 MAX_HTTP_CONNECTIONS = 1024
 
 
-def _advertised_host(host: str) -> str:
-    """The address others should use to reach a node listening on host."""
-    return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+WILDCARDS = ("0.0.0.0", "::", "")
 
 
-def _transport(settings: Settings, creds: Credentials, endpoints: list[str]) -> ZenohTransport:
+def _route_address() -> str:
+    """This machine's address on its default route (127.0.0.1 where it has none)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1; a UDP connect only picks the route
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+def _cluster_addresses(settings: Settings) -> tuple[str, str]:
+    """Where runners, zenoh and enrolment bind, and the address other nodes reach them at:
+    --cluster-host (a wildcard binds every address and advertises the route's), else the
+    default route's address, so machines on one LAN find each other without flags."""
+    bind = settings.cluster_host or _route_address()
+    return bind, _route_address() if bind in WILDCARDS else bind
+
+
+def _check_exposure(settings: Settings, keys: ApiKeys) -> None:
+    """One warning when the API listens beyond loopback and takes no key."""
+    if not keys.required and not _is_loopback(settings.host):
+        log.warning(
+            "the API on %s takes no key: anyone who reaches port %d can run and place models "
+            "(set --api-key / --admin-key, or keep --host 127.0.0.1)",
+            settings.host,
+            settings.port,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether host names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _transport(
+    settings: Settings, creds: Credentials, endpoints: list[str], bind: str
+) -> ZenohTransport:
     """zenoh over mutual TLS with this node's cluster certificate (see net/credentials.py)."""
     return ZenohTransport(
         creds.node_id,
         creds.cluster,
-        listen=[f"tls/{settings.host}:{settings.control_port}"],
+        listen=[f"tls/{bind}:{settings.control_port}"],
         connect=[f"tls/{peer}" for peer in settings.peers] + endpoints,
         multicast=settings.discovery == "multicast",
         lease_ms=settings.lease_ms,
@@ -59,9 +100,10 @@ def _transport(settings: Settings, creds: Credentials, endpoints: list[str]) -> 
     )
 
 
-async def _enrolment(settings: Settings, creds: Credentials, cluster: ClusterNode) -> None:
+async def _enrolment(
+    settings: Settings, creds: Credentials, cluster: ClusterNode, bind: str, host: str
+) -> None:
     """Serve joins (with a token) and removals (by members); tell `shoal invite` where."""
-    host = _advertised_host(settings.host)
     enrol = EnrolServer(
         creds,
         settings.data_dir,
@@ -70,7 +112,7 @@ async def _enrolment(settings: Settings, creds: Credentials, cluster: ClusterNod
         trusts=cluster.trust,
         endpoints=lambda: [f"tls/{host}:{settings.control_port}"],
     )
-    server = await enrol.start(settings.host, settings.enrol_port)
+    server = await enrol.start(bind, settings.enrol_port)
     port = server.sockets[0].getsockname()[1]
     (settings.data_dir / "tls" / "enrol.addr").write_text(f"{host}:{port}\n")
     async with server:
@@ -100,7 +142,10 @@ async def serve(settings: Settings) -> None:
             f"this data dir belongs to cluster {creds.cluster!r}, not {settings.cluster!r}"
         )
     seed, endpoints = creds.seed()
-    transport = _transport(settings, creds, endpoints)
+    bind, advertise = _cluster_addresses(settings)
+    keys = ApiKeys.of(settings.api_keys, settings.admin_keys, settings.api_keys_file)
+    _check_exposure(settings, keys)
+    transport = _transport(settings, creds, endpoints, bind)
     try:
         await transport.start()
     except DuplicateNodeId as exc:
@@ -116,6 +161,7 @@ async def serve(settings: Settings) -> None:
         max_batch=settings.max_batch,
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
+        tls=creds.client_ssl_context(),  # the data plane: runners take members only
     )
     app = create_app(
         service,
@@ -123,6 +169,8 @@ async def serve(settings: Settings) -> None:
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.http_timeout_s,
         profile_wait_s=settings.lease_ms / 1000,
+        keys=keys,
+        cors_origins=settings.cors_origins,
     )
 
     def locate(model_id: ModelId) -> Path | None:
@@ -137,8 +185,9 @@ async def serve(settings: Settings) -> None:
         locate,
         quant=lambda model_id: settings.quant or catalog.get(model_id).quant,
         options=RunnerOptions(
-            host=settings.host,
-            advertise=_advertised_host(settings.host),
+            host=bind,
+            advertise=advertise,
+            credentials=settings.data_dir,
             device=settings.device,
             dtype=settings.dtype,
             threads=settings.threads,
@@ -156,7 +205,7 @@ async def serve(settings: Settings) -> None:
         limit_concurrency=MAX_HTTP_CONNECTIONS,
     )
     server = _Server(config)
-    host = _advertised_host(settings.host)
+    host = advertise if settings.host in WILDCARDS else settings.host
 
     async def publish_profile(profile: NodeProfile) -> None:
         await cluster.report(NodeProfiled(profile=profile))
@@ -174,10 +223,13 @@ async def serve(settings: Settings) -> None:
         probe=settings.probe_engines,
     )
     log.info(
-        "shoal node %s on http://%s:%d, control port %d, cluster %r (data in %s)",
+        "shoal node %s: API on http://%s:%d, cluster-facing on %s (advertised %s), control port "
+        "%d, cluster %r (data in %s)",
         identity.node_id,
         settings.host,
         settings.port,
+        bind,
+        advertise,
         settings.control_port,
         creds.cluster,
         settings.data_dir,
@@ -185,7 +237,8 @@ async def serve(settings: Settings) -> None:
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(_until_stopped(server), name="http")
-            group.create_task(_enrolment(settings, creds, cluster), name="enrolment")
+            enrolment = _enrolment(settings, creds, cluster, bind, advertise)
+            group.create_task(enrolment, name="enrolment")
             for coroutine in cluster.coroutines():
                 group.create_task(coroutine)
             group.create_task(profiler.run(), name="profiler")

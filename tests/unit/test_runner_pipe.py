@@ -4,9 +4,10 @@ import logging
 
 import pytest
 
-from shoal.types.ids import ModelId
+from shoal.types.ids import ModelId, NodeId
 from shoal.types.message import Message
 from shoal.worker.pipe import (
+    Revoke,
     Route,
     RunnerConfig,
     RunnerExited,
@@ -20,9 +21,22 @@ from shoal.worker.pipe import (
 )
 
 CONFIG = RunnerConfig(
-    model_path="/m", model_id=ModelId("m"), start=0, end=2, n_layers=4, engine="native"
+    model_path="/m",
+    model_id=ModelId("m"),
+    start=0,
+    end=2,
+    n_layers=4,
+    engine="native",
+    credentials="/data",
+    revoked=(NodeId("gone"),),
 )
-DOWN: list[Message] = [CONFIG, Route(next_addr="10.0.0.2:7"), Route(next_addr=None), Stop()]
+DOWN: list[Message] = [
+    CONFIG,
+    Route(next_addr="10.0.0.2:7"),
+    Route(next_addr=None),
+    Revoke(node_ids=(NodeId("a"), NodeId("b"))),
+    Stop(),
+]
 UP: list[Message] = [
     RunnerLoading(done=1, total=2),
     RunnerReady(data_addr="127.0.0.1:9", engine="native"),

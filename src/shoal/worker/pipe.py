@@ -1,7 +1,7 @@
 """The worker ↔ runner pipe: one JSON message a line, each a tagged, frozen, strict model.
 
-Down (the runner's stdin): a `RunnerConfig` first, then `Route` and `Stop`; EOF also means stop
-(the parent died). Up (its stdout): `RunnerLoading` per layer, then `RunnerReady` or
+Down (the runner's stdin): a `RunnerConfig` first, then `Route`, `Revoke` and `Stop`; EOF also
+means stop (the parent died). Up (its stdout): `RunnerLoading` per layer, then `RunnerReady` or
 `RunnerFailed` (exit 1). A line that is not a message is dropped, logged once per pipe and then at
 debug. When the up pipe closes without a failure, the runner exited: `RunnerExited(code)`.
 """
@@ -14,7 +14,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from shoal.engines.registry import EngineOptions
 from shoal.net.frames import WireDType
-from shoal.types.ids import ModelId
+from shoal.types.ids import ModelId, NodeId
 from shoal.types.message import Message
 from shoal.types.shard import Shard
 from shoal.types.weights import DType, Quant
@@ -54,6 +54,12 @@ class RunnerConfig(Message):
     max_connections: int = Field(default=64, gt=0)
     hello_timeout_s: float = Field(default=5.0, gt=0)
     frame_timeout_s: float = Field(default=10.0, gt=0)
+    # The data dir whose cluster credentials (net/credentials.py) the data plane runs on: TLS
+    # both ways, peers must present a certificate from the cluster CA and not be revoked (Revoke
+    # updates the list). Required, so every caller chooses; None is plain TCP, for debugging
+    # and the TLS-against-plain benchmark only (bench/data_plane.py).
+    credentials: str | None
+    revoked: tuple[NodeId, ...] = ()
 
     @property
     def shard(self) -> Shard:
@@ -79,13 +85,20 @@ class Route(Message):
     next_addr: str | None
 
 
+class Revoke(Message):
+    """Refuse these nodes from now on (every revoked id, not a change): close their connections."""
+
+    kind: Literal["revoke"] = "revoke"
+    node_ids: tuple[NodeId, ...]
+
+
 class Stop(Message):
     """Stop serving and exit 0."""
 
     kind: Literal["stop"] = "stop"
 
 
-ToRunner = Annotated[RunnerConfig | Route | Stop, Field(discriminator="kind")]
+ToRunner = Annotated[RunnerConfig | Route | Revoke | Stop, Field(discriminator="kind")]
 
 
 # ---- up: the runner to its worker ----
@@ -132,7 +145,7 @@ class RunnerExited:
 
 # ---- decoding ----
 
-_DOWN: TypeAdapter[RunnerConfig | Route | Stop] = TypeAdapter(ToRunner)
+_DOWN: TypeAdapter[RunnerConfig | Route | Revoke | Stop] = TypeAdapter(ToRunner)
 _UP: TypeAdapter[RunnerLoading | RunnerReady | RunnerFailed] = TypeAdapter(FromRunner)
 
 
@@ -159,12 +172,12 @@ class LineDecoder(Generic[T]):
             return None
 
 
-def parse_down(line: bytes) -> RunnerConfig | Route | Stop:
+def parse_down(line: bytes) -> RunnerConfig | Route | Revoke | Stop:
     """One message for a runner; ValidationError if the line is none."""
     return _DOWN.validate_json(line)
 
 
-def down_decoder(log: logging.Logger) -> LineDecoder[RunnerConfig | Route | Stop]:
+def down_decoder(log: logging.Logger) -> LineDecoder[RunnerConfig | Route | Revoke | Stop]:
     """Decodes what the worker sends a runner."""
     return LineDecoder(_DOWN, log, "command")
 
@@ -178,7 +191,8 @@ def brief(exc: ValidationError) -> str:
     """The first error as "field.path: message", the message's tag left out."""
     error = exc.errors()[0]
     loc = error["loc"]
-    if len(loc) > 1 and loc[0] in ("config", "route", "stop", "loading", "ready", "failed"):
+    tags = ("config", "route", "revoke", "stop", "loading", "ready", "failed")
+    if len(loc) > 1 and loc[0] in tags:
         loc = loc[1:]  # the discriminated union's tag
     where = ".".join(str(part) for part in loc) or "line"
     return f"{where}: {error['msg']}"

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import ssl
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +26,11 @@ from shoal.engines.registry import available_engines, build_engine, create_engin
 from shoal.models.source import open_weights
 from shoal.models.weight_cache import CachedWeights
 from shoal.net import frames
+from shoal.net.credentials import Credentials
 from shoal.types.message import Message
 from shoal.types.model_config import ModelConfig
 from shoal.worker.pipe import (
+    Revoke,
     Route,
     RunnerConfig,
     RunnerFailed,
@@ -103,6 +106,16 @@ def load_engine(config: RunnerConfig) -> tuple[Engine, ModelConfig]:
     return engine, source.config
 
 
+def tls_contexts(config: RunnerConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """The data plane's server and client TLS contexts from the node's credentials: mutual TLS
+    against the cluster CA. (None, None) without credentials: plain TCP."""
+    if config.credentials is None:
+        log.warning("no credentials: the data plane is plain TCP and takes any peer")
+        return None, None
+    creds = Credentials.load(Path(config.credentials))
+    return creds.server_ssl_context(), creds.client_ssl_context()
+
+
 # ---- the process ----
 
 
@@ -116,6 +129,9 @@ async def read_commands(stdin: asyncio.StreamReader, control: Control) -> None:
             case Route(next_addr=next_addr):
                 control.next_addr = next_addr
                 log.info("routed to %s", next_addr or "(the last stage)")
+            case Revoke(node_ids=node_ids):
+                control.revoke(node_ids)
+                log.info("refusing %d revoked nodes", len(node_ids))
             case RunnerConfig():
                 log.warning("ignoring a second runner config")
     control.stopped.set()
@@ -136,12 +152,12 @@ async def serve() -> int:
         return 1
     if isinstance(message, Stop):
         return 0  # stopped before a config: a spare runner that was never needed
-    if isinstance(message, Route):
-        emit(RunnerFailed(reason="bad runner config: a route before the config"))
+    if not isinstance(message, RunnerConfig):
+        emit(RunnerFailed(reason=f"bad runner config: a {message.kind} before the config"))
         return 1
     config = message
     logging.getLogger().setLevel(config.log_level)
-    control = Control()
+    control = Control(revoked=frozenset(config.revoked))
     commands = asyncio.create_task(read_commands(stdin, control))
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
     emit(RunnerLoading(done=0, total=config.end - config.start))
@@ -155,8 +171,18 @@ async def serve() -> int:
         os._exit(0)
     try:
         engine, model = loading.result()
-        stage = StageServer(engine, config, control, executor, stage_limits(config, model))
-        server = await asyncio.start_server(stage.handle, config.host, 0, backlog=BACKLOG)
+        server_ssl, client_ssl = tls_contexts(config)
+        limits = stage_limits(config, model)
+        stage = StageServer(engine, config, control, executor, limits, client_ssl=client_ssl)
+        server = await asyncio.start_server(
+            stage.handle,
+            config.host,
+            0,
+            backlog=BACKLOG,
+            ssl=server_ssl,
+            # a peer that never finishes its handshake is dropped like one that never says HELLO
+            ssl_handshake_timeout=config.hello_timeout_s if server_ssl is not None else None,
+        )
     except Exception as exc:  # any load or bind failure becomes the failed status
         log.error("starting %s failed: %s", config.shard, exc)
         emit(RunnerFailed(reason=one_line(exc)))
@@ -166,7 +192,8 @@ async def serve() -> int:
         return 1
     port = server.sockets[0].getsockname()[1]
     addr = frames.format_addr(config.host, port)
-    log.info("serving %s on %s", config.shard, addr)
+    how = "mutual TLS, members only" if server_ssl is not None else "plain TCP"
+    log.info("serving %s on %s (%s)", config.shard, addr, how)
     runs = running(engine)
     if runs != config.engine:
         log.warning("placed on %s, %s runs on %s", config.engine, config.shard, runs)

@@ -14,9 +14,11 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import IO, Any
 
 from shoal.errors import ShoalError
+from shoal.types.ids import NodeId
 from shoal.types.message import Message
 from shoal.worker.pipe import (
     FromRunner,
+    Revoke,
     Route,
     RunnerConfig,
     RunnerExited,
@@ -125,6 +127,10 @@ class RunnerProcess:
     async def route(self, next_addr: str | None) -> None:
         """Where the runner sends its outputs: the next stage, or None on the last stage."""
         await self._send(Route(next_addr=next_addr))
+
+    async def revoke(self, node_ids: tuple[NodeId, ...]) -> None:
+        """Every revoked node: the runner refuses them and closes their connections."""
+        await self._send(Revoke(node_ids=node_ids))
 
     async def stop(self) -> int | None:
         """Ask the runner to stop; terminate, then kill it by pid if it does not. Its exit code."""

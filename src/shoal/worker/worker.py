@@ -42,6 +42,9 @@ class RunnerOptions:
     threads: int | None = None
     wire_dtype: WireDType = "float32"
     cache_dir: Path | None = None  # dequantized weights cached here (models/weight_cache.py)
+    # the data dir with this node's cluster credentials: runners speak mutual TLS with them and
+    # refuse revoked nodes (worker/stage.py); None: plain TCP (node.py always passes it)
+    credentials: Path | None = None
     keep_spare: bool = True  # one process with its engine imported, so a restart skips that
 
 
@@ -92,6 +95,7 @@ class Worker:
         self._done: set[StageKey] = set()  # given up on: not restarted (no crash loops)
         self._crashes: dict[StageKey, int] = {}
         self._retry_at: dict[StageKey, float] = {}  # crashed runners wait here before a restart
+        self._revoked: tuple[NodeId, ...] = ()  # what the runners were last told
 
     async def run(self) -> None:
         """Reconcile after every state change, and when a crashed runner's backoff ends."""
@@ -124,6 +128,7 @@ class Worker:
             await self._spare.spawn(preload=engine, threads=self._options.threads)
 
     async def _reconcile(self) -> None:
+        await self._revoke(self._state().revoked)
         wanted = plan(self._state(), self._me)
         for key in [k for k in self._running if k not in wanted]:
             log.info("stopping runner %s: no longer placed here", key)
@@ -139,6 +144,15 @@ class Worker:
             elif item is not None and not assignment.last and item.route != assignment.next_addr:
                 item.route = assignment.next_addr
                 await item.process.route(assignment.next_addr)
+
+    async def _revoke(self, revoked: tuple[NodeId, ...]) -> None:
+        """Tell every runner when the revoked nodes change: they refuse them from then on."""
+        if revoked == self._revoked:
+            return
+        self._revoked = revoked
+        for item in self._running.values():
+            with contextlib.suppress(ConnectionError, RuntimeError):  # an exiting runner
+                await item.process.revoke(revoked)
 
     async def _start(self, assignment: Assignment) -> None:
         key, stage = assignment.key, assignment.plan
@@ -163,6 +177,8 @@ class Worker:
             threads=options.threads,
             wire_dtype=options.wire_dtype,
             cache_dir=str(options.cache_dir) if options.cache_dir is not None else None,
+            credentials=str(options.credentials) if options.credentials is not None else None,
+            revoked=self._revoked,
         )
         log.info(
             "starting runner %s: layers [%d, %d) of %s on %s",
