@@ -6,7 +6,7 @@ class ShoalError(Exception):
 
 
 class BadRequest(ShoalError):
-    """The caller asked for something malformed or impossible (HTTP 400, CLI exit 2)."""
+    """The caller asked for something malformed or impossible (HTTP 400, CLI exit 1)."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
