@@ -139,10 +139,10 @@ class ClusterNode:
                         )
                         result = CommandResult.model_validate_json(raw)
                     except TimeoutError:
-                        result = CommandResult(ok=False, message="this node is not the master")
+                        result = CommandResult.not_the_master()
                 else:
-                    result = CommandResult(ok=False, message="this node is not the master")
-                if result.message != "this node is not the master":
+                    result = CommandResult.not_the_master()
+                if not result.not_master:
                     break
                 await asyncio.sleep(0.1)  # no master yet, or it just changed: ask again
             if result.ok:

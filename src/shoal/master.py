@@ -197,7 +197,7 @@ class Master:
     def on_command(self, message: CommandMessage) -> CommandResult:
         """Carry out a command; the result says what happened (and at which log index)."""
         if not self.active:
-            return CommandResult(ok=False, message="this node is not the master")
+            return CommandResult.not_the_master()
         if self._duplicate(("command", message.command_id)):
             return CommandResult(ok=True, message="already done", index=self._store.last_index)
         state = self._store.state

@@ -7,11 +7,12 @@ way: one more sorted dict field each).
 
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from shoal.types.events import MAX_INDEX, MAX_TERM
 from shoal.types.ids import InstanceId, NodeId
 from shoal.types.instance import Instance
+from shoal.types.message import Message
 from shoal.types.profile import NodeProfile
 from shoal.types.runner import RunnerStatus
 
@@ -19,8 +20,8 @@ K = TypeVar("K", bound=str)
 V = TypeVar("V")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+class _Frozen(Message):
+    pass
 
 
 class NodeRecord(_Frozen):

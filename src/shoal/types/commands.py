@@ -2,14 +2,15 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from shoal.types.ids import InstanceId, ModelId, NodeId
 from shoal.types.instance import Policy
+from shoal.types.message import Message
 
 
-class _Command(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+class _Command(Message):
+    pass
 
 
 class ForgetNode(_Command):
@@ -58,11 +59,14 @@ Command = Annotated[
 ]
 
 
-class CommandResult(BaseModel):
+class CommandResult(Message):
     """The master's answer to a command sent by request: done, or why not."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     ok: bool
     message: str = ""
     index: int = 0  # the log index that records the outcome (wait for it to read the result)
+    not_master: bool = False  # asked a node that is not (or no longer) the master: ask again
+
+    @classmethod
+    def not_the_master(cls) -> "CommandResult":
+        return cls(ok=False, message="this node is not the master", not_master=True)

@@ -6,10 +6,11 @@ holds the same State.
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from shoal.types.ids import InstanceId, NodeId
 from shoal.types.instance import Instance
+from shoal.types.message import Message
 from shoal.types.profile import NodeProfile
 from shoal.types.runner import RunnerStatus
 
@@ -18,8 +19,8 @@ from shoal.types.runner import RunnerStatus
 MAX_TERM = MAX_INDEX = 2**53 - 1
 
 
-class _Event(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+class _Event(Message):
+    pass
 
 
 class NodeJoined(_Event):
@@ -116,10 +117,8 @@ Event = Annotated[
 ]
 
 
-class IndexedEvent(BaseModel):
+class IndexedEvent(Message):
     """One entry of the log: position (from 1), the master's term when it was appended, the fact."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     index: int = Field(ge=1, le=MAX_INDEX)
     term: int = Field(ge=1, le=MAX_TERM)

@@ -7,11 +7,12 @@ Campaign). A peer speaking another protocol version is refused and logged once.
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from shoal.types.commands import Command
 from shoal.types.events import MAX_INDEX, MAX_TERM, Event, IndexedEvent
 from shoal.types.ids import NodeId
+from shoal.types.message import Message
 
 PROTOCOL_VERSION = 2  # 2: signed envelopes, Rpc bodies
 MAX_MESSAGE_BYTES = 1 << 20  # larger messages are dropped (and logged once)
@@ -19,8 +20,8 @@ MAX_RPC_BYTES = 64 << 20  # a log reply may carry a whole snapshot
 MAX_SEQ = 2**63 - 1
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+class _Wire(Message):
+    pass
 
 
 class GlobalEvent(_Wire):
