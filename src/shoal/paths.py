@@ -19,3 +19,8 @@ def cache_dir() -> Path:
     """$XDG_CACHE_HOME/shoal, else ~/.cache/shoal: facts about this machine, safe to delete."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "shoal"
+
+
+def kernel_cache_dir() -> Path:
+    """The native kernels compiled for this machine: <cache>/kernels."""
+    return cache_dir() / "kernels"

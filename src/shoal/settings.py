@@ -1,6 +1,8 @@
 """One frozen Settings: command-line flags first, SHOAL_* environment variables as fallback.
 
-Every environment variable shoal reads is listed here (ENV) and nowhere else.
+Every environment variable shoal reads is listed here and nowhere else: the node's settings
+(ENV), a client's API key (SHOAL_API_KEY), the engines' process-wide knobs (RUNTIME_ENV); the XDG
+directories are read in paths.py.
 """
 
 import os
@@ -132,3 +134,25 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
         elif (var := ENV.get(name)) and var in env:
             values[name] = env[var]
     return Settings.model_validate(values)
+
+
+# The engines' process-wide knobs: environment only (a runner inherits its node's), read here.
+RUNTIME_ENV = {"native_kernels": "SHOAL_NATIVE", "cuda_graphs": "SHOAL_CUDA_GRAPHS", "cc": "CC"}
+
+
+class Runtime(BaseModel):
+    """How this process's engines run: the native block kernels (SHOAL_NATIVE=0 turns them off)
+    compiled with CC (else cc, gcc); decode steps on CUDA as graphs (SHOAL_CUDA_GRAPHS=0: off)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    native_kernels: bool = True
+    cuda_graphs: bool = True
+    cc: str | None = None
+
+
+def runtime(environ: Mapping[str, str] | None = None) -> Runtime:
+    """The Runtime the environment asks for."""
+    env = os.environ if environ is None else environ
+    given = {name: env[var] for name, var in RUNTIME_ENV.items() if env.get(var)}
+    return Runtime.model_validate(given)

@@ -3,7 +3,8 @@
 They are compiled with the system's C compiler for this CPU (-march=native: AVX2 where it exists),
 the first of `_ATTEMPTS` that works, and cached under $XDG_CACHE_HOME/shoal/kernels keyed by the
 sources, flags, compiler and CPU. Where no compiler works, `library()` is None, the failure is
-logged once, and the engines keep their own formats. SHOAL_NATIVE=0 turns the kernels off.
+logged once, and the engines keep their own formats. SHOAL_NATIVE=0 turns the kernels off and CC
+names the compiler (read in settings.py: `Runtime`).
 """
 
 import ctypes
@@ -18,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 from shoal.engines.native.abi import Library, bind
+from shoal.paths import kernel_cache_dir
+from shoal.settings import runtime
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +36,7 @@ _ATTEMPTS = (  # tried in order; the first that compiles is used
 
 def cache_dir() -> Path:
     """$XDG_CACHE_HOME/shoal/kernels, else ~/.cache/shoal/kernels."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "shoal" / "kernels"
+    return kernel_cache_dir()
 
 
 @functools.cache
@@ -43,9 +45,10 @@ def library(portable: bool = False) -> Library | None:
 
     portable=True builds the plain-C paths only (what a CPU without AVX2 runs), for tests.
     """
-    if os.environ.get("SHOAL_NATIVE", "1") == "0":
+    knobs = runtime()
+    if not knobs.native_kernels:
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = knobs.cc or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler found: block-quantized kernels are off")
         return None

@@ -11,7 +11,6 @@ for 1 request and from 30-32 to 8.8-9.6 ms for 8 (int8: 19 to 5.5, 47 to 13.4), 
 took 50-210 ms. SHOAL_CUDA_GRAPHS=0 turns graphs off.
 """
 
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,13 +21,14 @@ from torch import Tensor
 
 from shoal.engines.cache import KVCache
 from shoal.engines.torch.llama import Context, Model
+from shoal.settings import runtime
 
 LIMIT = 8  # graphs kept, least recently used dropped first
 
 
 def enabled(device: torch.device) -> bool:
     """Whether decode steps on device run as CUDA graphs."""
-    return device.type == "cuda" and os.environ.get("SHOAL_CUDA_GRAPHS", "1") != "0"
+    return device.type == "cuda" and runtime().cuda_graphs
 
 
 @dataclass
