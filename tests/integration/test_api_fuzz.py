@@ -68,7 +68,7 @@ generating_valid = schemathesis.openapi.from_dict(OPENAPI, config=VALID).include
     path_regex=GENERATING
 )
 other = schema.exclude(path_regex=GENERATING)
-FUZZ = {
+FUZZ: dict[str, Any] = {
     "derandomize": True,
     "deadline": None,
     "phases": [Phase.explicit, Phase.generate],

@@ -19,6 +19,7 @@ from shoal.cluster import ClusterNode
 from shoal.net.codec import Sealer
 from shoal.net.identity import Identity
 from shoal.net.memory import MemoryTransport
+from shoal.net.transport import Topic
 from shoal.types.commands import AdmitMember, RemoveMember
 from shoal.types.events import IndexedEvent, InstanceDeleted, InstancePlaced, RunnerStatusChanged
 from shoal.types.ids import InstanceId, ModelId, NodeId
@@ -85,7 +86,7 @@ async def test_a_stranger_cannot_reroute_prompts(tmp_path: Path) -> None:
         evil = await _intruder(c, stranger)
         seal = Sealer(stranger, "test").seal
         victim = c.id("n1")
-        forged: list[tuple[str, Body]] = [
+        forged: list[tuple[Topic, Body]] = [
             ("local_events", LocalEvent(origin=victim, seq=1, event=_ready_at(victim, EVIL_ADDR))),
             (
                 "local_events",

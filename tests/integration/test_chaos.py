@@ -4,6 +4,7 @@ import random
 import signal
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 MODEL = "smollm2-135m"
-ASK = {
+ASK: Any = {
     "messages": [{"role": "user", "content": "Tell me about the moon."}],
     "temperature": 0,
     "max_tokens": 40,
@@ -29,7 +30,7 @@ def streamed(node: NodeProcess, started: threading.Event | None = None) -> str:
     text = ""
     for n, chunk in enumerate(
         client(node).chat.completions.create(model=MODEL, stream=True, **ASK)
-    ):  # type: ignore[call-overload]
+    ):
         text += chunk.choices[0].delta.content or "" if chunk.choices else ""
         if n == 5 and started is not None:
             started.set()
@@ -85,7 +86,7 @@ def test_chaos_rounds_lose_no_request(trio: list[NodeProcess]) -> None:
     outcomes = []
     for _ in range(4):
         victim = rng.choice(others)
-        started, result = threading.Event(), []
+        started, result = threading.Event(), list[str]()
 
         def run(started: threading.Event = started, result: list = result) -> None:
             try:

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -11,7 +12,7 @@ from tests.helpers.nodes import NodeProcess, start_node
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_non_streamed_answer_is_paris(client: OpenAI) -> None:
         model=MODEL,
         messages=QUESTION,
         temperature=0,
-        max_tokens=24,  # type: ignore[arg-type]
+        max_tokens=24,
     )
     assert "Paris" in (reply.choices[0].message.content or "")
     assert reply.usage is not None and reply.usage.prompt_tokens > 5
@@ -47,7 +48,7 @@ def test_streamed_answer_is_paris_with_usage(client: OpenAI) -> None:
         messages=QUESTION,
         temperature=0,
         max_tokens=24,
-        stream=True,  # type: ignore[arg-type]
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -62,8 +63,8 @@ def test_streamed_answer_is_paris_with_usage(client: OpenAI) -> None:
 
 def test_streamed_equals_non_streamed_at_temperature_zero(client: OpenAI) -> None:
     ask = {"model": MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 16}
-    whole = client.chat.completions.create(**ask).choices[0].message.content  # type: ignore[call-overload]
-    parts = client.chat.completions.create(**ask, stream=True)  # type: ignore[call-overload]
+    whole = client.chat.completions.create(**ask).choices[0].message.content
+    parts = client.chat.completions.create(**ask, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in parts if c.choices) == whole
 
 

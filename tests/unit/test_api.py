@@ -25,7 +25,7 @@ from tests.helpers.inprocess import OneModelService, SchedulerHandle
 pytestmark = pytest.mark.timeout(30)
 
 MODEL = "smollm2-135m"  # its card (context 8192, vocab 49152); the fake engine does the work
-GOOD = {
+GOOD: dict[str, Any] = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "hi"}],
     "temperature": 0,
@@ -87,7 +87,7 @@ def raw(**fields: Any) -> bytes:
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
-BAD = [
+BAD: list[tuple[str, str, Any, int, str | None, str]] = [
     # (name, path, body, status, error.param, words in the message)
     ("malformed json", CHAT, b'{"model": "smollm2-135m", "messages": [', 400, None, "JSON"),
     ("not an object", CHAT, b"[1, 2, 3]", 400, None, ""),
@@ -257,7 +257,7 @@ async def test_a_stream_whose_step_fails_ends_in_band_and_its_neighbour_streams_
 
     shared: list[bool] = []  # whether a failing step also held the victim
 
-    def poisoned(batch, **kw):  # type: ignore[no-untyped-def]
+    def poisoned(batch, **kw):
         if any(item.request_id.startswith("cmpl") for item in batch):  # completions fail here
             shared.append(any(item.request_id.startswith("chatcmpl") for item in batch))
             raise RuntimeError("engine fault")

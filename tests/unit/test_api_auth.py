@@ -31,6 +31,9 @@ class PlacingService:
     def cards(self) -> list[ModelCard]:
         return []
 
+    async def acquire(self, model_id: str) -> Any:
+        raise AssertionError("no model is asked for")
+
     def card(self, model_id: str) -> ModelCard:
         raise AssertionError("no model is asked for")
 

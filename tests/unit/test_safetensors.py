@@ -90,7 +90,7 @@ def write_dir(
         save_file(tensors, str(path / "model.safetensors"))
         return path
     names = sorted(tensors)
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for k in range(files):
         part = f"model-{k + 1:05d}-of-{files:05d}.safetensors"
         save_file({n: tensors[n] for n in names[k::files]}, str(path / part))

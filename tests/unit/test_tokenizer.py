@@ -177,7 +177,12 @@ def spm_fields(**overrides: Any) -> dict[str, Any]:
 
 def test_sentencepiece_merges_bytes_and_spaces() -> None:
     tok = Tokenizer.from_gguf(spm_fields())
-    piece = tok.backend.token_to_id
+
+    def piece(token: str) -> int:
+        found = tok.backend.token_to_id(token)
+        assert found is not None, token
+        return found
+
     assert tok.encode("hello world") == [piece("▁hello"), piece("▁world")]
     assert tok.decode(tok.encode("hello world")) == "hello world"
     assert tok.encode("hé") == [piece("▁"), piece("h"), piece("<0xC3>"), piece("<0xA9>")]

@@ -62,7 +62,7 @@ class CrashingRunner:
     async def configure(self, config: Any) -> None:
         pass
 
-    async def statuses(self):  # type: ignore[no-untyped-def]
+    async def statuses(self):
         return
         yield
 
