@@ -27,6 +27,11 @@ def _get(url: str, path: str) -> Any:
         r = httpx.get(f"{url}{path}", timeout=10)
     except httpx.HTTPError as exc:
         raise NodeUnreachable(f"cannot reach a shoal node at {url}: {exc}") from exc
+    if r.status_code == 401:
+        raise NodeUnreachable(
+            f"{url} asks for an API key: shoal bench measures clusters without keys (its own "
+            "loopback cluster, or a node started without --api-key)"
+        )
     if r.status_code != 200:
         raise NodeUnreachable(f"{url} answers {path} with HTTP {r.status_code}: not a shoal node?")
     return r.json()
