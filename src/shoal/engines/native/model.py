@@ -16,10 +16,10 @@ import numpy as np
 
 from shoal.engines.args import ModelArgs
 from shoal.engines.base import ProgressFn
+from shoal.engines.checkpoint import Checkpoint
 from shoal.engines.native.abi import Library
 from shoal.engines.native.blocks import BLOCK, BlockWeights, Kind
 from shoal.engines.native.decoder import Decoder, DecoderLayer
-from shoal.errors import UnsupportedModel
 from shoal.types.shard import Shard
 
 F32 = np.float32
@@ -37,32 +37,6 @@ def supports(args: ModelArgs) -> bool:
         and d % 2 == 0
         and args.num_attention_heads % args.num_key_value_heads == 0
     )
-
-
-class Checkpoint:
-    """The shard's tensors, taken by name; names left over or missing refuse the load."""
-
-    def __init__(self, tensors: Mapping[str, np.ndarray]) -> None:
-        self._left = dict(tensors)
-        self._missing: list[str] = []
-
-    def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The tensor `name` of that shape as contiguous float32 (zeros if missing: finish)."""
-        array = self._left.pop(name, None)
-        if array is None:
-            self._missing.append(name)
-            return np.zeros(shape, F32)
-        if tuple(array.shape) != shape:
-            raise UnsupportedModel(f"{name}: shape {tuple(array.shape)}, expected {shape}")
-        return np.ascontiguousarray(array, dtype=F32)
-
-    def finish(self, what: str) -> None:
-        """Refuse the load if any tensor was missing or not taken."""
-        if self._missing or self._left:
-            raise UnsupportedModel(
-                f"weights do not fit {what}: "
-                f"missing {sorted(self._missing)}, unexpected {sorted(self._left)}"
-            )
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from shoal.engines import native
 from shoal.engines.args import ModelArgs
 from shoal.engines.base import ProgressFn
 from shoal.engines.cache import KVCache
+from shoal.engines.checkpoint import Checkpoint
 from shoal.errors import UnsupportedModel
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
@@ -32,32 +33,6 @@ from shoal.types.weights import Quant
 
 F32 = np.float32
 QUERY_BLOCK = 256  # queries attended at once: bounds the scores of a long prefill
-
-
-class Checkpoint:
-    """The shard's tensors, taken by name as modules are built; names left over or missing fail."""
-
-    def __init__(self, tensors: Mapping[str, np.ndarray]) -> None:
-        self._left = dict(tensors)
-        self._missing: list[str] = []
-
-    def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The tensor `name` of that shape as float32; a missing one is recorded for `finish`."""
-        array = self._left.pop(name, None)
-        if array is None:
-            self._missing.append(name)
-            return np.zeros(shape, F32)  # a stand-in until finish() refuses the load
-        if tuple(array.shape) != shape:
-            raise UnsupportedModel(f"{name}: shape {tuple(array.shape)}, expected {shape}")
-        return array.astype(F32, copy=False)
-
-    def finish(self, what: str) -> None:
-        """Refuse the load if any tensor was missing or not taken."""
-        if self._missing or self._left:
-            raise UnsupportedModel(
-                f"weights do not fit {what}: "
-                f"missing {sorted(self._missing)}, unexpected {sorted(self._left)}"
-            )
 
 
 def transpose(w: np.ndarray, block: int = 256) -> np.ndarray:
