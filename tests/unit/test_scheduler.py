@@ -310,7 +310,7 @@ async def test_prefill_chunks_shrink_as_attention_grows_and_keep_their_cost() ->
         LocalPipeline([engine]),
         ByteTokenizer(),
         context_length=4096,
-        hidden_size=32,  # attention weighs like projections after 3 * 32 = 96 positions
+        hidden_size=48,  # attention weighs like projections after 2 * 48 = 96 positions
         prefill_chunk=64,
     )
     async with running(scheduler) as s:

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 Recover = Callable[[PipelineBroken], Awaitable[Pipeline]]  # a working pipeline, or raises
 
-ATTENTION_SCALE = 3.0  # a prompt token at position p costs 1 + p / (3 · hidden size): see below
+ATTENTION_SCALE = 2.0  # a prompt token at position p costs 1 + p / (2 · hidden size): see below
 MAX_SEED = 2**63 - 1  # seeds travel as JSON integers and seed numpy's generator: 0 ..= int64 max
 
 
@@ -150,7 +150,7 @@ class Scheduler:
         # about 24·h² + 4·h·p FLOPs a layer for hidden size h, so 1 + p / (6·h) tokens' worth of
         # a token at position 0 if both ran equally fast. Attention runs slower per FLOP than
         # the block matmuls: SmolLM2 (h = 576) on the native CPU path prefilled 4096 tokens at
-        # 2.3x the first 256-token chunk's time per chunk, which 1 + p / (3·h) fits. The
+        # 2.4-2.8x the first 256-token chunk's time per chunk, which 1 + p / (2·h) fits. The
         # prefill budget counts that cost, so a chunk deep in a long prompt takes about what
         # the first one does (None: every token costs 1).
         self._attention_scale = ATTENTION_SCALE * hidden_size if hidden_size else None
