@@ -4,7 +4,10 @@
 model (torch + transformers) with weights scaled so activations and logits are O(1).
 """
 
+import json
+import struct
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -146,3 +149,12 @@ def hf_logits(variant: str, tokens: np.ndarray, seed: int = 0) -> np.ndarray:
     with torch.no_grad():
         ids = torch.from_numpy(tokens.astype(np.int64))[None]
         return model(ids).logits[0].float().numpy()  # [T, vocab]
+
+
+def write_fake_model(path: Path) -> Path:
+    """A config.json and one tiny safetensors file in path: all the fake engine reads."""
+    (path / "config.json").write_text(json.dumps({**BASE, "model_type": "llama"}))
+    header = json.dumps({"unused": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    blob = header.encode()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(4))
+    return path

@@ -10,8 +10,9 @@ cluster name, and a removed node trying to come back.
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -136,17 +137,7 @@ async def test_a_forged_master_or_term_changes_nothing(tmp_path: Path) -> None:
         stranger = Identity.generate()
         evil = await _intruder(c, stranger)
         seal = Sealer(stranger, "test").seal
-        claim = Campaign(
-            node_id=stranger.node_id,
-            term=2**53 - 1,
-            last_index=2**53 - 1,
-            last_term=2**53 - 1,
-            started_at=0.0,
-            master=stranger.node_id,
-            quorum=True,
-        )
-        huge = json.loads(seal(claim))
-        huge["body"]["term"] = huge["body"]["last_term"] = 2**63 - 1
+        claim, huge = _master_claim(stranger, seal)
         for _ in range(3):
             await evil.publish("election_messages", seal(claim))
             await evil.publish("election_messages", json.dumps(huge).encode())
@@ -242,10 +233,11 @@ def _recorder(into: list[bytes]) -> "Callable[[zenoh.Sample], None]":
     return lambda sample: into.append(sample.payload.to_bytes())
 
 
-def _forgeries(master: str, stranger: Identity) -> list[tuple[str, bytes]]:
-    """What the intruders sent: a stage ready at their server, a master claim, huge terms."""
-    seal = Sealer(stranger, "default").seal
-    ready = LocalEvent(origin=NodeId(master), seq=1, event=_ready_at(NodeId(master), EVIL_ADDR))
+def _master_claim(
+    stranger: Identity, seal: Callable[[Body], bytes]
+) -> tuple[Campaign, dict[str, Any]]:
+    """A stranger's claim to rule at the highest term the types take, and a copy of it sealed
+    and then edited to 2**63 - 1 (which overflowed the journal before)."""
     claim = Campaign(
         node_id=stranger.node_id,
         term=2**53 - 1,
@@ -257,6 +249,14 @@ def _forgeries(master: str, stranger: Identity) -> list[tuple[str, bytes]]:
     )
     huge = json.loads(seal(claim))
     huge["body"]["term"] = huge["body"]["last_term"] = 2**63 - 1
+    return claim, huge
+
+
+def _forgeries(master: str, stranger: Identity) -> list[tuple[str, bytes]]:
+    """What the intruders sent: a stage ready at their server, a master claim, huge terms."""
+    seal = Sealer(stranger, "default").seal
+    ready = LocalEvent(origin=NodeId(master), seq=1, event=_ready_at(NodeId(master), EVIL_ADDR))
+    claim, huge = _master_claim(stranger, seal)
     unsigned = {"v": 2, "cluster": "default", "sender": master, "body": huge["body"]}
     return [
         ("local_events", seal(ready)),

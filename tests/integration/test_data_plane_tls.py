@@ -7,9 +7,7 @@ back, never a step run); a member is served, and a revocation closes its open co
 
 import asyncio
 import contextlib
-import json
 import ssl
-import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from shoal.net.credentials import Credentials
 from shoal.net.frames import FrameReader, Kind
 from shoal.worker.supervisor import RunnerConfig, RunnerProcess
 from tests.helpers.dataplane import trust
-from tests.helpers.tiny import BASE, MODEL_ID, N_LAYERS
+from tests.helpers.tiny import MODEL_ID, N_LAYERS, write_fake_model
 from tests.integration.test_stage_limits import GREEDY, prompt, step
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="module")]
@@ -31,12 +29,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="module")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A config.json and one tiny safetensors file: all the fake engine reads."""
-    path = tmp_path_factory.mktemp("fake-llama")
-    (path / "config.json").write_text(json.dumps({**BASE, "model_type": "llama"}))
-    header = json.dumps({"unused": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
-    blob = header.encode()
-    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(4))
-    return path
+    return write_fake_model(tmp_path_factory.mktemp("fake-llama"))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -7,9 +7,7 @@ while a legitimate pipeline keeps getting the same answers.
 
 import asyncio
 import contextlib
-import json
 import logging
-import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from shoal.net.frames import HEADER, DType, Kind, WireItem
 from shoal.types.ids import RequestId
 from shoal.worker.supervisor import RunnerConfig, RunnerProcess
 from tests.helpers.dataplane import trust
-from tests.helpers.tiny import BASE, MODEL_ID, N_LAYERS, VOCAB
+from tests.helpers.tiny import BASE, MODEL_ID, N_LAYERS, VOCAB, write_fake_model
 from tests.integration.test_stage_limits import GREEDY, Raw, prompt, step
 
 log = logging.getLogger(__name__)
@@ -39,12 +37,7 @@ CONTEXT = BASE["max_position_embeddings"]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A config.json and one tiny safetensors file: all the fake engine reads."""
-    path = tmp_path_factory.mktemp("fake-llama")
-    (path / "config.json").write_text(json.dumps({**BASE, "model_type": "llama"}))
-    header = json.dumps({"unused": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
-    blob = header.encode()
-    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(4))
-    return path
+    return write_fake_model(tmp_path_factory.mktemp("fake-llama"))
 
 
 def runner(model_dir: Path, start: int, end: int) -> RunnerProcess:

@@ -14,7 +14,7 @@ The engines import this package without compiling anything; `library()` compiles
 
 from shoal.engines.native.abi import Library
 from shoal.engines.native.blocks import BLOCK, LANES, BlockWeights, Kind
-from shoal.engines.native.build import cache_dir, library
+from shoal.engines.native.build import library
 from shoal.engines.native.decoder import Decoder, DecoderLayer
 
 __all__ = [
@@ -25,6 +25,5 @@ __all__ = [
     "DecoderLayer",
     "Kind",
     "Library",
-    "cache_dir",
     "library",
 ]

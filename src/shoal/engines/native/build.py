@@ -34,11 +34,6 @@ _ATTEMPTS = (  # tried in order; the first that compiles is used
 )
 
 
-def cache_dir() -> Path:
-    """$XDG_CACHE_HOME/shoal/kernels, else ~/.cache/shoal/kernels."""
-    return kernel_cache_dir()
-
-
 @functools.cache
 def library(portable: bool = False) -> Library | None:
     """The kernels for this machine, compiled once and cached; None if off or uncompilable.
@@ -87,7 +82,7 @@ def _build(compiler: str, flags: list[str]) -> Path:
     ).stdout
     parts = [source, " ".join(flags).encode(), version, platform.machine().encode(), _cpu()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    target = cache_dir() / f"native-{key}.so"
+    target = kernel_cache_dir() / f"native-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
