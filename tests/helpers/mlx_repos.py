@@ -205,7 +205,7 @@ def mlx_logits(path: Path, tokens: np.ndarray, out: Path, *, dtype: str = "float
 
 
 def mlx_dequantized(path: Path, out: Path) -> dict[str, np.ndarray]:
-    """mx.dequantize of every quantized weight in the repo, float32, under `<module>.weight`."""
+    """mx.dequantize of every quantized weight in the repo, in float32, under `<module>.weight`."""
     _run_child("dequantize", str(path), str(out))
     with np.load(out) as f:
         return {k: f[k] for k in f.files}
@@ -282,9 +282,10 @@ def _child_dequantize(path: Path, out: Path) -> None:
     got: dict[str, Any] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
-            w = mx.dequantize(
-                module.weight, module.scales, module.biases, module.group_size, module.bits
-            ).astype(mx.float32)
+            # float32 scales and biases (widened exactly): MLX computes scale * q + bias in
+            # float32 and rounds the result to the scales' dtype, which would hide the sum
+            scales, biases = module.scales.astype(mx.float32), module.biases.astype(mx.float32)
+            w = mx.dequantize(module.weight, scales, biases, module.group_size, module.bits)
             mx.eval(w)
             got[f"{name}.weight"] = np.array(w)
     np.savez(out, **got)
