@@ -7,6 +7,7 @@ import pytest
 
 from shoal.errors import BadRequest, ModelNotFound
 from shoal.models.catalog import Catalog, builtin_cards, find_local_weights, load_card
+from shoal.placement.memory import bits_per_weight
 from shoal.types.ids import ModelId
 from shoal.types.model_card import HubWeights, LocalWeights, ModelCard, PackagedWeights
 
@@ -117,10 +118,98 @@ def test_reference_cards_match_the_table(model_id: str) -> None:
     repo, layers, hidden = REFERENCE[model_id]
     assert (card.hf_repo, card.layers, card.hidden_size) == (repo, layers, hidden)
     assert card.storage_bytes == REFERENCE_STORAGE[model_id]
-    assert card.weights == (HubWeights(format="mlx", repo=repo),)
+    assert card.weights[0] == HubWeights(format="mlx", repo=repo, quantization=card.quantization)
     assert card.quantization in {"4bit", "8bit", "fp16", "bf16"}
     if model_id != "kimi-k2-thinking":  # the one repo without a suffix (it is 4-bit)
         assert card.hf_repo.lower().endswith(card.quantization)
+
+
+# The original repos, and the shape their config.json gives: (repo, heads, KV heads, head_dim,
+# vocab, context). MLA models: head_dim is v_head_dim; their KV heads equal their heads.
+ORIGINALS = {
+    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B-Instruct", 32, 8, 64, 128256, 131072),
+    "llama-3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", 24, 8, 128, 128256, 131072),
+    "llama-3.2-3b-8bit": ("meta-llama/Llama-3.2-3B-Instruct", 24, 8, 128, 128256, 131072),
+    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B-Instruct", 32, 8, 128, 128256, 131072),
+    "llama-3.1-70b": ("meta-llama/Llama-3.1-70B-Instruct", 64, 8, 128, 128256, 131072),
+    "llama-3.3-70b": ("meta-llama/Llama-3.3-70B-Instruct", 64, 8, 128, 128256, 131072),
+    "llama-3.3-70b-8bit": ("meta-llama/Llama-3.3-70B-Instruct", 64, 8, 128, 128256, 131072),
+    "llama-3.3-70b-fp16": ("meta-llama/Llama-3.3-70B-Instruct", 64, 8, 128, 128256, 131072),
+    "phi-3-mini": ("microsoft/Phi-3-mini-128k-instruct", 32, 32, 96, 32064, 131072),
+    "qwen3-0.6b": ("Qwen/Qwen3-0.6B", 16, 8, 128, 151936, 40960),
+    "qwen3-0.6b-8bit": ("Qwen/Qwen3-0.6B", 16, 8, 128, 151936, 40960),
+    "qwen3-30b": ("Qwen/Qwen3-30B-A3B", 32, 4, 128, 151936, 40960),
+    "qwen3-30b-8bit": ("Qwen/Qwen3-30B-A3B", 32, 4, 128, 151936, 40960),
+    "qwen3-235b-a22b-4bit": ("Qwen/Qwen3-235B-A22B-Instruct-2507", 64, 4, 128, 151936, 262144),
+    "qwen3-235b-a22b-8bit": ("Qwen/Qwen3-235B-A22B-Instruct-2507", 64, 4, 128, 151936, 262144),
+    "qwen3-coder-480b-a35b-4bit": (
+        "Qwen/Qwen3-Coder-480B-A35B-Instruct", 96, 8, 128, 151936, 262144,
+    ),
+    "qwen3-coder-480b-a35b-8bit": (
+        "Qwen/Qwen3-Coder-480B-A35B-Instruct", 96, 8, 128, 151936, 262144,
+    ),
+    "deepseek-v3.1-4bit": ("deepseek-ai/DeepSeek-V3.1", 128, 128, 128, 129280, 163840),
+    "deepseek-v3.1-8bit": ("deepseek-ai/DeepSeek-V3.1", 128, 128, 128, 129280, 163840),
+    "kimi-k2-instruct-4bit": ("moonshotai/Kimi-K2-Instruct", 64, 64, 128, 163840, 131072),
+    "kimi-k2-thinking": ("moonshotai/Kimi-K2-Thinking", 64, 64, 128, 163840, 262144),
+    "granite-3.3-2b": ("ibm-granite/granite-3.3-2b-instruct", 32, 8, 64, 49159, 131072),
+}  # fmt: skip
+# Cards with a single-file GGUF for llama.cpp: (repo, file, its quantization).
+GGUFS = {
+    "llama-3.2-1b": ("bartowski/Llama-3.2-1B-Instruct-GGUF", "Llama-3.2-1B-Instruct-Q4_K_M.gguf"),
+    "qwen3-0.6b": ("Qwen/Qwen3-0.6B-GGUF", "Qwen3-0.6B-Q8_0.gguf"),
+    "qwen3-0.6b-8bit": ("Qwen/Qwen3-0.6B-GGUF", "Qwen3-0.6B-Q8_0.gguf"),
+    "qwen3-30b": ("Qwen/Qwen3-30B-A3B-GGUF", "Qwen3-30B-A3B-Q4_K_M.gguf"),
+    "qwen3-30b-8bit": ("Qwen/Qwen3-30B-A3B-GGUF", "Qwen3-30B-A3B-Q8_0.gguf"),
+    "granite-3.3-2b": (
+        "ibm-granite/granite-3.3-2b-instruct-GGUF", "granite-3.3-2b-instruct-Q4_K_M.gguf",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_id", sorted(REFERENCE))
+def test_seed_cards_list_their_original_repo_and_config_shape(model_id: str) -> None:
+    card = builtin_cards()[ModelId(model_id)]
+    repo, heads, kv_heads, head_dim, vocab, context = ORIGINALS[model_id]
+    assert (card.heads, card.kv_heads, card.head_dim) == (heads, kv_heads, head_dim)
+    assert (card.vocab_size, card.context_length) == (vocab, context)
+    originals = [w for w in card.weights if w.format == "safetensors"]
+    assert len(originals) == 1
+    original = originals[0]
+    assert isinstance(original, HubWeights) and original.repo == repo
+    assert original.gated == repo.startswith("meta-llama/"), "Meta's repos need HF_TOKEN"
+    assert original.quantization in {"bf16", "fp8", "int4"}
+    assert original.storage_bytes is not None and original.storage_bytes > 0
+
+
+@pytest.mark.parametrize("model_id", sorted(REFERENCE))
+def test_gguf_sources_name_one_file_in_their_format(model_id: str) -> None:
+    card = builtin_cards()[ModelId(model_id)]
+    ggufs = [w for w in card.weights if w.format == "gguf"]
+    assert len(ggufs) <= 1
+    for where in ggufs:
+        assert isinstance(where, HubWeights) and where.file is not None
+        assert where.quantization is not None
+        assert where.file.endswith(f"{where.quantization}.gguf"), "the file names its type"
+        assert bits_per_weight(where.quantization) < 16, "a known GGUF type"
+        assert where.storage_bytes is not None and where.storage_bytes < card.storage_bytes * 3
+    if model_id in GGUFS:
+        assert [(w.repo, w.file) for w in ggufs if isinstance(w, HubWeights)] == [GGUFS[model_id]]
+    if card.architecture in ("qwen3_moe", "deepseek_v3") and card.storage_bytes > 100 * GIB:
+        assert not ggufs, "the giants' GGUFs are published in parts, which llama.cpp loads apart"
+
+
+def test_hub_weights_old_and_new_fields() -> None:
+    plain = HubWeights.model_validate({"format": "mlx", "repo": "o/r"})
+    assert (plain.revision, plain.quantization, plain.storage_bytes) == ("main", None, None)
+    assert (plain.gated, plain.engines) == (False, ())
+    full = HubWeights.model_validate(
+        {"format": "gguf", "repo": "o/r", "file": "r.gguf", "quantization": "Q8_0",
+         "storage_bytes": 10, "gated": True, "engines": ["llamacpp"], "revision": "v1"}
+    )  # fmt: skip
+    assert full.engines == ("llamacpp",) and full.gated
+    with pytest.raises(ValueError, match="storage_bytes"):
+        HubWeights.model_validate({"format": "mlx", "repo": "o/r", "storage_bytes": 0})
 
 
 @pytest.mark.parametrize("card", builtin_cards().values(), ids=lambda c: c.id)

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from shoal.models.catalog import builtin_cards
 from shoal.placement import (
     NodeCapacity,
     NoFit,
@@ -18,10 +19,10 @@ from shoal.placement import (
     previews,
     usable_memory,
 )
-from shoal.placement.memory import MIB, capacity, fmt_bytes
+from shoal.placement.memory import MIB, Held, capacity, fmt_bytes, held_bits
 from shoal.placement.speed import layer_time, node_speed
 from shoal.types.ids import InstanceId, ModelId, NodeId
-from shoal.types.model_card import ModelCard
+from shoal.types.model_card import HubWeights, ModelCard, PackagedWeights
 from shoal.types.profile import GpuInfo, NodeProfile
 from tests.helpers.state import GIB, profile
 
@@ -98,8 +99,9 @@ def stage_times(result: Placement, c: ModelCard, nodes: Sequence[NodeProfile]) -
 @pytest.mark.parametrize(
     ("label", "bits"),
     [("4bit", 4.5), ("8bit", 8.5), ("fp16", 16), ("bf16", 16), ("F16", 16), ("fp32", 32),
-     ("F32", 32), ("Q4_0", 4.5), ("Q4_1", 5.0), ("Q4_K", 4.8), ("Q4_K_M", 4.8), ("Q5_K_M", 5.7),
-     ("Q6_K", 6.6), ("Q8_0", 8.5), ("3bit", 3.5), ("mystery", 16)],
+     ("F32", 32), ("Q4_0", 4.5), ("Q4_1", 5.0), ("Q5_0", 5.5), ("Q5_1", 6.0), ("Q4_K", 4.5),
+     ("Q5_K", 5.5), ("Q6_K", 6.5625), ("Q8_0", 8.5), ("Q4_K_M", 4.89), ("Q5_K_M", 5.70),
+     ("3bit", 3.5), ("6bit", 6.5), ("fp8", 8), ("mystery", 16)],
 )  # fmt: skip
 def test_bits_per_weight(label: str, bits: float) -> None:
     assert bits_per_weight(label) == bits
@@ -120,8 +122,9 @@ def test_memory_model_smollm2() -> None:
 @pytest.mark.parametrize(
     ("quant", "engine", "weight", "head"),
     [("none", None, 4.0, 4.0), ("fp16", "torch", 2.0, 2.0), ("int8", "torch", 34 / 32, 34 / 32),
-     ("int4", "torch", 20 / 32, 2.0), ("int4", "numpy", 20 / 32, 2.0), ("fp16", "numpy", 4.0, 4.0),
-     ("int4", "llamacpp", 4.0, 4.0)],
+     ("int4", "torch", 20 / 32, 2.0), ("int4", "numpy", 20 / 32, 34 / 32),
+     ("int8", "native", 34 / 32, 34 / 32), ("fp16", "numpy", 4.0, 4.0),
+     ("int4", "llamacpp", 4.0, 4.0), ("int4", "mlx", 4.0, 4.0)],
 )  # fmt: skip
 def test_weights_are_budgeted_in_the_format_the_engine_holds(
     quant: str, engine: str | None, weight: float, head: float
@@ -134,6 +137,65 @@ def test_weights_are_budgeted_in_the_format_the_engine_holds(
     assert mem.head_bytes == pytest.approx(embed * head, abs=1)
     assert mem.embed_bytes == embed * 4  # a float32 lookup table whatever the format
     assert mem.params_per_layer == pytest.approx(per_layer_storage * 8 / 5.0, abs=1)
+
+
+def test_llamacpp_holds_the_gguf_files_bits() -> None:
+    # SmolLM2's packaged Q4_1 file: 5 bits a weight in every layer (its exact share of the file),
+    # the embedding table at 5 bits too, the head at 8.5 (llama.cpp writes it at Q6_K or Q8_0).
+    gguf = PackagedWeights(format="gguf", package="p", resource="m.gguf")
+    mem = memory_model(card(SMOL, weights=(gguf,)), engine="llamacpp")
+    embed = 49152 * 576
+    assert mem.layer_bytes == pytest.approx((98362432 - embed * 5.0 / 8) / 30, abs=1)
+    assert (mem.embed_bytes, mem.head_bytes) == (embed * 5 // 8, embed * 17 // 16)
+    # 122.5 MiB of weights from a 93.8 MiB file: the head counted apart from the tied table.
+    assert mem.total_bytes() - mem.kv_bytes() == 30 * 2688924 + 17694720 + 30081024
+    # Without a GGUF source llama.cpp cannot run the card: planned at the dtype, as before.
+    assert memory_model(card(SMOL), engine="llamacpp").layer_bytes == 17209112
+
+
+def test_a_gguf_source_sets_the_bits_llamacpp_holds() -> None:
+    # An MLX 4-bit card (4.5 bits a weight on disk) whose GGUF source is Q4_K_M (≈ 4.89 bits).
+    q4km = HubWeights(format="gguf", repo="o/r-GGUF", file="r-Q4_K_M.gguf", quantization="Q4_K_M")
+    mlx = HubWeights(format="mlx", repo="o/r-4bit")
+    c = card(LLAMA70, weights=(mlx, q4km))
+    embed = 128256 * 8192
+    per_layer_storage = (38769 * MIB - embed * 4.5 / 8) / 80
+    mem = memory_model(c, engine="llamacpp")
+    assert mem.layer_bytes == pytest.approx(per_layer_storage * 4.89 / 4.5, abs=1)
+    assert mem.embed_bytes == pytest.approx(embed * 4.89 / 8, abs=1)
+    assert mem.head_bytes == pytest.approx(embed * 8.5 / 8, abs=1)
+    q8 = q4km.model_copy(update={"quantization": "Q8_0"})
+    assert memory_model(card(LLAMA70, weights=(q8,)), engine="llamacpp").layer_bytes == (
+        pytest.approx(per_layer_storage * 8.5 / 4.5, abs=1)
+    )
+    # A GGUF source without its own label is in the card's format.
+    bare = HubWeights(format="gguf", repo="o/r-GGUF", file="r.gguf")
+    assert held_bits(card(SMOL, weights=(bare,)), "llamacpp", 4) == Held(5.0, 8.5, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("engine", "quant", "held"),
+    [(None, "none", Held(32, 32, 32)), ("torch", "fp16", Held(16, 16, 32)),
+     ("torch", "int8", Held(8.5, 8.5, 32)), ("torch", "int4", Held(5, 16, 32)),
+     ("numpy", "int4", Held(5, 8.5, 32)), ("native", "int4", Held(5, 8.5, 32)),
+     ("numpy", "fp16", Held(32, 32, 32)), ("mlx", "int4", Held(32, 32, 32))],
+)  # fmt: skip
+def test_held_bits_per_engine(engine: str | None, quant: str, held: Held) -> None:
+    assert held_bits(card(SMOL, quant=quant), engine, 4) == held
+
+
+# The seed card Llama 3.2 1B (MLX 4-bit, 696 MiB) at 4096 tokens of context, whole model in MiB:
+# torch float32 / torch int4 / numpy int4 / numpy int8 / llama.cpp Q4_K_M / mlx float32.
+LLAMA_1B_MIB = [
+    (None, "none", 6207.3), (None, "int4", 2375.8), ("numpy", "int4", 2140.9),
+    ("numpy", "int8", 2572.7), ("llamacpp", "none", 1278.5), ("mlx", "none", 6207.3),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("engine", "quant", "mib"), LLAMA_1B_MIB)
+def test_seed_card_figures(engine: str | None, quant: str, mib: float) -> None:
+    seed = builtin_cards()[ModelId("llama-3.2-1b")].model_copy(update={"quant": quant})
+    assert memory_model(seed, engine=engine).total_bytes() / MIB == pytest.approx(mib, abs=0.1)
 
 
 def test_int4_fits_where_float32_does_not() -> None:

@@ -172,8 +172,8 @@ def _hub_cached_path(where: HubWeights, cache_dir: Path | None) -> Path | None:
     return folder if has_weights else None
 
 
-def _locate(where: WeightsLocation, hf_cache_dir: Path | None) -> Path | None:
-    """Where one weights location is on this machine, or None."""
+def locate(where: WeightsLocation, hf_cache_dir: Path | None = None) -> Path | None:
+    """Where one weights location is on this machine (Hub sources: the Hugging Face cache)."""
     match where:
         case PackagedWeights():
             return _packaged_path(where)
@@ -188,7 +188,7 @@ def find_local_weights(
 ) -> tuple[WeightsFormat, Path] | None:
     """The first of a card's weights present on this machine, as (format, path); no network."""
     for where in card.weights:
-        path = _locate(where, hf_cache_dir)
+        path = locate(where, hf_cache_dir)
         if path is not None:
             return where.format, path
     return None

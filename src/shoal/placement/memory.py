@@ -1,25 +1,36 @@
 """The memory model: the bytes a pipeline stage of a model holds, and what a node offers.
 
-The torch, numpy and native engines dequantize on load and hold a projection weight in the card's
-`quant` (`weight_bytes`: none = the engine's dtype, fp16 = 2, int8 = 34/32 for Q8_0 blocks,
-int4 = 20/32 for Q4_1 blocks; numpy has no fp16 and holds float32). llama.cpp and MLX keep the
-file's format, but are still planned at `dtype_bytes` (the safe side, as before formats). So a
-transformer layer costs its share of the file, scaled from the file's bits per weight to the
-engine's:
+Each engine holds a model's weights in its own format (`held`):
 
-    layer weights = (storage_bytes - embedding storage) / layers * 8 * weight_bytes / bits
-    embeddings    = vocab * hidden * dtype_bytes, held by the first stage (a lookup table)
+    torch, numpy, native  the card's `quant`: none = the engine's dtype (numpy: float32, it has no
+                          fp16, so fp16 is float32 there too), fp16 = 16 bits, int8 = Q8_0 blocks
+                          (8.5 bits a weight), int4 = Q4_1 blocks (5 bits); under int8 and int4 the
+                          head is 8-bit blocks (8.5 bits) on the CPU, but torch on CUDA keeps it
+                          fp16, so torch's int4 head is planned at 16 bits (the safe side)
+    llamacpp              the GGUF file's own bits (the card's GGUF source): every projection at
+                          the file's average (Q4_K_M ≈ 4.89, Q8_0 8.5, ...), the embedding table
+                          too, the head at 8.5 bits where the file is smaller (llama.cpp writes it
+                          at Q6_K or Q8_0)
+    mlx                   the engine's dtype: shoal's MLX engine casts every tensor on load
+
+So a transformer layer costs its share of the card's file, scaled from the file's bits per weight
+to the engine's:
+
+    layer weights = (storage_bytes - embedding storage) / layers * held bits / file bits
+    embeddings    = vocab * hidden * embedding bytes, held by the first stage (a lookup table;
+                    dtype_bytes except in llama.cpp)
     head          = vocab * hidden * head bytes, held by the last stage (counted even when tied:
-                    the engine holds its own copy on each stage that needs it); under int4 the
-                    head is 8-bit on CPU and fp16 on CUDA, so it counts 2 bytes
+                    the engine holds its own copy on each stage that needs it)
     KV cache      = 2 * kv_heads * head_dim * dtype_bytes per layer per token, for `context`
                     tokens times `sequences` concurrent sequences
     headroom      = 10 % of the node's usable memory + 256 MiB, never planned into
 
-Only one embedding is taken out of the file size, so a model with a separate head in the file is
-slightly over-estimated per layer: the safe side. A node's usable memory is the free memory of its
-GPUs (summed) when the stage's engine runs on them, except Apple "metal" GPUs, whose memory is the
-unified RAM (ram_available, never both); otherwise its ram_available.
+The file's bits count block scales: MLX 4-bit stores 4 bits and an f16 scale and bias per 64
+weights (4.5 bits), 8-bit 8.5; GGUF types as `GGUF_BITS`. Only one embedding is taken out of the
+file size, so a model with a separate head in the file is slightly over-estimated per layer: the
+safe side. A node's usable memory is the free memory of its GPUs (summed) when the stage's engine
+runs on them, except Apple "metal" GPUs, whose memory is the unified RAM (ram_available, never
+both); otherwise its ram_available.
 """
 
 import math
@@ -27,7 +38,7 @@ import re
 from dataclasses import dataclass
 
 from shoal.errors import BadRequest
-from shoal.types.model_card import ModelCard
+from shoal.types.model_card import HubWeights, ModelCard
 from shoal.types.profile import NodeProfile
 from shoal.types.weights import Quant
 
@@ -40,41 +51,87 @@ DEFAULT_CONTEXT = 4096  # tokens of KV cache planned when the caller names none
 GPU_ENGINES = frozenset({"torch", "mlx", "llamacpp"})  # engines that run on a node's GPUs
 # engines that hold weights in the card's quant
 FORMAT_ENGINES = frozenset({"torch", "numpy", "native"})
-_QUANT_BYTES: dict[Quant, float] = {"fp16": 2.0, "int8": 34 / 32, "int4": 20 / 32}
+# Bits per weight of the engines' block formats: Q8_0 (34 bytes per 32) and Q4_1 (20 per 32).
+_QUANT_BITS: dict[Quant, float] = {"fp16": 16.0, "int8": 8.5, "int4": 5.0}
+HEAD_BLOCK_BITS = 8.5  # the head under int8/int4 in the block kernels, and llama.cpp's floor
 
-# Bits per weight of each quantization label, block scales included (lower case, "-" → "_").
+# Bits per weight of each GGUF tensor type, its block scales included (block bytes * 8 / weights).
+GGUF_BITS: dict[str, float] = {
+    "f32": 32.0, "f16": 16.0, "bf16": 16.0,
+    "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5, "q8_1": 9.0,
+    "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "q8_k": 9.125,
+    "iq4_nl": 4.5, "iq4_xs": 4.25,
+}  # fmt: skip
+# A GGUF file named after a llama.cpp mix holds several types: the average over a Llama-shaped
+# model's tensors (as llama.cpp's quantize reports for Llama 3.1 8B; the mix varies a little).
+GGUF_MIX_BITS: dict[str, float] = {
+    "q2_k": 3.16, "q3_k_s": 3.64, "q3_k_m": 4.00, "q3_k_l": 4.22,
+    "q4_k_s": 4.67, "q4_k_m": 4.89, "q5_k_s": 5.57, "q5_k_m": 5.70,
+}  # fmt: skip
+# Other labels cards use for a whole file.
 _BITS: dict[str, float] = {
-    "fp32": 32.0, "f32": 32.0, "float32": 32.0,
-    "fp16": 16.0, "f16": 16.0, "bf16": 16.0, "float16": 16.0, "bfloat16": 16.0,
+    "fp32": 32.0, "float32": 32.0, "fp16": 16.0, "float16": 16.0, "bfloat16": 16.0,
     "fp8": 8.0, "f8": 8.0,
-    "q4_0": 4.5, "q4_1": 5.0, "q4_k": 4.8, "q4_k_m": 4.8, "q4_k_s": 4.6,
-    "q5_0": 5.5, "q5_1": 6.0, "q5_k": 5.7, "q5_k_m": 5.7, "q5_k_s": 5.5,
-    "q6_k": 6.6, "q8_0": 8.5,
+    "int4": 4.5,  # compressed-tensors int4, an f16/bf16 scale per 32 weights
 }  # fmt: skip
 UNKNOWN_BITS = 16.0
+MLX_GROUP = 64  # mlx-lm's default group size: one f16 scale and one f16 bias per 64 weights
 
 
 def bits_per_weight(quantization: str) -> float:
     """Stored bits per weight for a label ("4bit", "Q4_K_M", "bf16"); unknown labels count 16."""
     label = quantization.strip().lower().replace("-", "_")
-    if label in _BITS:
-        return _BITS[label]
-    match = re.fullmatch(r"(\d+)_?bits?", label)  # mlx "4bit": group scales add ~0.5 bit
+    for table in (GGUF_MIX_BITS, GGUF_BITS, _BITS):
+        if label in table:
+            return table[label]
+    match = re.fullmatch(r"(\d+)_?bits?", label)  # mlx "4bit": 32 bits of scales per group
     if match:
         bits = int(match[1])
-        return float(bits) if bits >= 16 else bits + 0.5
+        return float(bits) if bits >= 16 else bits + 32 / MLX_GROUP
     return UNKNOWN_BITS
+
+
+@dataclass(frozen=True)
+class Held:
+    """Bits per weight an engine holds for the projections, the head and the embedding table."""
+
+    layer: float
+    head: float
+    embed: float
+
+
+def gguf_quantization(card: ModelCard) -> str | None:
+    """The format of the GGUF file llama.cpp would load for the card (its first GGUF source)."""
+    for where in card.weights:
+        if where.format == "gguf":
+            own = where.quantization if isinstance(where, HubWeights) else None
+            return own or card.quantization
+    return None
+
+
+def held_bits(card: ModelCard, engine: str | None, dtype_bytes: int) -> Held:
+    """Bits per weight `engine` (None: torch) holds the card's weights in."""
+    dense = 8.0 * dtype_bytes
+    if engine == "llamacpp" and (label := gguf_quantization(card)) is not None:
+        bits = bits_per_weight(label)
+        return Held(bits, max(bits, HEAD_BLOCK_BITS), bits)
+    if engine is not None and engine not in FORMAT_ENGINES:
+        return Held(dense, dense, dense)  # mlx (and llama.cpp without a GGUF): the dtype
+    quant = card.quant
+    if engine in ("numpy", "native") and quant == "fp16":
+        quant = "none"  # numpy has no half-precision matmul
+    layer = _QUANT_BITS.get(quant, dense)
+    if quant not in ("int8", "int4"):
+        return Held(layer, layer, dense)
+    # torch on CUDA keeps an int4 model's head fp16; the block kernels hold it 8-bit
+    head = 16.0 if quant == "int4" and engine in (None, "torch") else HEAD_BLOCK_BITS
+    return Held(layer, head, dense)
 
 
 def held_bytes(card: ModelCard, engine: str | None, dtype_bytes: int) -> tuple[float, float]:
     """Bytes per weight an engine (None: torch) holds for projections and head."""
-    if engine is not None and engine not in FORMAT_ENGINES:
-        return float(dtype_bytes), float(dtype_bytes)
-    quant = card.quant
-    if engine == "numpy" and quant == "fp16":
-        quant = "none"  # numpy has no half-precision matmul
-    weight = _QUANT_BYTES.get(quant, float(dtype_bytes))
-    return weight, (2.0 if quant == "int4" else weight)
+    held = held_bits(card, engine, dtype_bytes)
+    return held.layer / 8, held.head / 8
 
 
 @dataclass(frozen=True)
@@ -135,19 +192,19 @@ def memory_model(
     if tokens < 1 or sequences < 1 or dtype_bytes < 1:
         raise BadRequest("context, sequences and dtype_bytes must be at least 1", param="context")
     bits = bits_per_weight(card.quantization)
-    weight, head = held_bytes(card, engine, dtype_bytes)
+    held = held_bits(card, engine, dtype_bytes)
     embed_params = card.vocab_size * card.hidden_size
     layer_storage = max(card.storage_bytes - embed_params * bits / 8, 0.0) / card.layers
     return MemoryModel(
         n_layers=card.layers,
-        layer_bytes=math.ceil(layer_storage * 8 * weight / bits),
+        layer_bytes=math.ceil(layer_storage * held.layer / bits),
         kv_layer_bytes=2 * card.kv_heads * card.head_dim * dtype_bytes * tokens * sequences,
-        embed_bytes=embed_params * dtype_bytes,
-        head_bytes=math.ceil(embed_params * head),
+        embed_bytes=math.ceil(embed_params * held.embed / 8),
+        head_bytes=math.ceil(embed_params * held.head / 8),
         dtype_bytes=dtype_bytes,
         context=tokens,
         sequences=sequences,
-        weight_bytes=weight,
+        weight_bytes=held.layer / 8,
     )
 
 

@@ -25,6 +25,15 @@ class HubWeights(Document):
     format: Literal["gguf", "safetensors", "mlx"]
     repo: str
     file: str | None = None  # one GGUF file in the repo; None = the whole snapshot
+    revision: str = "main"
+    # The format on disk ("4bit", "bf16", "Q4_K_M", ...); None: the card's `quantization`.
+    quantization: str | None = None
+    # Bytes to download (the GGUF file, or the snapshot's weights); None: the card's
+    # `storage_bytes`. Figures marked "≈" in a card are from the repo's own size table.
+    storage_bytes: int | None = Field(default=None, gt=0)
+    gated: bool = False  # the repo asks for accepted terms: downloads need HF_TOKEN
+    # Engines that read it; empty: every engine that reads `format` (models/availability.py).
+    engines: tuple[str, ...] = ()
 
 
 class LocalWeights(Document):
