@@ -207,34 +207,118 @@ def _checked(response: httpx.Response) -> Any:
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the models a node knows, and whether it can run them")
+    p = sub.add_parser("models", help="list the models, and whether each runs here (or why not)")
     p.add_argument("--api", default=DEFAULT_API, help=f"node to ask (default {DEFAULT_API})")
-    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument(
+        "--local", action="store_true", help="this machine alone: its engines and RAM, no node"
+    )
+    p.add_argument("--data-dir", type=Path, help="where downloads are kept (SHOAL_DATA_DIR)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
     _add_key(p)
     p.set_defaults(func=_models)
 
 
 def _models(args: argparse.Namespace) -> None:
-    data = _get(args.api, "/v1/models", _auth(args))["data"]
+    from shoal.models.catalog import Catalog
+    from shoal.paths import user_cards_dir
+    from shoal.settings import load_settings
+
+    data_dir = load_settings({"data_dir": args.data_dir}).data_dir
+    catalog = Catalog([user_cards_dir(data_dir)])
+    listed: dict[str, Any] = {}
+    profiles = None
+    if not args.local:
+        listed = {m["id"]: m for m in _get(args.api, "/v1/models", _auth(args))["data"]}
+        profiles = _cluster_profiles(args)
+    rows = _model_rows(catalog, listed, profiles, data_dir / "hub")
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"models at {args.api}")
-    for column in ("id", "family", "layers", "size", "quant", "context", "status"):
-        table.add_column(column)
-    for m in data:
-        size = f"{m['storage_size_megabytes']:,} MB"
-        status = m["status"] + (f": {m['reason']}" if m.get("reason") else "")
+    where = "this machine" if args.local else args.api
+    table = Table(title=f"models ({where})")
+    for column in ("id", "architecture", "size", "quantization", "availability"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        size = f"{row['storage_bytes'] / 1e9:,.1f} GB"
         table.add_row(
-            m["id"],
-            m["family"],
-            str(m["layers"]),
-            size,
-            m["quantization"],
-            str(m["context_length"]),
-            status,
+            row["id"], row["architecture"], size, row["quantization"], row["availability"]
         )
     Console().print(table)
+
+
+def _cluster_profiles(args: argparse.Namespace) -> list[Any] | None:
+    """The connected nodes' profiles from the node, or None when it runs without a cluster."""
+    from shoal.types.profile import NodeProfile
+
+    try:
+        nodes = _get(args.api, "/v1/nodes", _auth(args))["nodes"]
+    except CliError:
+        return None
+    extra = {"id", "connected", "lost_reason", "is_master", "last_seen_s_ago"}
+    profiles = []
+    for n in nodes:
+        if n.get("connected") and "ram_available" in n:
+            fields = {k: v for k, v in n.items() if k not in extra} | {"node_id": n["id"]}
+            with contextlib.suppress(ValidationError):  # a node of another version: left out
+                profiles.append(NodeProfile.model_validate_json(json.dumps(fields)))
+    return profiles or None
+
+
+def _model_rows(
+    catalog: Any, listed: dict[str, Any], profiles: list[Any] | None, hub_root: Path
+) -> list[dict[str, Any]]:
+    """One row per model: the node's status where it runs one, else whether it can run here."""
+    from shoal.engines.registry import available_engines
+    from shoal.models.availability import availability, local_copies, machine_memory
+    from shoal.placement.memory import capacity, need_per_engine, offered_per_engine
+    from shoal.types.model_config import LLAMA_FAMILY
+
+    if profiles is None:
+        engines = available_engines()
+        room = capacity(machine_memory())
+        offered = {e: room for e in engines}
+    else:
+        engines = sorted({e for p in profiles for e in p.engines})
+        offered = offered_per_engine(profiles, engines)
+    token = _hf_token()
+    rows = []
+    ids = list(listed) or [card.id for card in catalog.all()]
+    for model_id in ids:
+        node = listed.get(model_id, {})
+        if model_id in catalog:
+            card = catalog.get(model_id)
+            answer = availability(
+                card,
+                architectures=LLAMA_FAMILY,
+                engines=engines,
+                local=local_copies(card, hub_root),
+                need=need_per_engine(card, engines),
+                memory=offered,
+                token=token,
+            )
+            line = answer.line
+            row = {k: getattr(card, k) for k in ("id", "architecture", "quantization")}
+            row["storage_bytes"] = card.storage_bytes
+        else:  # a card the node made at run time
+            line = node.get("reason") or node.get("status", "")
+            row = {k: node.get(k, "?") for k in ("id", "architecture", "quantization")}
+            row["storage_bytes"] = node.get("storage_size_megabytes", 0) * 2**20
+        status = node.get("status")
+        if status in ("ready", "loading"):
+            line = f"{status} on the cluster"
+        elif status == "failed":
+            line = f"failed on the cluster: {node.get('reason') or 'a runner failed'}"
+        rows.append(row | {"availability": line})
+    return rows
+
+
+def _hf_token() -> bool:
+    """Whether downloads would carry a Hugging Face token (HF_TOKEN or a saved login)."""
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return False
+    return get_token() is not None
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:

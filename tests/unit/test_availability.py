@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,7 +48,7 @@ ALL = ("torch", "numpy", "native", "llamacpp", "mlx", "fake")
 HERE = Path("/models/m")
 NEED = {"torch": 6 * GB, "numpy": 2 * GB, "native": 2 * GB, "llamacpp": GB, "mlx": 6 * GB}
 
-CASES: list[tuple[str, ModelCard, dict[str, object], Availability]] = [
+CASES: list[tuple[str, ModelCard, dict[str, Any], Availability]] = [
     ("a local copy runs now", card(MLX, GGUF), {"local": {0: Local(HERE, 7)}},
      RunsHere("mlx", HERE)),
     ("the first source wins", card(MLX, GGUF), {}, NeedsDownload(700_000_000, MLX.repo)),
@@ -64,17 +65,16 @@ CASES: list[tuple[str, ModelCard, dict[str, object], Availability]] = [
     ("the source that fits is chosen", card(MLX, GGUF), {"engines": ["torch", "llamacpp"],
      "memory": {"torch": 3 * GB, "llamacpp": 3 * GB}}, NeedsDownload(GB, GGUF.repo, GGUF.file)),
     ("architecture", card(MLX, architecture="qwen3_moe"), {},
-     CannotRun("architecture qwen3_moe is not supported by any engine yet "
-               "(supported: llama, mistral, qwen2, qwen3)")),
+     CannotRun("no engine runs architecture qwen3_moe yet")),
     ("no engine", card(MLX), {"engines": ["fake"]},
      CannotRun("no inference engine is installed (numpy, torch, llama-cpp-python, mlx)")),
     ("no reader", card(MLX, FP8), {"engines": ["llamacpp"]},
      CannotRun("no engine here reads its weights (mlx 4bit, safetensors fp8; engines: llamacpp)")),
     ("memory", card(MLX, GGUF), {"memory": {"numpy": GB // 2, "llamacpp": GB // 2}},
-     CannotRun("needs 1.00 GB of memory (llamacpp), the cluster offers 0.50 GB")),
+     CannotRun("needs 1.00 GB of memory (llamacpp), 0.50 GB available")),
     ("a local copy too big to run", card(MLX), {"engines": ["numpy"], "memory": {"numpy": GB},
      "local": {0: Local(HERE, 7)}},
-     CannotRun("needs 2.00 GB of memory (numpy), the cluster offers 1.00 GB")),
+     CannotRun("needs 2.00 GB of memory (numpy), 1.00 GB available")),
     ("nothing to download", card(LocalWeights(format="gguf", path="/absent.gguf")), {},
      CannotRun("its weights are not on this machine and the card names no Hub repo")),
 ]  # fmt: skip
@@ -82,9 +82,9 @@ CASES: list[tuple[str, ModelCard, dict[str, object], Availability]] = [
 
 @pytest.mark.parametrize(("name", "model", "given", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_availability(
-    name: str, model: ModelCard, given: dict[str, object], expected: Availability
+    name: str, model: ModelCard, given: dict[str, Any], expected: Availability
 ) -> None:
-    inputs: dict[str, object] = {
+    inputs: dict[str, Any] = {
         "architectures": LLAMA_FAMILY,
         "engines": ALL,
         "local": {},
@@ -205,3 +205,46 @@ def test_local_copies_of_a_gguf_source_and_a_local_path(tmp_path: Path) -> None:
     assert local_copies(model, root, hf_cache_dir=tmp_path / "hf")[1] == Local(
         snap / "M-Q8_0.gguf", 9
     )
+
+
+# --- `shoal models`: the rows it prints ----------------------------------------------------------
+
+
+def test_shoal_models_local_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from shoal.cli import main
+
+    # The Llama 3.2 1B GGUF downloaded into the Hub cache: a later source, but here.
+    snap = snapshot(tmp_path / "hub", "bartowski/Llama-3.2-1B-Instruct-GGUF")
+    (snap / "Llama-3.2-1B-Instruct-Q4_K_M.gguf").write_bytes(b"GGUF")
+    main(["models", "--local", "--json", "--data-dir", str(tmp_path)])
+    rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert len(rows) == 23
+    assert rows["smollm2-135m"]["availability"] == "runs here now (gguf)"
+    assert rows["llama-3.2-1b"]["availability"] == "runs here now (gguf)"
+    assert rows["deepseek-v3.1-4bit"]["availability"] == (
+        "cannot run here: no engine runs architecture deepseek_v3 yet"
+    )
+    assert rows["deepseek-v3.1-4bit"]["storage_bytes"] == 405874409472
+
+
+def test_model_rows_from_a_cluster(tmp_path: Path) -> None:
+    from shoal.cli import _model_rows
+    from shoal.models.catalog import Catalog
+    from tests.helpers.state import GIB, profile
+
+    nodes = [profile("a", engines=("numpy",)), profile("b", engines=("numpy",))]  # 2 x 16 GiB
+    listed = {
+        "llama-3.2-1b": {"id": "llama-3.2-1b", "status": "ready"},
+        "llama-3.3-70b-8bit": {"id": "llama-3.3-70b-8bit", "status": "unavailable"},
+        "qwen3-0.6b": {"id": "qwen3-0.6b", "status": "failed", "reason": "out of memory"},
+        "from-path": {"id": "from-path", "status": "available", "architecture": "llama",
+                      "quantization": "bf16", "storage_size_megabytes": 10},
+    }  # fmt: skip
+    rows = {r["id"]: r for r in _model_rows(Catalog(), listed, nodes, tmp_path / "hub")}
+    assert list(rows) == list(listed)
+    assert rows["llama-3.2-1b"]["availability"] == "ready on the cluster"
+    assert rows["qwen3-0.6b"]["availability"] == "failed on the cluster: out of memory"
+    free = 2 * (16 * GIB - int(16 * GIB * 0.1) - 256 * 2**20)  # both nodes after headroom
+    assert rows["llama-3.3-70b-8bit"]["availability"].endswith(f"{fmt_gb(free)} available")
+    assert rows["from-path"]["availability"] == "available"
+    assert rows["from-path"]["storage_bytes"] == 10 * 2**20

@@ -19,7 +19,15 @@ from shoal.placement import (
     previews,
     usable_memory,
 )
-from shoal.placement.memory import MIB, Held, capacity, fmt_bytes, held_bits
+from shoal.placement.memory import (
+    MIB,
+    Held,
+    capacity,
+    fmt_bytes,
+    held_bits,
+    need_per_engine,
+    offered_per_engine,
+)
 from shoal.placement.speed import layer_time, node_speed
 from shoal.types.ids import InstanceId, ModelId, NodeId
 from shoal.types.model_card import HubWeights, ModelCard, PackagedWeights
@@ -581,3 +589,17 @@ def test_previews_never_split_onto_llamacpp() -> None:
 def test_llamacpp_plans_with_gpu_memory() -> None:
     assert usable_memory(node("g", 8, gpus=(cuda(40),)), "llamacpp") == 40 * GIB
     assert usable_memory(node("m", 8, gpus=(METAL,)), "llamacpp") == 8 * GIB
+
+
+def test_need_and_offer_per_engine() -> None:
+    seed = builtin_cards()[ModelId("llama-3.2-1b")]
+    need = need_per_engine(seed, ["numpy", "llamacpp"])
+    assert need == {e: memory_model(seed, engine=e).total_bytes() for e in ("numpy", "llamacpp")}
+    nodes = [
+        node("a", 16, engines=("numpy", "llamacpp")),
+        node("b", 8, engines=("numpy",)),
+        node("c", 32, engines=("torch",)),
+    ]
+    offered = offered_per_engine(nodes, ["numpy", "llamacpp", "mlx"])
+    a, b = capacity(16 * GIB), capacity(8 * GIB)
+    assert offered == {"numpy": a + b, "llamacpp": a, "mlx": 0}  # llama.cpp: one node, whole

@@ -131,10 +131,7 @@ def availability(
     each engine and the bytes the cluster offers each engine (None: not known, not checked)."""
     supported = sorted(set(architectures))
     if card.architecture not in supported:
-        return CannotRun(
-            f"architecture {card.architecture} is not supported by any engine yet "
-            f"(supported: {', '.join(supported)})"
-        )
+        return CannotRun(f"no engine runs architecture {card.architecture} yet")
     installed = set(engines) - {"fake"}
     if not installed:
         return CannotRun("no inference engine is installed (numpy, torch, llama-cpp-python, mlx)")
@@ -154,8 +151,7 @@ def availability(
         engine = min((e for _, _, usable in readable for e in usable), key=lambda e: need.get(e, 0))
         have = 0 if memory is None else memory.get(engine, 0)
         return CannotRun(
-            f"needs {fmt_gb(need.get(engine, 0))} of memory ({engine}), "
-            f"the cluster offers {fmt_gb(have)}"
+            f"needs {fmt_gb(need.get(engine, 0))} of memory ({engine}), {fmt_gb(have)} available"
         )
     for i, where in fitting:
         held = local.get(i, Local())

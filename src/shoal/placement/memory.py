@@ -35,6 +35,7 @@ both); otherwise its ram_available.
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from shoal.errors import BadRequest
@@ -223,6 +224,23 @@ def usable_memory(profile: NodeProfile, engine: str) -> int:
     if any(gpu.backend == "metal" for gpu in profile.gpus):
         return profile.ram_available  # unified memory: the GPU's share is RAM
     return sum(gpu.memory_free for gpu in profile.gpus)
+
+
+def need_per_engine(
+    card: ModelCard, engines: Iterable[str], *, context: int | None = None
+) -> dict[str, int]:
+    """Bytes the whole model needs on each engine, KV cache for the planned context included."""
+    return {e: memory_model(card, engine=e, context=context).total_bytes() for e in engines}
+
+
+def offered_per_engine(profiles: Iterable[NodeProfile], engines: Iterable[str]) -> dict[str, int]:
+    """Bytes the nodes offer each engine after headroom: summed over the nodes that run it (a
+    pipeline splits the model), but the largest one alone for llama.cpp (whole models only)."""
+    offered: dict[str, int] = {}
+    for engine in engines:
+        room = [capacity(usable_memory(p, engine)) for p in profiles if engine in p.engines]
+        offered[engine] = max(room, default=0) if engine == "llamacpp" else sum(room)
+    return offered
 
 
 def headroom(usable: int) -> int:
