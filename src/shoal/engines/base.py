@@ -6,12 +6,13 @@ can feed each other: token ids go into the first stage, hidden states between st
 come out of the last.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from shoal.engines.packed import Packed
 from shoal.types.ids import RequestId
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
@@ -25,12 +26,17 @@ class WeightSource(Protocol):
     @property
     def config(self) -> ModelConfig: ...
 
-    def tensors(self, shard: Shard) -> dict[str, np.ndarray]:
+    def tensors(self, shard: Shard) -> Mapping[str, np.ndarray | Packed]:
         """Tensors of the shard only, under Hugging Face names with global layer indices.
 
         Layers [start, end) as `model.layers.{i}.…`; `model.embed_tokens.weight` on the first
         shard; `model.norm.weight` and `lm_head.weight` on the last (the embedding matrix under
-        the head's name when embeddings are tied). Float arrays, dequantized.
+        the head's name when embeddings are tied, the same object). Float arrays, dequantized;
+        except that a source may return an MLX-quantized matrix (projections, embeddings, head)
+        as `Packed` (engines/packed.py) under its `weight` name: an engine that wants floats calls
+        `packed.dense()` on it (exactly MLX's float32 values), one with its own integer formats
+        may take it as it is. GGUF sources dequantize; safetensors sources return MLX checkpoints
+        packed.
         """
         ...
 

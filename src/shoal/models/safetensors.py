@@ -1,4 +1,15 @@
-"""Weights from a Hugging Face model directory: config.json, *.safetensors, tokenizer files."""
+"""Weights from a Hugging Face model directory: config.json, *.safetensors, tokenizer files.
+
+Dense checkpoints (float32, float16, bfloat16) come back as float32 arrays. MLX checkpoints
+(config.json `quantization`, or the same under `quantization_config`) store each quantized module
+as `weight` (uint32, packed), `scales` and `biases`; those come back as one `Packed` under the
+module's `weight` name, embeddings and heads included, with the module's bits and group size
+(a per-module entry in `quantization` overrides the default; False means not quantized).
+
+The directory may hold only some of the checkpoint's files (a stage downloads only its own):
+headers are read from the files present, the index names the rest, and a shard that needs a
+tensor of an absent file is refused naming that file.
+"""
 
 import json
 import logging
@@ -8,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
 
+from shoal.engines.packed import Packed
 from shoal.errors import UnsupportedModel
 from shoal.models.tokenizer import Tokenizer
 from shoal.types.model_config import LLAMA_FAMILY, ModelConfig
@@ -18,7 +29,36 @@ from shoal.types.shard import Shard
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+# numpy dtypes of the raw data; BF16 is kept as its uint16 bit patterns (numpy has no bfloat16)
+RAW = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "U32": "<u4"}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+Tensor = np.ndarray | Packed
+
+
+class Quantization:
+    """config.json's MLX `quantization`: the default bits and group size, per-module overrides."""
+
+    def __init__(self, hf: dict[str, Any], where: Path) -> None:
+        q = hf.get("quantization")
+        if q is None:
+            q = hf.get("quantization_config")
+            if q is not None and "quant_method" in q:
+                raise UnsupportedModel(
+                    f"{where}: {q['quant_method']} quantization is not supported "
+                    "(MLX affine quantization and dense checkpoints are)"
+                )
+        self.rules: dict[str, Any] = dict(q or {})
+
+    def of(self, module: str) -> tuple[int, int] | None:
+        """(bits, group_size) of a module, or None when it is not quantized."""
+        rule = self.rules.get(module, True)
+        if rule is False:
+            return None
+        params = rule if isinstance(rule, dict) else self.rules
+        mode = params.get("mode", "affine")
+        if mode != "affine":
+            raise UnsupportedModel(f"{module}: MLX quantization mode {mode!r} is not supported")
+        return int(params.get("bits", 4)), int(params.get("group_size", 64))
 
 
 class SafetensorsSource:
@@ -33,64 +73,123 @@ class SafetensorsSource:
                 f"(supported: {sorted(LLAMA_FAMILY)})"
             )
         self._config = ModelConfig.from_hf(hf)
-        self._headers = {f: _header(f) for f in _weight_files(self.path)}
-        self._where = {name: f for f, (_, h) in self._headers.items() for name in h}
+        self._quant = Quantization(hf, self.path)
+        # name → file, for every tensor the checkpoint has; headers only of the files present
+        self._file_of = _weight_map(self.path)
+        self._headers = {f: _header(f) for f in set(self._file_of.values()) if f.is_file()}
 
     @property
     def config(self) -> ModelConfig:
         return self._config
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the checkpoint holds MLX-quantized (packed) tensors."""
+        return any(n.endswith(".scales") for n in self._file_of)
+
     def tokenizer(self) -> Tokenizer:
         """The tokenizer and chat template of the directory."""
         return Tokenizer.from_hf_dir(self.path)
 
-    def tensors(self, shard: Shard) -> dict[str, np.ndarray]:
-        """The shard's tensors, float32, under Hugging Face names (see WeightSource)."""
-        cfg = self._config
-        if shard.n_layers != cfg.num_hidden_layers:
-            raise ValueError(
-                f"shard {shard} does not fit a model of {cfg.num_hidden_layers} layers"
+    def files_for(self, shard: Shard) -> set[str]:
+        """The names of the weight files the shard's tensors are in."""
+        return {self._file_of[n].name for n in self._stored_names(shard)}
+
+    def tensors(self, shard: Shard) -> dict[str, Tensor]:
+        """The shard's tensors under Hugging Face names (see WeightSource): float32 arrays, and
+        `Packed` for MLX-quantized modules."""
+        names = self._stored_names(shard)
+        absent = sorted({self._file_of[n].name for n in names} - {f.name for f in self._headers})
+        if absent:
+            raise UnsupportedModel(
+                f"{self.path}: shard {shard} needs {', '.join(absent)}, which is not there "
+                "(download it, or load a shard whose files are present)"
             )
-        wanted = {n: n for n in self._where if _in_shard(n, shard)}
-        if shard.is_last and (cfg.tie_word_embeddings or "lm_head.weight" not in self._where):
-            wanted.pop("lm_head.weight", None)
-            wanted["model.embed_tokens.weight"] = "model.embed_tokens.weight"
-            if not cfg.tie_word_embeddings:
-                log.warning("%s has no lm_head.weight: using the embeddings", self.path)
         by_file: dict[Path, list[str]] = defaultdict(list)
-        for name in wanted:
-            if name not in self._where:
-                raise UnsupportedModel(f"{self.path}: no tensor {name}")
-            by_file[self._where[name]].append(name)
-        out: dict[str, np.ndarray] = {}
-        for file, names in by_file.items():
-            out.update(self._read(file, names))
+        for name in names:
+            by_file[self._file_of[name]].append(name)
+        raw: dict[str, np.ndarray] = {}
+        for file, in_file in by_file.items():
+            raw.update(self._read(file, in_file))
+        out = self._assemble(raw)
         if shard.is_last and "lm_head.weight" not in out:
+            if "model.embed_tokens.weight" not in out:
+                raise UnsupportedModel(f"{self.path}: no tensor lm_head.weight or embeddings")
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
             if not shard.is_first:
                 del out["model.embed_tokens.weight"]
         log.debug("read %d tensors of %s from %s", len(out), shard, self.path)
         return out
 
+    def _stored_names(self, shard: Shard) -> list[str]:
+        """The names stored in the checkpoint that the shard needs (scales and biases too)."""
+        cfg = self._config
+        if shard.n_layers != cfg.num_hidden_layers:
+            raise ValueError(
+                f"shard {shard} does not fit a model of {cfg.num_hidden_layers} layers"
+            )
+        names = [n for n in self._file_of if _in_shard(n, shard)]
+        has_head = "lm_head.weight" in self._file_of
+        if shard.is_last and (cfg.tie_word_embeddings or not has_head):
+            names = [n for n in names if not n.startswith("lm_head.")]
+            names += [n for n in self._file_of if n.startswith("model.embed_tokens.")]
+            if not cfg.tie_word_embeddings:
+                log.warning("%s has no lm_head.weight: using the embeddings", self.path)
+        return sorted(set(names))
+
+    def _assemble(self, raw: dict[str, np.ndarray]) -> dict[str, Tensor]:
+        """Float tensors to float32; each MLX `weight`/`scales`/`biases` triple to one Packed."""
+        out: dict[str, Tensor] = {}
+        for name, array in raw.items():
+            module, _, leaf = name.rpartition(".")
+            if leaf in ("scales", "biases") and f"{module}.scales" in raw:
+                continue
+            dtype = self._dtype(name)
+            if leaf == "weight" and f"{module}.scales" in raw:
+                out[name] = self._packed(module, array, raw)
+            elif dtype not in FLOAT_DTYPES:
+                raise UnsupportedModel(f"{self.path}: tensor {name} has dtype {dtype}")
+            elif dtype == "BF16":
+                out[name] = (array.astype(np.uint32) << 16).view(np.float32)
+            else:
+                out[name] = array.astype(np.float32, copy=False)
+        return out
+
+    def _packed(self, module: str, weight: np.ndarray, raw: dict[str, np.ndarray]) -> Packed:
+        params = self._quant.of(module)
+        if params is None:
+            raise UnsupportedModel(f"{self.path}: {module} has scales but is not quantized")
+        bits, group = params
+        scale_dtype = self._dtype(f"{module}.scales")
+        if (
+            self._dtype(f"{module}.weight") != "U32"
+            or self._dtype(f"{module}.biases") != scale_dtype
+            or scale_dtype not in ("F16", "BF16", "F32")
+        ):
+            raise UnsupportedModel(f"{self.path}: {module} is not MLX affine-quantized")
+        try:
+            return Packed(
+                weight, raw[f"{module}.scales"], raw[f"{module}.biases"], bits, group, scale_dtype
+            )
+        except (KeyError, ValueError) as e:
+            raise UnsupportedModel(f"{self.path}: {module}: {e}") from None
+
+    def _dtype(self, name: str) -> str:
+        return str(self._headers[self._file_of[name]][1][name]["dtype"])
+
     def _read(self, file: Path, names: list[str]) -> dict[str, np.ndarray]:
-        """Float32 copies of the named tensors of one file."""
+        """The named tensors of one file as stored (BF16 as uint16 bit patterns)."""
         data_start, header = self._headers[file]
         out: dict[str, np.ndarray] = {}
-        with safe_open(str(file), framework="numpy") as f:
-            for name in names:
-                meta = header[name]
-                if meta["dtype"] not in FLOAT_DTYPES:
-                    raise UnsupportedModel(f"{file}: tensor {name} has dtype {meta['dtype']}")
-                if meta["dtype"] == "BF16":  # numpy has no bfloat16: widen the raw bits
-                    begin, end = meta["data_offsets"]
-                    bits = np.fromfile(
-                        file, dtype="<u2", count=(end - begin) // 2, offset=data_start + begin
-                    )
-                    out[name] = (
-                        (bits.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
-                    )
-                else:
-                    out[name] = f.get_tensor(name).astype(np.float32, copy=False)
+        for name in names:
+            meta = header[name]
+            if meta["dtype"] not in RAW:
+                raise UnsupportedModel(f"{file}: tensor {name} has dtype {meta['dtype']}")
+            dtype = np.dtype(RAW[meta["dtype"]])
+            begin, end = meta["data_offsets"]
+            count = (end - begin) // dtype.itemsize
+            array = np.fromfile(file, dtype=dtype, count=count, offset=data_start + begin)
+            out[name] = array.reshape(meta["shape"])
         return out
 
 
@@ -99,21 +198,22 @@ def _in_shard(name: str, shard: Shard) -> bool:
     if name.startswith("model.layers."):
         layer = int(name.split(".")[2])
         return shard.start <= layer < shard.end and not name.endswith("rotary_emb.inv_freq")
-    if name == "model.embed_tokens.weight":
+    if name.startswith("model.embed_tokens."):
         return shard.is_first
-    return shard.is_last and name in ("model.norm.weight", "lm_head.weight")
+    return shard.is_last and name.startswith(("model.norm.", "lm_head."))
 
 
-def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a directory, from its index when there is one."""
+def _weight_map(path: Path) -> dict[str, Path]:
+    """Tensor name → its file, from the index when there is one (files may be absent), else
+    from the headers of the directory's *.safetensors files."""
     index = path / INDEX_FILE
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        return [path / f for f in sorted(set(weight_map.values()))]
+        return {name: path / f for name, f in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UnsupportedModel(f"{path}: no *.safetensors files")
-    return files
+    return {name: f for f in files for name in _header(f)[1]}
 
 
 def _header(file: Path) -> tuple[int, dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 - build.py: compiles blocks.c and forward.c at first use (-march=native) and caches the library.
 - abi.py: the C structs and function signatures as ctypes sees them.
-- blocks.py: `BlockWeights`, a [n, k] matrix in Q8_0 ("q8") or Q4_1 ("q4") blocks, and its product.
+- blocks.py: `BlockWeights`, a [n, k] matrix in Q8_0 ("q8") or Q4_1 ("q4") blocks, and its product;
+  `blocks_of` turns MLX-packed weights into blocks exactly.
 - decoder.py: `Decoder`, every layer of a shard over a batch of rows in one call.
 - model.py: `Model`, a shard on blocks (embedding, decoder, final norm, 8-bit head), built from
   the shard's tensors.
@@ -13,7 +14,7 @@ The engines import this package without compiling anything; `library()` compiles
 """
 
 from shoal.engines.native.abi import Library
-from shoal.engines.native.blocks import BLOCK, LANES, BlockWeights, Kind
+from shoal.engines.native.blocks import BLOCK, LANES, BlockWeights, Kind, blocks_of
 from shoal.engines.native.build import library
 from shoal.engines.native.decoder import Decoder, DecoderLayer
 
@@ -25,5 +26,6 @@ __all__ = [
     "DecoderLayer",
     "Kind",
     "Library",
+    "blocks_of",
     "library",
 ]

@@ -2,7 +2,9 @@
  *
  * Weights are held in blocks of 32 along the input dimension, as GGUF does:
  *   q8: 32 int8 values and one fp16 scale d:             w = d * q      (GGUF Q8_0)
- *   q4: 32 4-bit values, an fp16 scale d and minimum m:  w = d * q + m  (GGUF Q4_1)
+ *       or, with minimums, 32 uint8 values, d and m:     w = d * q + m  (MLX 8-bit, exactly)
+ *   q4: 32 4-bit values, an fp16 scale d and minimum m:  w = d * q + m  (GGUF Q4_1; MLX 4-bit)
+ * d may be negative (MLX's scales are, in about half of all groups): nothing here assumes d >= 0.
  * Rows go in groups of 8 ("lanes"; the last group padded with zeros) so that one pass over a
  * block yields 8 outputs. A vector register holds two rows, lane j in its low 128 bits and lane
  * j + 4 in its high ones, so an activation row's values reach it by one 16-byte broadcast.
@@ -151,9 +153,9 @@ static inline __m256i lane_sums(const __m256i t[4]) {
 #endif
 
 /* out[r][l] = row r . lane l for one group, up to TILE rows. Per block, each lane's integer sum
- * is exact (at most 32 * 128 * 32385 < 2^31; q4: 32 * 15 * 32385 < 2^24) and goes into a float
- * accumulator with the block's two scales; q4 then adds its minimums times the activation
- * block sums. With AVX2 a block's weights are widened to int16 once for all rows, and madd
+ * is exact (at most 32 * 255 * 32385 < 2^31; q4: 32 * 15 * 32385 < 2^24) and goes into a float
+ * accumulator with the block's two scales; q4 (and q8 with minimums) then adds its minimums
+ * times the activation block sums. With AVX2 a block's weights are widened to int16 once for all rows, and madd
  * multiplies 16 pairs at once. */
 static inline __attribute__((always_inline)) void group(const shoal_matrix *m, int64_t g,
                                                         const int16_t *q, const float *dx,
@@ -161,7 +163,8 @@ static inline __attribute__((always_inline)) void group(const shoal_matrix *m, i
                                                         float out[][LANES]) {
     int64_t nb = m->k / QK, k = m->k;
     const uint16_t *wd = m->scales + g * nb * LANES;
-    const uint16_t *wm = m->kind == 4 ? m->minimums + g * nb * LANES : NULL;
+    const uint16_t *wm = m->minimums ? m->minimums + g * nb * LANES : NULL;
+    const int unsigned8 = m->kind == 8 && wm != NULL; /* q8 with minimums: values are uint8 */
     const int8_t *w8 = (const int8_t *)m->values + g * nb * (LANES * QK);
     const uint8_t *w4 = (const uint8_t *)m->values + g * nb * (LANES * QK / 2);
 #ifdef SHOAL_AVX2
@@ -170,9 +173,10 @@ static inline __attribute__((always_inline)) void group(const shoal_matrix *m, i
     for (int64_t b = 0; b < nb; b++) {
         __m256i wv[16]; /* wv[4 j + c]: values 8c .. 8c + 7 of lanes j and j + 4, as int16 */
         if (m->kind == 8) {
-            for (int i = 0; i < 16; i++)
-                wv[i] = _mm256_cvtepi8_epi16(
-                    _mm_loadu_si128((const __m128i *)(w8 + b * (LANES * QK) + 16 * i)));
+            for (int i = 0; i < 16; i++) {
+                __m128i raw = _mm_loadu_si128((const __m128i *)(w8 + b * (LANES * QK) + 16 * i));
+                wv[i] = unsigned8 ? _mm256_cvtepu8_epi16(raw) : _mm256_cvtepi8_epi16(raw);
+            }
         } else {
             const __m256i nibble = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
             for (int j = 0; j < 4; j++) {
@@ -219,7 +223,8 @@ static inline __attribute__((always_inline)) void group(const shoal_matrix *m, i
                 for (int v = 0; v < QK; v++) {
                     int value;
                     if (m->kind == 8) {
-                        value = w8[b * (LANES * QK) + q8_at(l, v)];
+                        int8_t byte = w8[b * (LANES * QK) + q8_at(l, v)];
+                        value = unsigned8 ? (int)(uint8_t)byte : (int)byte;
                     } else {
                         uint8_t byte = w4[b * (LANES * QK / 2) + q4_at(l, v)];
                         value = v < QK / 2 ? byte & 0x0f : byte >> 4;
@@ -247,7 +252,11 @@ void shoal_dequantize(const shoal_matrix *m, float *w, int threads) {
         for (int l = 0; l < LANES && g * LANES + l < m->n; l++) {
             float scale = half_to_float(m->scales[i * LANES + l]);
             float *out = w + (g * LANES + l) * m->k + b * QK;
-            if (m->kind == 8) {
+            if (m->kind == 8 && m->minimums) {
+                const uint8_t *in = (const uint8_t *)m->values + i * (LANES * QK);
+                float low = half_to_float(m->minimums[i * LANES + l]);
+                for (int v = 0; v < QK; v++) out[v] = scale * (float)in[q8_at(l, v)] + low;
+            } else if (m->kind == 8) {
                 const int8_t *in = (const int8_t *)m->values + i * (LANES * QK);
                 for (int v = 0; v < QK; v++) out[v] = scale * (float)in[q8_at(l, v)];
             } else {

@@ -4,6 +4,8 @@ The shard's tensors under Hugging Face names are taken once: q, k, v fused into 
 gate and up into another, o and down, each in q8 (int8) or q4 (int4) blocks; the norms, the qwen2
 q/k/v bias and the qwen3 q/k norms stay float32. The embedding stays float32 and the head is q8
 blocks whatever the layers' format (4 bits cost accuracy there, so GGUFs keep it at 6-8 bits).
+MLX-quantized (packed) weights keep their own format instead, exactly: 4-bit as q4 blocks, 8-bit
+as q8 blocks with minimums, a packed embedding packed (rows dequantized per lookup).
 A pass is an embedding lookup, `Decoder.forward` through every layer, the final norm and the head:
 the same code for a prompt's rows and a decode step's, so a row's result never depends on the
 rest of the batch.
@@ -18,8 +20,9 @@ from shoal.engines.args import ModelArgs
 from shoal.engines.base import ProgressFn
 from shoal.engines.checkpoint import Checkpoint
 from shoal.engines.native.abi import Library
-from shoal.engines.native.blocks import BLOCK, BlockWeights, Kind
+from shoal.engines.native.blocks import BLOCK, BlockWeights, Kind, blocks_of
 from shoal.engines.native.decoder import Decoder, DecoderLayer
+from shoal.engines.packed import Packed, concat_rows
 from shoal.types.shard import Shard
 
 F32 = np.float32
@@ -47,8 +50,12 @@ class Blocks:
     kind: Kind
     threads: int
 
-    def __call__(self, weight: np.ndarray, kind: Kind | None = None) -> BlockWeights:
-        return BlockWeights.quantize(self.lib, weight, kind or self.kind, self.threads)
+    def __call__(
+        self, weight: np.ndarray | Packed, name: str, kind: Kind | None = None
+    ) -> BlockWeights:
+        """A float weight in `kind` (default: the layers' format); a packed one exactly in its
+        own where it can be (native/blocks.py blocks_of)."""
+        return blocks_of(self.lib, weight, kind or self.kind, self.threads, name)
 
 
 def _layer(ckpt: Checkpoint, args: ModelArgs, index: int, blocks: Blocks) -> DecoderLayer:
@@ -58,20 +65,21 @@ def _layer(ckpt: Checkpoint, args: ModelArgs, index: int, blocks: Blocks) -> Dec
     sizes = {"q": args.num_attention_heads * d, "k": args.num_key_value_heads * d}
     sizes["v"] = sizes["k"]
     attn = f"{name}.self_attn"
-    qkv = np.concatenate(
-        [ckpt.take(f"{attn}.{p}_proj.weight", (n, hidden)) for p, n in sizes.items()]
+    qkv = concat_rows(
+        [ckpt.take_packed(f"{attn}.{p}_proj.weight", (n, hidden)) for p, n in sizes.items()]
     )  # [(H + 2 KV) * D, hidden]
     bias = None
     if args.attention_bias:
         bias = np.concatenate([ckpt.take(f"{attn}.{p}_proj.bias", (n,)) for p, n in sizes.items()])
-    gate_up = np.concatenate(
-        [ckpt.take(f"{name}.mlp.{p}_proj.weight", (inter, hidden)) for p in ("gate", "up")]
+    gate_up = concat_rows(
+        [ckpt.take_packed(f"{name}.mlp.{p}_proj.weight", (inter, hidden)) for p in ("gate", "up")]
     )  # [2 * inter, hidden]
+    o, down = f"{attn}.o_proj.weight", f"{name}.mlp.down_proj.weight"
     return DecoderLayer(
-        qkv=blocks(qkv),  # [(H + 2 KV) * D, hidden]
-        o=blocks(ckpt.take(f"{attn}.o_proj.weight", (hidden, sizes["q"]))),
-        gate_up=blocks(gate_up),
-        down=blocks(ckpt.take(f"{name}.mlp.down_proj.weight", (hidden, inter))),
+        qkv=blocks(qkv, f"{attn}.qkv"),  # [(H + 2 KV) * D, hidden]
+        o=blocks(ckpt.take_packed(o, (hidden, sizes["q"])), o),
+        gate_up=blocks(gate_up, f"{name}.mlp.gate_up"),
+        down=blocks(ckpt.take_packed(down, (hidden, inter)), down),
         attn_norm=ckpt.take(f"{name}.input_layernorm.weight", (hidden,)),
         mlp_norm=ckpt.take(f"{name}.post_attention_layernorm.weight", (hidden,)),
         qkv_bias=bias,
@@ -87,7 +95,7 @@ class Model:
         self,
         args: ModelArgs,
         shard: Shard,
-        tensors: Mapping[str, np.ndarray],
+        tensors: Mapping[str, np.ndarray | Packed],
         blocks: Blocks,
         inv_freq: np.ndarray,
         progress: ProgressFn | None = None,
@@ -98,17 +106,21 @@ class Model:
         total = shard.end - shard.start
         if progress is not None:
             progress(0, total)
+        # [vocab, hidden]; a packed (MLX) table stays packed, its rows dequantized per lookup
         self.embed_tokens = (
-            ckpt.take("model.embed_tokens.weight", (vocab, hidden)) if shard.is_first else None
-        )  # [vocab, hidden]
+            ckpt.take_packed("model.embed_tokens.weight", (vocab, hidden))
+            if shard.is_first
+            else None
+        )
         layers = []
         for done, index in enumerate(range(shard.start, shard.end), start=1):
             layers.append(_layer(ckpt, args, index, blocks))
             if progress is not None:
                 progress(done, total)
         self.norm = ckpt.take("model.norm.weight", (hidden,)) if shard.is_last else None
-        head = ckpt.take("lm_head.weight", (vocab, hidden)) if shard.is_last else None
-        self.head = None if head is None else blocks(head, kind="q8")  # [vocab, hidden] blocks
+        head = ckpt.take_packed("lm_head.weight", (vocab, hidden)) if shard.is_last else None
+        # [vocab, hidden] blocks: q8 from floats, a packed head exactly in its own format
+        self.head = None if head is None else blocks(head, "lm_head.weight", kind="q8")
         ckpt.finish(f"{args.model_type} shard {shard}")
         self.decoder = Decoder.for_model(blocks.lib, args, inv_freq, layers)
 

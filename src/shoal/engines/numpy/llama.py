@@ -10,7 +10,8 @@ per item.
 Int8 and int4 shards run on the native engine (NumpyEngine hands them to native/engine.py); this
 file runs them itself only where that engine cannot (a width that is not whole blocks of 32):
 then each projection is a block matrix (shoal.engines.native), the head in int8. Without a C
-compiler they stay float32.
+compiler they stay float32. MLX-quantized (packed) weights become blocks in their own format
+exactly where blocks are used, and float32 elsewhere; a packed embedding table stays packed.
 """
 
 import math
@@ -26,6 +27,7 @@ from shoal.engines.args import ModelArgs
 from shoal.engines.base import ProgressFn
 from shoal.engines.cache import KVCache
 from shoal.engines.checkpoint import Checkpoint
+from shoal.engines.packed import Packed, concat_rows, dense
 from shoal.errors import UnsupportedModel
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
@@ -98,21 +100,30 @@ class Formats:
         return cls(lib, "q8" if quant == "int8" else "q4", max(1, threads or os.cpu_count() or 1))
 
     def projection(
-        self, weight: np.ndarray, bias: np.ndarray | None = None, *, kind: native.Kind | None = None
+        self,
+        weight: np.ndarray | Packed,
+        bias: np.ndarray | None = None,
+        *,
+        kind: native.Kind | None = None,
+        name: str = "",
     ) -> Projection:
-        """The [out, in] weight as a projection in this format (kind overrides q8/q4)."""
+        """The [out, in] weight as a projection in this format (kind overrides q8/q4; a packed
+        weight keeps its own block format where it maps exactly)."""
         if self.lib is None or weight.shape[1] % native.BLOCK:
-            return Linear(weight, bias)
-        blocks = native.BlockWeights.quantize(self.lib, weight, kind or self.kind, self.threads)
+            return Linear(dense(weight), bias)
+        blocks = native.blocks_of(self.lib, weight, kind or self.kind, self.threads, name)
         return BlockLinear(blocks, bias, self.threads)
 
 
 def take_fused(
     ckpt: Checkpoint, names: Sequence[str], n_in: int, sizes: Sequence[int], bias: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray | Packed, np.ndarray | None]:
     """The [out, in] weights of several projections stacked into one (and their biases)."""
-    weight = np.concatenate(
-        [ckpt.take(f"{n}.weight", (size, n_in)) for n, size in zip(names, sizes, strict=True)]
+    weight = concat_rows(
+        [
+            ckpt.take_packed(f"{n}.weight", (size, n_in))
+            for n, size in zip(names, sizes, strict=True)
+        ]
     )
     if not bias:
         return weight, None
@@ -207,8 +218,10 @@ class Attention:
         names = [f"{name}.{p}_proj" for p in "qkv"]
         sizes = [self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d]
         weight, bias = take_fused(ckpt, names, hidden, sizes, args.attention_bias)
-        self.qkv = formats.projection(weight, bias)  # [N, hidden] → [N, (H + 2 KV) * D]
-        self.o_proj = formats.projection(ckpt.take(f"{name}.o_proj.weight", (hidden, sizes[0])))
+        # [N, hidden] → [N, (H + 2 KV) * D]
+        self.qkv = formats.projection(weight, bias, name=f"{name}.qkv")
+        o = f"{name}.o_proj.weight"
+        self.o_proj = formats.projection(ckpt.take_packed(o, (hidden, sizes[0])), name=o)
         eps = args.rms_norm_eps
         self.q_norm = RMSNorm(ckpt, f"{name}.q_norm", d, eps) if args.qk_norm else None
         self.k_norm = RMSNorm(ckpt, f"{name}.k_norm", d, eps) if args.qk_norm else None
@@ -246,8 +259,10 @@ class MLP:
         names = [f"{name}.gate_proj", f"{name}.up_proj"]
         weight, _ = take_fused(ckpt, names, hidden, [inner, inner], bias=False)
         self.inner = inner
-        self.gate_up = formats.projection(weight)  # [N, hidden] → [N, 2 * inner]
-        self.down_proj = formats.projection(ckpt.take(f"{name}.down_proj.weight", (hidden, inner)))
+        # [N, hidden] → [N, 2 * inner]
+        self.gate_up = formats.projection(weight, name=f"{name}.gate_up")
+        down = f"{name}.down_proj.weight"
+        self.down_proj = formats.projection(ckpt.take_packed(down, (hidden, inner)), name=down)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         gate_up = self.gate_up(x)  # [N, 2 * inner]
@@ -293,7 +308,11 @@ class Model:
         total = shard.end - shard.start
         if progress is not None:
             progress(0, total)
-        embed = ckpt.take("model.embed_tokens.weight", (vocab, hidden)) if shard.is_first else None
+        embed = (
+            ckpt.take_packed("model.embed_tokens.weight", (vocab, hidden))
+            if shard.is_first
+            else None
+        )
         # Keyed by global index: `model.layers.12.…` on a shard [10, 20) is layers[12].
         self.layers: dict[int, Block] = {}
         for i in range(shard.start, shard.end):
@@ -302,14 +321,18 @@ class Model:
                 progress(i - shard.start + 1, total)
         self.norm = RMSNorm(ckpt, "model.norm", hidden, eps) if shard.is_last else None
         # The head stays 8-bit under int4, as GGUFs keep it (4 bits cost accuracy there).
-        head = ckpt.take("lm_head.weight", (vocab, hidden)) if shard.is_last else None
-        self.lm_head = None if head is None else formats.projection(head, kind="q8")
-        # [vocab, hidden]; tied on a whole float model, a view of the head's [hidden, vocab].
-        self.embed_tokens: np.ndarray | None = None
-        if embed is not None and isinstance(self.lm_head, Linear) and args.tie_word_embeddings:
+        # (A packed head keeps its own format in blocks, exactly.)
+        head = ckpt.take_packed("lm_head.weight", (vocab, hidden)) if shard.is_last else None
+        self.lm_head = (
+            None if head is None else formats.projection(head, kind="q8", name="lm_head.weight")
+        )
+        # [vocab, hidden]; tied on a whole float model, a view of the head's [hidden, vocab]; a
+        # packed table stays packed, its rows dequantized per lookup.
+        self.embed_tokens: np.ndarray | Packed | None = embed
+        tied = isinstance(self.lm_head, Linear) and args.tie_word_embeddings
+        if isinstance(embed, np.ndarray) and tied:
+            assert isinstance(self.lm_head, Linear)
             self.embed_tokens = self.lm_head.weight.T
-        elif embed is not None:
-            self.embed_tokens = np.ascontiguousarray(embed, dtype=F32)
         self.inv_freq = rope_frequencies(args)  # [D/2]
 
     def __call__(
@@ -355,7 +378,7 @@ def model_args(cfg: ModelConfig, shard: Shard) -> ModelArgs:
 def build_model(
     args: ModelArgs,
     shard: Shard,
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray | Packed],
     progress: ProgressFn | None = None,
     formats: Formats | None = None,
 ) -> Model:

@@ -11,6 +11,7 @@ from shoal.engines.args import ModelArgs
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
 from shoal.engines.cache import CacheStore
 from shoal.engines.native import engine as native
+from shoal.engines.packed import Packed, dense
 from shoal.engines.torch import graphs
 from shoal.engines.torch.llama import (
     Block,
@@ -167,8 +168,12 @@ class TorchEngine:
         cpu = self.device.type == "cpu" and self.dtype == torch.float32
         return cpu and native.runs(self.quant, args)
 
-    def _assign(self, model: Model, name: str, array: np.ndarray, shape: torch.Size) -> None:
-        """A projection stays a float32 CPU tensor until pack(); the rest goes to the device."""
+    def _assign(
+        self, model: Model, name: str, tensor: np.ndarray | Packed, shape: torch.Size
+    ) -> None:
+        """A projection stays a float32 CPU tensor until pack(); the rest goes to the device.
+        A packed (MLX) tensor is dequantized to the float32 values it stands for."""
+        array = dense(tensor)
         projection = name.endswith(("_proj.weight", "_proj.bias")) or name == "lm_head.weight"
         if projection:
             _assign(model, name, array, shape, torch.device("cpu"), torch.float32)
