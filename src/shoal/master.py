@@ -141,7 +141,11 @@ class Master:
             self.append([InstanceDeleted(instance_id=iid, reason=why)])
             new_id = new_instance_id(old.model_id)
             command = PlaceModel(
-                instance_id=new_id, model_id=old.model_id, policy=old.policy, avoid=avoid
+                instance_id=new_id,
+                model_id=old.model_id,
+                policy=old.policy,
+                avoid=avoid,
+                card=old.card,
             )
             placed = self._placer(command, self._store.state)
             if isinstance(placed, str):

@@ -27,7 +27,7 @@ def why_not_runnable(card: ModelCard) -> str | None:
     if card.architecture not in LLAMA_FAMILY:
         supported = ", ".join(sorted(LLAMA_FAMILY))
         return f"architecture {card.architecture} is not supported yet (supported: {supported})"
-    if not any(w.format in ("gguf", "safetensors") for w in card.weights):
+    if not any(w.format in ("gguf", "safetensors", "mlx") for w in card.weights):
         return f"no engine here reads its {card.weights[0].format if card.weights else ''} weights"
     return None
 
@@ -44,7 +44,7 @@ def make_placer(catalog: Catalog) -> Placer:
     """The master's placer: the card from the catalog, the profiles from the state."""
 
     def placer(command: PlaceModel, state: State) -> Instance | str:
-        card = catalog.get(command.model_id)
+        card = command.card or catalog.get(command.model_id)
         if (reason := why_not_runnable(card)) is not None:
             return reason
         usable = [p for p in profiles_of(state) if p.node_id not in command.avoid]
@@ -56,6 +56,8 @@ def make_placer(catalog: Catalog) -> Placer:
             engine=command.engine,
             instance_id=command.instance_id,
         )
-        return found.reason if isinstance(found, NoFit) else found.instance
+        if isinstance(found, NoFit):
+            return found.reason
+        return found.instance.model_copy(update={"card": command.card})
 
     return placer

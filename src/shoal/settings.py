@@ -46,6 +46,7 @@ ENV: dict[str, str] = {
     "lease_ms": "SHOAL_LEASE_MS",
     "join": "SHOAL_JOIN",
     "enrol_port": "SHOAL_ENROL_PORT",
+    "files_port": "SHOAL_FILES_PORT",
     "profile_interval_s": "SHOAL_PROFILE_INTERVAL_S",
     "microbench": "SHOAL_MICROBENCH",
     "probe_engines": "SHOAL_PROBE_ENGINES",
@@ -95,6 +96,7 @@ class Settings(BaseModel):
     lease_ms: int = Field(default=2000, ge=100)  # a hung peer is dropped after this
     join: str | None = None  # a join token from `shoal invite`; used once, on first start
     enrol_port: int = Field(default=52417, ge=0, le=65535)  # joins and removals (TLS) come here
+    files_port: int = Field(default=52418, ge=0, le=65535)  # model files for members (mTLS)
     profile_interval_s: float = Field(default=5.0, gt=0)
     microbench: bool = True  # measure bandwidth and matmul speed once (cached)
     probe_engines: bool = True  # offer llama.cpp and MLX only once they ran a tiny model here

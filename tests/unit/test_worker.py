@@ -73,6 +73,10 @@ class CrashingRunner:
         pass
 
 
+async def fetch_here(_assignment: Any, _progress: Any) -> Path:
+    return Path("/m")
+
+
 @pytest.mark.timeout(20)
 async def test_a_crashing_runner_is_retried_with_backoff_then_given_up(
     monkeypatch: pytest.MonkeyPatch,
@@ -93,7 +97,7 @@ async def test_a_crashing_runner_is_retried_with_backoff_then_given_up(
         lambda: state((A, 0, 30)),
         wait_changed,
         report,
-        lambda _: Path("/m"),
+        fetch_here,
         options=RunnerOptions(keep_spare=False),
         watch=Watch(max_restarts=2, backoff_s=0.05),
     )

@@ -53,6 +53,8 @@ class NodeProcess:
     threads: int = 1
     python: str = sys.executable
     enrol_port: int = 0
+    files_port: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # over os.environ (HF_HUB_OFFLINE=1)
     proc: subprocess.Popen[bytes] = field(init=False)
     _node_id: str = field(default="", init=False)
 
@@ -88,9 +90,10 @@ class NodeProcess:
             str(self.threads),
             *(["--control-port", str(self.control_port)] if self.control_port else []),
             *(["--enrol-port", str(self.enrol_port)] if self.enrol_port else []),
+            *(["--files-port", str(self.files_port)] if self.files_port else []),
             *self.args,
         ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -151,11 +154,26 @@ def start_node(
 
 
 def _node_at(
-    data: Path, port: int, args: Sequence[str], threads: int = 1, python: str = sys.executable
+    data: Path,
+    port: int,
+    args: Sequence[str],
+    threads: int = 1,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
 ) -> NodeProcess:
     cache = [] if "--weights-cache" in args else ["--weights-cache", str(SHARED_WEIGHTS_CACHE)]
-    control, enrol_port = free_ports(2, avoid=port)
-    return NodeProcess(data, port, [*args, *cache], control, threads, python, enrol_port=enrol_port)
+    control, enrol_port, files_port = free_ports(3, avoid=port)
+    return NodeProcess(
+        data,
+        port,
+        [*args, *cache],
+        control,
+        threads,
+        python,
+        enrol_port=enrol_port,
+        files_port=files_port,
+        env=env or {},
+    )
 
 
 # One dequantized-weights cache for every node started here: each node's own would rewrite
@@ -171,7 +189,10 @@ def invite(founder: NodeProcess) -> str:
 
 
 def start_cluster_node(
-    tmp: Path, peers: Sequence[NodeProcess] = (), args: Sequence[str] = ()
+    tmp: Path,
+    peers: Sequence[NodeProcess] = (),
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> NodeProcess:
     """A node that knows `peers` statically (multicast stays off), with fast test timings.
 
@@ -187,4 +208,4 @@ def start_cluster_node(
         Credentials.create(data, "default")
         join = []
     extra = [*CLUSTER_FLAGS, *(["--peers", peer_arg] if peer_arg else []), *join, *args]
-    return _node_at(data, port, extra)
+    return _node_at(data, port, extra, env=env)

@@ -39,7 +39,7 @@ class ModelHandle(Protocol):
         ...
 
 
-Availability = Literal["ready", "loading", "available", "unavailable", "failed"]
+Availability = Literal["ready", "downloading", "loading", "available", "unavailable", "failed"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,11 @@ class ModelStatus:
 
     status: Availability
     reason: str | None = None
-    progress: tuple[int, int] | None = None  # (done, total) while loading
+    progress: tuple[int, int] | None = None  # (done, total): bytes downloading, layers loading
 
     @property
     def runnable(self) -> bool:
-        return self.status in ("ready", "loading", "available")
+        return self.status in ("ready", "downloading", "loading", "available")
 
 
 class InferenceService(Protocol):

@@ -14,9 +14,11 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from shoal.cluster import ClusterNode
-from shoal.errors import ModelUnavailable
+from shoal.errors import ModelNotFound, ModelUnavailable
 from shoal.inference.pipeline import PipelineBroken
 from shoal.inference.remote import RemotePipeline
 from shoal.inference.service import ModelStatus
@@ -32,10 +34,24 @@ from shoal.types.commands import PlaceModel
 from shoal.types.ids import InstanceId, ModelId, new_instance_id
 from shoal.types.instance import Instance, Policy
 from shoal.types.model_card import ModelCard
+from shoal.types.runner import Downloading, Loading
 
 log = logging.getLogger(__name__)
 
 RETRY_REFUSED_S = 1.0  # every ready chain refused a connection: try again after this at most
+
+# A card for an id no catalog knows: a Hugging Face repo id (`org/name`), made from its
+# config.json (models/hub_card.py); raises ModelNotFound with one line.
+ResolveCard = Callable[[str], Awaitable[ModelCard]]
+# Where this node has (or fetches) the config and tokenizer files of a model.
+TokenizerFiles = Callable[[ModelCard], Awaitable[Path]]
+
+
+async def _local_files(card: ModelCard) -> Path:
+    found = find_local_weights(card)
+    if found is None:
+        raise ModelUnavailable(f"this node has no tokenizer for {card.id} (no weights)")
+    return found[1]
 
 
 class ClusterService:
@@ -54,7 +70,11 @@ class ClusterService:
         tls: ssl.SSLContext | None = None,  # the data plane's client context (RemotePipeline)
         ready_timeout_s: float = 300.0,
         failover_timeout_s: float = 120.0,
+        resolve: ResolveCard | None = None,
+        tokenizer_files: TokenizerFiles = _local_files,
     ) -> None:
+        self._resolve = resolve
+        self._tokenizer_files = tokenizer_files
         self._failover_timeout = failover_timeout_s
         self._cluster = cluster
         self._catalog = catalog
@@ -77,7 +97,26 @@ class ClusterService:
         return self._catalog.all()
 
     def card(self, model_id: str) -> ModelCard:
-        return self._catalog.get(model_id)
+        """The catalog's card, or the card an instance of the model was placed with."""
+        try:
+            return self._catalog.get(model_id)
+        except ModelNotFound:
+            for record in self._cluster.state.instances.values():
+                if record.instance.card is not None and record.instance.model_id == model_id:
+                    self._catalog.add(record.instance.card)
+                    return record.instance.card
+            raise
+
+    async def resolve(self, model_id: str) -> ModelCard:
+        """`card`, or for a Hugging Face repo id (`org/name`) a card made from the repo."""
+        try:
+            return self.card(model_id)
+        except ModelNotFound:
+            if self._resolve is None or model_id.count("/") != 1:
+                raise
+        card = await self._resolve(model_id)
+        self._catalog.add(card)
+        return card
 
     def active_requests(self) -> int:
         return sum(h.scheduler.load for h in self._handles.values())
@@ -106,8 +145,13 @@ class ClusterService:
             return ModelStatus("ready")
         failed = [r for r in records if any(x.status.kind == "failed" for x in r.runners.values())]
         loading = [r for r in records if r not in failed]
+        statuses = [x.status for r in loading for x in r.runners.values()]
+        downloading = [x for x in statuses if isinstance(x, Downloading)]
+        if downloading:
+            done, total = sum(x.done for x in downloading), sum(x.total for x in downloading)
+            return ModelStatus("downloading", progress=(done, total))
         if loading:
-            done = sum(getattr(x.status, "done", 0) for r in loading for x in r.runners.values())
+            done = sum(x.done for x in statuses if isinstance(x, Loading))
             total = sum(r.instance.n_layers for r in loading)
             return ModelStatus("loading", progress=(done, total))
         if failed:
@@ -123,7 +167,7 @@ class ClusterService:
             pinned = self._cluster.state.instances.get(InstanceId(model_id))
             if pinned is not None:
                 return await self._pinned(pinned.instance.instance_id)
-            return await self._ready_instance(self._catalog.get(model_id))
+            return await self._ready_instance(await self.resolve(model_id))
         except TimeoutError:
             raise ModelUnavailable(
                 f"{model_id} did not become ready within {self._ready_timeout:.0f} s"
@@ -156,7 +200,7 @@ class ClusterService:
                 if record is None:
                     raise ModelUnavailable(f"instance {instance_id} is gone")
                 if record.ready:
-                    card = self._catalog.get(record.instance.model_id)
+                    card = record.instance.card or self.card(record.instance.model_id)
                     return await self._handle(card, record)
                 failed = [r for r in record.runners.values() if r.status.kind == "failed"]
                 if failed:
@@ -174,12 +218,17 @@ class ClusterService:
         engine: str | None = None,
     ) -> Instance:
         """Ask the master to place an instance; returns it once this node's state has it."""
-        card = self._catalog.get(model_id)
+        card = await self.resolve(model_id)
         if (reason := why_not_runnable(card)) is not None:
             raise ModelUnavailable(f"cannot run {card.id}: {reason}")
         instance_id = new_instance_id(card.id)
         command = PlaceModel(
-            instance_id=instance_id, model_id=card.id, policy=policy, layers=layers, engine=engine
+            instance_id=instance_id,
+            model_id=card.id,
+            policy=policy,
+            layers=layers,
+            engine=engine,
+            card=card,  # every worker loads by the card this node placed it with
         )
         result = await self._cluster.command(command)
         if not result.ok:
@@ -290,10 +339,8 @@ class ClusterService:
 
     async def _tokenizer(self, card: ModelCard) -> Tokenizer:
         if (tokenizer := self._tokenizers.get(card.id)) is None:
-            found = find_local_weights(card)
-            if found is None:
-                raise ModelUnavailable(f"this node has no tokenizer for {card.id} (no weights)")
-            tokenizer = await asyncio.to_thread(lambda: open_weights(found[1]).tokenizer())
+            path = await self._tokenizer_files(card)
+            tokenizer = await asyncio.to_thread(lambda: open_weights(path).tokenizer())
             self._tokenizers[card.id] = tokenizer
         return tokenizer
 

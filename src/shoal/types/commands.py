@@ -7,6 +7,7 @@ from pydantic import Field
 from shoal.types.ids import InstanceId, ModelId, NodeId
 from shoal.types.instance import Policy
 from shoal.types.message import Message
+from shoal.types.model_card import ModelCard
 
 
 class _Command(Message):
@@ -30,6 +31,7 @@ class PlaceModel(_Command):
     layers: str | None = None
     engine: str | None = None
     avoid: tuple[NodeId, ...] = ()  # nodes not to use (a stage there kept failing)
+    card: ModelCard | None = None  # for a model outside the catalogs (a Hub repo id)
 
 
 class DeleteInstance(_Command):

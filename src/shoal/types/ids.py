@@ -10,5 +10,6 @@ ModelId = NewType("ModelId", str)
 
 
 def new_instance_id(model_id: str) -> InstanceId:
-    """A fresh id for an instance of the model: `<model id>-<8 hex digits>`."""
-    return InstanceId(f"{model_id}-{uuid.uuid4().hex[:8]}")
+    """A fresh id for an instance of the model: `<model id>-<8 hex digits>` (a repo id's `/`
+    as `--`, so the id is one URL path segment)."""
+    return InstanceId(f"{model_id.replace('/', '--')}-{uuid.uuid4().hex[:8]}")

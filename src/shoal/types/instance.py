@@ -6,6 +6,7 @@ from pydantic import Field, model_validator
 
 from shoal.types.ids import InstanceId, ModelId, NodeId
 from shoal.types.message import Message
+from shoal.types.model_card import ModelCard
 
 Policy = Literal["latency", "throughput"]
 
@@ -32,6 +33,9 @@ class Instance(Message):
     stages: tuple[StagePlan, ...] = Field(min_length=1)
     policy: Policy = "latency"
     predicted_tok_s: float | None = None
+    # The card itself when the model is not in every node's catalog (a Hugging Face repo id
+    # resolved by the node that placed it): workers fetch and load by it.
+    card: ModelCard | None = None
 
     @model_validator(mode="after")
     def _contiguous(self) -> "Instance":

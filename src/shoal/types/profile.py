@@ -35,5 +35,5 @@ class NodeProfile(Message):
     memory_bandwidth_gbs: float | None = None  # measured once, cached on disk
     matmul_gflops: float | None = None  # measured once, cached on disk
     api_url: str = ""  # http://host:port of this node's API
-    data_addr: str = ""  # host:port of its data plane
+    data_addr: str = ""  # host:port of its file server (model files for members, mutual TLS)
     version: str = ""

@@ -7,6 +7,15 @@ from pydantic import Field
 from shoal.types.message import Message
 
 
+class Downloading(Message):
+    """Fetching the stage's weight files (from peers first, then the Hub): bytes `done` of
+    `total`."""
+
+    kind: Literal["downloading"] = "downloading"
+    done: int = Field(default=0, ge=0)
+    total: int = Field(default=0, ge=0)
+
+
 class Loading(Message):
     """Reading weights: `done` of `total` units (layers)."""
 
@@ -31,4 +40,4 @@ class Failed(Message):
     reason: str
 
 
-RunnerStatus = Annotated[Loading | Ready | Failed, Field(discriminator="kind")]
+RunnerStatus = Annotated[Downloading | Loading | Ready | Failed, Field(discriminator="kind")]

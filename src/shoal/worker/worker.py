@@ -10,15 +10,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from shoal.errors import ShoalError
 from shoal.net.frames import WireDType
 from shoal.state.model import State
 from shoal.types.events import Event, RunnerStatusChanged
-from shoal.types.ids import ModelId, NodeId
-from shoal.types.runner import Failed, Loading, Ready, RunnerStatus
+from shoal.types.ids import NodeId
+from shoal.types.instance import Instance
+from shoal.types.runner import Downloading, Failed, Loading, Ready, RunnerStatus
 from shoal.types.weights import DType, Quant
 from shoal.worker.pipe import RunnerConfig, RunnerExited, RunnerFailed, RunnerLoading, RunnerReady
 from shoal.worker.plan import Assignment, StageKey, plan
@@ -27,7 +30,10 @@ from shoal.worker.supervisor import RunnerProcess
 log = logging.getLogger(__name__)
 
 Report = Callable[[Event], Awaitable[None]]
-Locate = Callable[[ModelId], Path | None]  # where this node has the model's weights
+ProgressFn = Callable[[int, int], None]  # (bytes done, bytes to fetch)
+# The path a stage loads its weights from, fetched first where they are not here
+# (worker/fetch.py); raises ShoalError with one line when they cannot be had.
+Fetch = Callable[[Assignment, ProgressFn], Coroutine[Any, Any, Path]]
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class Watch:
     """How the worker watches its runners: loading reports, restarts after a crash."""
 
     progress_steps: int = 4  # Loading events per load
+    download_report_s: float = 1.0  # at most one Downloading event per this while fetching
     max_restarts: int = 3  # then the stage is Failed (and re-placed elsewhere)
     backoff_s: float = 0.5  # before the first restart, doubled for each next one
 
@@ -74,9 +81,9 @@ class Worker:
         state: Callable[[], State],
         wait_past: Callable[[int], Awaitable[None]],  # until the state is past an index
         report: Report,
-        locate: Locate,
+        fetch: Fetch,
         *,
-        quant: Callable[[ModelId], Quant] = lambda _: "none",  # the weight format of a model
+        quant: Callable[[Instance], Quant] = lambda _: "none",  # the weight format of a model
         options: RunnerOptions = RunnerOptions(),
         watch: Watch = Watch(),
     ) -> None:
@@ -88,7 +95,8 @@ class Worker:
         self._state = state
         self._wait_past = wait_past
         self._report = report
-        self._locate = locate
+        self._fetch = fetch
+        self._fetching: dict[StageKey, asyncio.Task[None]] = {}  # weights on their way
         self._advertise = options.advertise or options.host
         self._quant = quant
         self._running: dict[StageKey, _Running] = {}
@@ -112,7 +120,11 @@ class Worker:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Stop every runner process (and the spare)."""
+        """Stop every download, every runner process (and the spare)."""
+        fetching, self._fetching = self._fetching, {}
+        for task in fetching.values():
+            task.cancel()
+        await asyncio.gather(*fetching.values(), return_exceptions=True)
         running, self._running = self._running, {}
         for item in running.values():
             await self._stop(item)
@@ -130,6 +142,9 @@ class Worker:
     async def _reconcile(self) -> None:
         await self._revoke(self._state().revoked)
         wanted = plan(self._state(), self._me)
+        for key in [k for k in self._fetching if k not in wanted]:
+            log.info("stopping the download for %s: no longer placed here", key)
+            self._fetching.pop(key).cancel()
         for key in [k for k in self._running if k not in wanted]:
             log.info("stopping runner %s: no longer placed here", key)
             stopping = asyncio.create_task(self._stop(self._running.pop(key)))
@@ -139,8 +154,13 @@ class Worker:
         now = time.monotonic()
         for key, assignment in wanted.items():
             item = self._running.get(key)
-            if item is None and key not in self._done and self._retry_at.get(key, 0) <= now:
-                await self._start(assignment)
+            if (
+                item is None
+                and key not in self._done
+                and key not in self._fetching
+                and self._retry_at.get(key, 0) <= now
+            ):
+                self._start(assignment)
             elif item is not None and not assignment.last and item.route != assignment.next_addr:
                 item.route = assignment.next_addr
                 await item.process.route(assignment.next_addr)
@@ -154,14 +174,46 @@ class Worker:
             with contextlib.suppress(ConnectionError, RuntimeError):  # an exiting runner
                 await item.process.revoke(revoked)
 
-    async def _start(self, assignment: Assignment) -> None:
-        key, stage = assignment.key, assignment.plan
-        path = self._locate(assignment.instance.model_id)
-        if path is None:
+    def _start(self, assignment: Assignment) -> None:
+        """Get the weights (a download reports Downloading), then start the runner."""
+        key = assignment.key
+        task = asyncio.create_task(self._prepare(assignment), name=f"fetch {key}")
+        self._fetching[key] = task
+        task.add_done_callback(
+            lambda t: self._fetching.pop(key) if self._fetching.get(key) is t else None
+        )
+
+    async def _prepare(self, assignment: Assignment) -> None:
+        key = assignment.key
+        latest: list[int] = [0, 0]
+
+        def progress(done: int, total: int) -> None:
+            latest[:] = [done, total]
+
+        fetching = asyncio.create_task(self._fetch(assignment, progress))
+        sent: tuple[int, int] | None = None
+        try:
+            while not fetching.done():
+                await asyncio.wait({fetching}, timeout=self._watching.download_report_s)
+                now = (latest[0], latest[1])
+                if now[1] > 0 and now != sent and not fetching.done():
+                    sent = now
+                    await self._status(assignment, Downloading(done=now[0], total=now[1]))
+            path = fetching.result()
+        except asyncio.CancelledError:
+            fetching.cancel()
+            raise
+        except Exception as exc:  # ShoalError says why in one line; anything else is a bug
             self._done.add(key)
-            reason = f"the weights of {assignment.instance.model_id} are not on this node"
+            reason = str(exc) if isinstance(exc, ShoalError) else f"{type(exc).__name__}: {exc}"
+            log.warning("cannot get the weights for %s: %s", key, reason)
             await self._status(assignment, Failed(reason=reason))
             return
+        # not cancelled half-way: a spawned process must end up watched (or stopped)
+        await asyncio.shield(self._launch(assignment, path))
+
+    async def _launch(self, assignment: Assignment, path: Path) -> None:
+        key, stage = assignment.key, assignment.plan
         options = self._options
         config = RunnerConfig(
             model_path=str(path),
@@ -172,7 +224,7 @@ class Worker:
             engine=stage.engine,
             device=options.device,
             dtype=options.dtype,
-            quant=self._quant(assignment.instance.model_id),
+            quant=self._quant(assignment.instance),
             host=options.host,
             threads=options.threads,
             wire_dtype=options.wire_dtype,
@@ -198,6 +250,8 @@ class Worker:
         self._running[key] = item
         await self._status(assignment, Loading(done=0, total=stage.layers))
         item.watcher = asyncio.create_task(self._watch(item), name=f"runner {key}")
+        if key not in plan(self._state(), self._me):  # unplaced while it started
+            await self._stop(self._running.pop(key))
 
     async def _watch(self, item: _Running) -> None:
         """Turn the runner's statuses into events; its exit into Failed."""
