@@ -462,6 +462,116 @@ def _chat(args: argparse.Namespace) -> None:
     print()
 
 
+# --- shoal pull -----------------------------------------------------------------------------------
+
+
+def _add_pull(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pull", help="download a model's files (or a stage's) from the Hugging Face Hub"
+    )
+    p.add_argument(
+        "model", help="model id (e.g. qwen3-0.6b-8bit) or Hugging Face repo id (org/name)"
+    )
+    p.add_argument("--layers", help="only the files layers START-END need (half-open, e.g. 0-14)")
+    p.add_argument("--revision", help="branch, tag or commit (default main)")
+    p.add_argument("--data-dir", type=Path, help="files go to <data-dir>/hub (SHOAL_DATA_DIR)")
+    p.set_defaults(func=_pull)
+
+
+def _pull_source(model: str, data_dir: Path) -> tuple[str, str | None, str]:
+    """(repo, one file or None, revision) a catalog id or repo id downloads from."""
+    from shoal.errors import ModelNotFound
+    from shoal.models.catalog import Catalog
+    from shoal.paths import user_cards_dir
+    from shoal.types.model_card import HubWeights
+
+    try:
+        card = Catalog([user_cards_dir(data_dir)]).get(model)
+    except ModelNotFound:
+        if "/" not in model:
+            raise
+        return model, None, "main"
+    for where in card.weights:
+        if isinstance(where, HubWeights):
+            return where.repo, where.file, getattr(where, "revision", "main")
+    raise CliError(f"{model}'s card names no Hugging Face repo: nothing to pull")
+
+
+def _pull_layers(spec: str) -> tuple[int, int]:
+    start, sep, end = spec.partition("-")
+    if not (sep and start.isdigit() and end.isdigit() and int(start) < int(end)):
+        raise CliError(f"--layers {spec!r}: give START-END with START < END, e.g. 0-14")
+    return int(start), int(end)
+
+
+def _pull_paths(hub: Any, listing: Any, file: str | None, layers: str | None) -> list[str]:
+    """What to fetch: a card's one file, or the files of the layers (all), or every file."""
+    from shoal.models.hub import INDEX_FILE, files_for_layers, repo_dir, small_files
+    from shoal.models.hub_card import card_from_config
+
+    if file is not None:
+        return [*small_files(listing), file]
+    if not listing.has("config.json"):
+        return [f.path for f in listing.files]
+    for path in [*small_files(listing), *([INDEX_FILE] if listing.has(INDEX_FILE) else [])]:
+        hub.download(listing, path)
+    directory = repo_dir(hub.root, listing.repo, listing.commit)
+    config = json.loads((directory / "config.json").read_text())
+    n_layers = card_from_config(listing.repo, config, listing).layers
+    start, end = _pull_layers(layers) if layers else (0, n_layers)
+    if end > n_layers:
+        raise CliError(f"--layers {layers}: {listing.repo} has {n_layers} layers")
+    return files_for_layers(listing, directory, start, end, n_layers)
+
+
+def _pull(args: argparse.Namespace) -> None:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from shoal.models.hub import CorruptFile, Hub, repo_dir
+    from shoal.settings import load_settings
+
+    settings = load_settings({"data_dir": args.data_dir})
+    hub = Hub(settings.data_dir / "hub")
+    repo, file, revision = _pull_source(args.model, settings.data_dir)
+    listing = hub.listing(repo, args.revision or revision)
+    held = {f.path for f in listing.files if hub.local(listing, f.path) is not None}
+    paths = _pull_paths(hub, listing, file, args.layers)
+    missing = [p for p in paths if hub.local(listing, p) is None]
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), disable=not missing) as bars:
+        total = bars.add_task("total", total=sum(listing.file(p).size for p in missing))
+        finished = 0
+        for path in missing:
+            task = bars.add_task(path, total=listing.file(path).size)
+
+            def moved(done: int, _size: int, task: Any = task, base: int = finished) -> None:
+                bars.update(task, completed=done)
+                bars.update(total, completed=base + done)
+
+            try:
+                hub.download(listing, path, moved)
+            except CorruptFile as exc:  # a bad transfer: once more from the start
+                bars.console.print(f"{exc}: fetching it again")
+                hub.download(listing, path, moved)
+            finished += listing.file(path).size
+    fetched = len([p for p in paths if p not in held])
+    where = repo_dir(hub.root, repo, listing.commit)
+    print(f"{repo} at {listing.commit[:12]}: {len(paths)} files ({fetched} fetched now) in {where}")
+
+
 # --- entry point ----------------------------------------------------------------------------------
 
 
@@ -535,6 +645,7 @@ def parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_status(sub)
     _add_place(sub)
+    _add_pull(sub)
     _add_trust(sub)
     add_bench(sub)
     return p
