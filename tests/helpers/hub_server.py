@@ -317,6 +317,8 @@ class _Handler(BaseHTTPRequestHandler):
             "private": False,
             "gated": "manual" if repo.gated else False,
             "disabled": False,
+            "downloads": 0,
+            "likes": 0,
             "tags": [],
             "siblings": siblings,
         }

@@ -446,7 +446,7 @@ class Hub:
     @contextlib.contextmanager
     def _errors(self, repo: str, revision: str, path: str | None = None) -> Iterator[None]:
         """Turn what the Hub (or the lack of it) answered into one line naming the repo."""
-        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.utils import HfHubHTTPError
 
         try:
             yield
