@@ -146,6 +146,11 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--join", help="join a cluster with a token from `shoal invite` (first start)")
     p.add_argument("--enrol-port", type=int, help="TLS port for joins (default 52417)")
+    p.add_argument(
+        "--files-port",
+        type=int,
+        help="mutual-TLS port serving model files to members (default 52418)",
+    )
     p.set_defaults(func=_node)
 
 
@@ -366,15 +371,28 @@ def _status(args: argparse.Namespace) -> None:
             stages = ", ".join(
                 f"{s['node_id'][:14]}…[{s['start']},{s['end']})" for s in inst["stages"]
             )
-            kinds = [r["status"]["kind"] for r in inst["runners"].values()]
-            status = "ready" if inst["ready"] else ("failed" if "failed" in kinds else "loading")
-            placed.add_row(inst["instance_id"], inst["model_id"], stages, status)
+            placed.add_row(inst["instance_id"], inst["model_id"], stages, _instance_status(inst))
         Console().print(placed)
+
+
+def _instance_status(inst: dict[str, Any]) -> str:
+    """ready, or what its runners are doing: failed (why), downloading x/y GB, loading."""
+    if inst["ready"]:
+        return "ready"
+    statuses = [r["status"] for r in inst["runners"].values()]
+    failed = [s for s in statuses if s["kind"] == "failed"]
+    if failed:
+        return f"failed: {failed[0].get('reason', '')}"
+    down = [s for s in statuses if s["kind"] == "downloading"]
+    if down:
+        done, total = sum(s["done"] for s in down), sum(s["total"] for s in down)
+        return f"downloading {done / 1e9:.2f}/{total / 1e9:.2f} GB"
+    return "loading"
 
 
 def _add_place(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("place", help="place an instance of a model on the cluster")
-    p.add_argument("model", help="model id, e.g. smollm2-135m")
+    p.add_argument("model", help="model id (e.g. smollm2-135m) or Hugging Face repo id (org/name)")
     p.add_argument(
         "--policy",
         choices=["latency", "throughput"],

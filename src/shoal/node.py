@@ -18,10 +18,12 @@ from shoal.api.limits import header_timeout_protocol
 from shoal.cluster import ClusterNode
 from shoal.engines.registry import available_engines
 from shoal.errors import BadRequest, ShoalError
-from shoal.models.catalog import Catalog, find_local_weights
+from shoal.models.catalog import Catalog
+from shoal.models.hub import Hub
 from shoal.models.local_card import card_for_path
 from shoal.net.credentials import Credentials
 from shoal.net.enrol import EnrolServer, credentials_for
+from shoal.net.files import FileServer, PeerFiles
 from shoal.net.identity import Identity
 from shoal.net.transport import DuplicateNodeId
 from shoal.net.zenoh_transport import ZenohTransport
@@ -30,11 +32,16 @@ from shoal.placer import make_placer
 from shoal.profile.actor import Profiler
 from shoal.serving import ClusterService
 from shoal.settings import Settings
+from shoal.state.model import State
 from shoal.state.store import StateStore
 from shoal.types.events import NodeProfiled
-from shoal.types.ids import ModelId
+from shoal.types.ids import NodeId
+from shoal.types.instance import Instance
+from shoal.types.model_card import ModelCard
 from shoal.types.profile import NodeProfile
-from shoal.worker.worker import RunnerOptions, Worker
+from shoal.worker.fetch import Fetcher
+from shoal.worker.plan import Assignment
+from shoal.worker.worker import ProgressFn, RunnerOptions, Worker
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +135,7 @@ async def serve(settings: Settings) -> None:
         card = card_for_path(settings.model_path, model_id=settings.model)
         catalog.add(card)
         preload = card.id
-    if preload is not None:
+    if preload is not None and preload.count("/") != 1:  # a repo id is resolved once serving
         catalog.get(preload)  # an unknown --model fails now, with suggestions
     if settings.engine is not None and settings.engine not in available_engines():
         raise BadRequest(
@@ -154,6 +161,17 @@ async def serve(settings: Settings) -> None:
     cluster = ClusterNode(
         transport, store, creds.cluster, identity, seed, placer=make_placer(catalog)
     )
+    hub = Hub(settings.data_dir / "hub")  # HF_ENDPOINT and HF_TOKEN from the environment
+    files = FileServer(hub.root, creds.server_ssl_context(), revoked=lambda: cluster.state.revoked)
+    files_port = await files.start(bind, settings.files_port)
+    peer_files = PeerFiles(creds.client_ssl_context())
+    fetcher = Fetcher(
+        identity.node_id,
+        hub,
+        peers=lambda: _file_servers(cluster.state, identity.node_id),
+        files=peer_files,
+    )
+
     service = ClusterService(
         cluster,
         catalog,
@@ -162,6 +180,8 @@ async def serve(settings: Settings) -> None:
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
         tls=creds.client_ssl_context(),  # the data plane: runners take members only
+        resolve=fetcher.card,
+        tokenizer_files=lambda card: fetcher.stage(card, None, None),
     )
     app = create_app(
         service,
@@ -173,17 +193,19 @@ async def serve(settings: Settings) -> None:
         cors_origins=settings.cors_origins,
     )
 
-    def locate(model_id: ModelId) -> Path | None:
-        found = find_local_weights(catalog.get(model_id))
-        return found[1] if found is not None else None
+    def card_of(instance: Instance) -> ModelCard:
+        return instance.card or catalog.get(instance.model_id)
+
+    async def fetch(a: Assignment, progress: ProgressFn) -> Path:
+        return await fetcher.stage(card_of(a.instance), a.instance, a.plan, progress)
 
     worker = Worker(
         identity.node_id,
         lambda: cluster.state,
         cluster.replica.wait_past,
         cluster.report,
-        locate,
-        quant=lambda model_id: settings.quant or catalog.get(model_id).quant,
+        fetch,
+        quant=lambda instance: settings.quant or card_of(instance).quant,
         options=RunnerOptions(
             host=bind,
             advertise=advertise,
@@ -214,7 +236,7 @@ async def serve(settings: Settings) -> None:
         identity.node_id,
         settings.data_dir,
         f"http://{host}:{settings.port}",
-        "",  # the data plane arrives with distributed inference
+        _host_port(advertise, files_port),  # the file server: model files for members
         __version__,
         emit=publish_profile,
         interval_s=settings.profile_interval_s,
@@ -251,6 +273,8 @@ async def serve(settings: Settings) -> None:
     finally:
         await service.close()
         await worker.shutdown()
+        await files.stop()
+        await peer_files.aclose()
         await transport.close()  # peers see us leave at once
         store.close()
         log.info("node %s stopped", identity.node_id)
@@ -286,6 +310,24 @@ class _Stopped(Exception):
 async def _until_stopped(server: uvicorn.Server) -> None:
     await server.serve()
     raise _Stopped
+
+
+def _host_port(host: str, port: int) -> str:
+    """host:port, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _file_servers(state: State, me: NodeId) -> list[tuple[NodeId, str]]:
+    """The connected members other than this node, with their file servers' addresses."""
+    return [
+        (node_id, record.profile.data_addr)
+        for node_id, record in state.nodes.items()
+        if node_id != me
+        and record.connected
+        and record.profile is not None
+        and record.profile.data_addr
+        and node_id not in state.revoked
+    ]
 
 
 async def _prune(service: ClusterService, cluster: ClusterNode) -> None:

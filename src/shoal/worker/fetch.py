@@ -1,0 +1,255 @@
+"""A stage's weight files onto this node: from the peers that hold them, else from the Hub.
+
+A card names its weights as Hugging Face repos (`HubWeights`). A stage needs only some of a
+repo's files: config and tokenizer files, the safetensors index, and the shards that hold its
+layers (`models.hub.files_for_layers`). For each missing file the Fetcher asks, in order:
+
+1. this node's Hub cache (`<data_dir>/hub`, complete and verified files only);
+2. the peers' file servers (`net/files.py`, members only): every peer that holds the file
+   serves a part of it, by byte range;
+3. the Hub, but only if this node is the file's designated downloader: the node of the first
+   stage of the instance that needs the file. The others wait for that node to hold it and
+   copy it from there, so the Hub sends each file once per cluster. A designated node that is
+   gone, or does not get the file within `wait_s`, is not waited for.
+
+Whatever the source, a file is checked against the repo listing (size, and sha256 of LFS files)
+before it is used; progress is (bytes done, bytes to fetch) over the whole stage.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.errors import ModelUnavailable, ShoalError
+from shoal.models.catalog import find_local_weights
+from shoal.models.hub import (
+    Hub,
+    RepoFile,
+    RepoListing,
+    files_for_layers,
+    repo_dir,
+    small_files,
+)
+from shoal.models.hub_card import card_from_config
+from shoal.net.files import PeerFiles
+from shoal.types.ids import NodeId
+from shoal.types.instance import Instance, StagePlan
+from shoal.types.model_card import HubWeights, ModelCard
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (bytes done, bytes to fetch)
+Peers = Callable[[], Sequence[tuple[NodeId, str]]]  # connected peers and their file servers
+
+
+def hub_weights(card: ModelCard, engine: str | None) -> HubWeights | None:
+    """The first Hub source of the card that the engine reads (llamacpp: GGUF only; a
+    source may name its engines); engine None: the first any engine here reads."""
+    for where in card.weights:
+        if not isinstance(where, HubWeights):
+            continue
+        if where.engines and engine is not None and engine not in where.engines:
+            continue
+        if engine == "llamacpp" and where.format != "gguf":
+            continue
+        return where
+    return None
+
+
+@dataclass
+class _Progress:
+    total: int = 0
+    done: int = 0
+    report: ProgressFn | None = None
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.report is not None:
+            self.report(self.done, self.total)
+
+
+@dataclass
+class Fetcher:
+    """Fetches weight files for this node; one transfer of a file at a time."""
+
+    me: NodeId
+    hub: Hub
+    peers: Peers = lambda: ()
+    files: PeerFiles | None = None
+    wait_s: float = 600.0  # longest wait for a designated peer to finish a file
+    poll_s: float = 0.5
+    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    async def stage(
+        self,
+        card: ModelCard,
+        instance: Instance | None,
+        stage: StagePlan | None,
+        progress: ProgressFn | None = None,
+    ) -> Path:
+        """The path the stage loads from (a file, or a repo directory holding its files).
+
+        instance/stage None: only the config and tokenizer files (what an API node needs).
+        """
+        found = find_local_weights(card)
+        engine = stage.engine if stage is not None else None
+        if found is not None and (engine != "llamacpp" or found[0] == "gguf"):
+            return found[1]
+        where = hub_weights(card, engine)
+        if where is None:
+            raise ModelUnavailable(f"{card.id} has no weights on this node and no Hub source")
+        listing = await self.listing(where.repo, where.revision)
+        directory = repo_dir(self.hub.root, where.repo, listing.commit)
+        if where.file is not None:
+            await self._fetch_all(listing, [where.file], instance, {}, progress)
+            return directory / where.file
+        await self._fetch_all(listing, small_files(listing), instance, {}, None)
+        if instance is None or stage is None:
+            return directory
+        needs = {
+            s.node_id: set(files_for_layers(listing, directory, s.start, s.end, instance.n_layers))
+            for s in instance.stages
+        }
+        wanted = files_for_layers(listing, directory, stage.start, stage.end, instance.n_layers)
+        await self._fetch_all(listing, wanted, instance, needs, progress)
+        return directory
+
+    async def card(self, repo: str, revision: str = "main") -> ModelCard:
+        """The card of a Hub repo id, made from its config.json (from a peer, else the Hub)."""
+        listing = await self.listing(repo, revision)
+        await self._fetch_all(listing, ["config.json"], None, {}, None)
+        path = repo_dir(self.hub.root, repo, listing.commit) / "config.json"
+        return card_from_config(repo, json.loads(path.read_text()), listing)
+
+    async def listing(self, repo: str, revision: str = "main") -> RepoListing:
+        """The repo's file list at a revision: cached here, else from a peer, else the Hub."""
+        cached = self.hub.cached_listing(repo, revision)
+        if cached is not None:
+            return cached
+        if self.files is not None:
+            for _, addr in self.peers():
+                with contextlib.suppress(Exception):
+                    answer = await self.files.listing(addr, repo, revision)
+                    if answer is not None:
+                        self.hub.save_listing(answer[0], revision)
+                        return answer[0]
+        return await asyncio.to_thread(self.hub.listing, repo, revision)
+
+    async def _fetch_all(
+        self,
+        listing: RepoListing,
+        paths: Sequence[str],
+        instance: Instance | None,
+        needs: dict[NodeId, set[str]],
+        report: ProgressFn | None,
+    ) -> None:
+        missing = [p for p in dict.fromkeys(paths) if self.hub.local(listing, p) is None]
+        progress = _Progress(sum(listing.file(p).size for p in missing), 0, report)
+        if report is not None:
+            report(0, progress.total)
+        for path in missing:
+            await self._fetch(
+                listing, listing.file(path), self._designated(instance, needs, path), progress
+            )
+
+    def _designated(
+        self, instance: Instance | None, needs: dict[NodeId, set[str]], path: str
+    ) -> NodeId:
+        """Who takes the file from the Hub: the node of the first stage that needs it (`needs`
+        empty: every stage does); this node outside an instance."""
+        if instance is None:
+            return self.me
+        for s in instance.stages:
+            if not needs or path in needs.get(s.node_id, ()):
+                return s.node_id
+        return self.me
+
+    async def _fetch(
+        self, listing: RepoListing, file: RepoFile, designated: NodeId, progress: _Progress
+    ) -> None:
+        lock = self._locks.setdefault((listing.commit, file.path), asyncio.Lock())
+        async with lock:
+            if self.hub.local(listing, file.path) is not None:  # another stage fetched it
+                progress.add(file.size)
+                return
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.wait_s
+            failed: set[str] = set()  # peers that could not give a good copy: not asked again
+            while True:
+                holders = [a for a in await self._holders(listing, file.path) if a not in failed]
+                if holders and self.files is not None:
+                    try:
+                        await self._from_peers(listing, file, holders, progress)
+                        return
+                    except (ShoalError, OSError) as exc:
+                        log.warning("copying %s from peers failed: %s", file.path, exc)
+                        failed.update(holders)
+                        continue
+                if designated == self.me or not self._connected(designated):
+                    break
+                if loop.time() > deadline:
+                    log.warning(
+                        "%s did not get %s in time: fetching it here", designated, file.path
+                    )
+                    break
+                await asyncio.sleep(self.poll_s)
+            await self._from_hub(listing, file, progress)
+
+    def _connected(self, node: NodeId) -> bool:
+        return any(n == node for n, _ in self.peers())
+
+    async def _holders(self, listing: RepoListing, path: str) -> list[str]:
+        """File-server addresses of the connected peers that hold the file, verified."""
+        if self.files is None:
+            return []
+        files = self.files
+
+        async def holds(addr: str) -> str | None:
+            with contextlib.suppress(Exception):
+                answer = await files.listing(addr, listing.repo, listing.commit)
+                if answer is not None and path in answer[1]:
+                    return addr
+            return None
+
+        found = await asyncio.gather(*(holds(a) for n, a in self.peers() if n != self.me))
+        return [a for a in found if a is not None]
+
+    async def _from_peers(
+        self, listing: RepoListing, file: RepoFile, holders: list[str], progress: _Progress
+    ) -> None:
+        assert self.files is not None
+        start = progress.done
+        log.info("copying %s (%d B) from %d peer(s)", file.path, file.size, len(holders))
+
+        def moved(done: int, _total: int) -> None:
+            progress.done = start
+            progress.add(done)
+
+        directory = repo_dir(self.hub.root, listing.repo, listing.commit)
+        try:
+            await self.files.fetch(holders, listing.repo, listing.commit, file, directory, moved)
+        except BaseException:
+            progress.done = start
+            raise
+        progress.done = start
+        progress.add(file.size)
+
+    async def _from_hub(self, listing: RepoListing, file: RepoFile, progress: _Progress) -> None:
+        start = progress.done
+        loop = asyncio.get_running_loop()
+        log.info("downloading %s from the Hub (%s, %d B)", file.path, listing.repo, file.size)
+
+        def moved(done: int, _total: int) -> None:
+            def update() -> None:
+                progress.done = start
+                progress.add(done)
+
+            loop.call_soon_threadsafe(update)
+
+        await asyncio.to_thread(self.hub.download, listing, file.path, moved)
+        progress.done = start
+        progress.add(file.size)
