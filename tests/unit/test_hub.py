@@ -149,6 +149,9 @@ def test_a_transfer_that_makes_no_progress_fails_naming_the_repo(
     server.cut_after = 0
     with pytest.raises(HubUnreachable, match=f"{REPO}.*--model-path"):
         hub.download(listing, SHARDS[0])
+    server.cut_after, server.down = None, True
+    with pytest.raises(HubUnreachable, match=f"cannot reach the Hub at .* for {REPO}"):
+        hub.download(listing, SHARDS[0])
 
 
 def test_a_bad_download_is_deleted_and_named(hub: Hub, server: HubServer) -> None:

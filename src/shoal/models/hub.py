@@ -445,9 +445,13 @@ class Hub:
 
     @contextlib.contextmanager
     def _errors(self, repo: str, revision: str, path: str | None = None) -> Iterator[None]:
-        """Turn what the Hub (or the lack of it) answered into one line naming the repo."""
+        """Turn what the Hub (or the lack of it) answered into one line naming the repo.
+
+        With a path (our own transfer): only httpx's network errors, so that a full disk is
+        not reported as an unreachable Hub."""
         from huggingface_hub.utils import HfHubHTTPError
 
+        network = _transport_errors() if path is None else (httpx.TransportError,)
         try:
             yield
         except _StatusError as exc:
@@ -457,7 +461,7 @@ class Hub:
             status = getattr(response, "status_code", 0) or 0
             code = response.headers.get("X-Error-Code") if response is not None else None
             raise self._http_error(repo, revision, path, status, code) from None
-        except _transport_errors() as exc:
+        except network as exc:
             raise HubUnreachable(
                 f"cannot reach the Hub at {self.endpoint} for {repo} ({type(exc).__name__}): "
                 f"check the network or HF_ENDPOINT, {_HINT}"
