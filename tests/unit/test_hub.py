@@ -226,6 +226,13 @@ def test_gated_repo_wants_a_token(
     assert Hub(tmp_path / "c", endpoint=server.url).download(listing, SHARDS[0]).is_file()
 
 
+def test_the_endpoint_is_hf_endpoint_as_it_is_now(
+    server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", server.url)  # after huggingface_hub was imported
+    assert Hub(tmp_path).listing(REPO).commit == server.repos[REPO].commit
+
+
 def test_hub_down_or_gone(hub: Hub, server: HubServer, tmp_path: Path) -> None:
     server.down = True
     with pytest.raises(HubUnreachable, match=f"cannot reach the Hub at .* for {REPO}"):

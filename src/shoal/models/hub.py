@@ -253,8 +253,9 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 class Hub:
     """A Hub endpoint and the local cache under `root`.
 
-    endpoint None: huggingface_hub's (HF_ENDPOINT, read when it is imported, else huggingface.co);
-    token None: huggingface_hub's (HF_TOKEN, else the saved login).
+    endpoint None: HF_ENDPOINT as it is now (huggingface_hub reads it only when imported, which
+    may have been before a test or a launcher set it), else huggingface.co; token None:
+    huggingface_hub's (HF_TOKEN, read at each request, else the saved login).
     """
 
     def __init__(
@@ -267,7 +268,9 @@ class Hub:
         from huggingface_hub import constants
 
         self.root = Path(root)
-        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip(
+            "/"
+        )
         self.token = token
         self.timeout_s = timeout_s
 
