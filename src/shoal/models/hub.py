@@ -268,9 +268,8 @@ class Hub:
         from huggingface_hub import constants
 
         self.root = Path(root)
-        self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip(
-            "/"
-        )
+        endpoint = endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+        self.endpoint = endpoint.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
 
