@@ -280,12 +280,14 @@ def _child_dequantize(path: Path, out: Path) -> None:
 
     model, _ = load_model(path)
     got: dict[str, Any] = {}
-    for name, module in model.named_modules():
+    modules: list[tuple[str, Any]] = model.named_modules()
+    for name, module in modules:
         if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
             # float32 scales and biases (widened exactly): MLX computes scale * q + bias in
             # float32 and rounds the result to the scales' dtype, which would hide the sum
-            scales, biases = module.scales.astype(mx.float32), module.biases.astype(mx.float32)
-            w = mx.dequantize(module.weight, scales, biases, module.group_size, module.bits)
+            q: Any = module
+            scales, biases = q.scales.astype(mx.float32), q.biases.astype(mx.float32)
+            w = mx.dequantize(q.weight, scales, biases, q.group_size, q.bits)
             mx.eval(w)
             got[f"{name}.weight"] = np.array(w)
     np.savez(out, **got)

@@ -1,10 +1,11 @@
 """An affine-quantized matrix as MLX stores it: packed integers, a scale and a bias per group.
 
 Row r's element i is the `bits`-bit integer at bits [i * bits, (i + 1) * bits) of the row's
-little-endian uint32 words; its value is `scale * q + bias` with the scale and bias of its group
-of `group_size` elements along the input dimension. Sources return checkpoints stored this way
-as `Packed` (models/safetensors.py); engines dequantize them where they want floats, or turn them
-into native blocks without a round trip through floats (native/blocks.py).
+little-endian uint32 words (bits 2, 3, 4, 5, 6 or 8; 3, 5 and 6 cross word boundaries); its
+value is `scale * q + bias` with the scale and bias of its group of `group_size` elements along
+the input dimension. Sources return checkpoints stored this way as `Packed`
+(models/safetensors.py); engines dequantize them where they want floats, or turn them into
+native blocks without a round trip through floats (native/blocks.py).
 """
 
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ import numpy as np
 
 F32 = np.float32
 FLOATS = ("F16", "BF16", "F32")  # how the scales and biases are stored
+BITS = (2, 3, 4, 5, 6, 8)  # MLX's affine widths
 
 
 def widen(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -37,7 +39,7 @@ class Packed:
 
     def __post_init__(self) -> None:
         out, words = self.weight.shape
-        if self.bits not in (2, 4, 8) or self.float_dtype not in FLOATS:
+        if self.bits not in BITS or self.float_dtype not in FLOATS or (words * 32) % self.bits:
             raise ValueError(f"unsupported packing: {self.bits} bits, {self.float_dtype} scales")
         groups = words * 32 // self.bits // self.group_size
         for a in (self.scales, self.biases):
@@ -62,6 +64,10 @@ class Packed:
         raw = np.ascontiguousarray(self.weight[rows], dtype="<u4").view(np.uint8)  # [r, in*bits/8]
         if self.bits == 8:
             return raw
+        if 8 % self.bits:  # 3, 5, 6 bits: a little-endian bit stream, values across bytes
+            stream = np.unpackbits(raw, axis=1, bitorder="little")  # [r, in * bits]
+            fields = stream.reshape(raw.shape[0], -1, self.bits)  # [r, in, bits]
+            return np.packbits(fields, axis=2, bitorder="little")[..., 0]  # [r, in]
         per = 8 // self.bits  # values per byte, lowest bits first
         shifts = np.arange(0, 8, self.bits, dtype=np.uint8)  # [per]
         q = (raw[..., None] >> shifts) & np.uint8((1 << self.bits) - 1)  # [r, bytes, per]

@@ -14,7 +14,14 @@ The engines import this package without compiling anything; `library()` compiles
 """
 
 from shoal.engines.native.abi import Library
-from shoal.engines.native.blocks import BLOCK, LANES, BlockWeights, Kind, blocks_of
+from shoal.engines.native.blocks import (
+    BLOCK,
+    LANES,
+    BlockWeights,
+    Kind,
+    blocks_of,
+    stacked_blocks,
+)
 from shoal.engines.native.build import library
 from shoal.engines.native.decoder import Decoder, DecoderLayer
 
@@ -28,4 +35,5 @@ __all__ = [
     "Library",
     "blocks_of",
     "library",
+    "stacked_blocks",
 ]

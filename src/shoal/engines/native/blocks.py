@@ -11,12 +11,13 @@ The C side is blocks.c.
 import ctypes
 import logging
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 
 from shoal.engines.native.abi import Library, Matrix
-from shoal.engines.packed import Packed
+from shoal.engines.packed import Packed, concat_rows, dense
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,39 @@ def address(array: np.ndarray, dtype: type, shape: tuple[int, ...]) -> int:
     if array.dtype != dtype or array.shape != shape or not array.flags.c_contiguous:
         raise ValueError(f"expected a C-contiguous {np.dtype(dtype)} array {shape}")
     return int(array.ctypes.data)
+
+
+def _lanes(x: np.ndarray, groups: int) -> np.ndarray:
+    """[n, ...] rows → [groups, 8, ...], zero-padded to whole groups."""
+    padded = np.zeros((groups * LANES, *x.shape[1:]), x.dtype)
+    padded[: x.shape[0]] = x
+    return padded.reshape(groups, LANES, *x.shape[1:])
+
+
+def _layout(q: np.ndarray, kind: Kind) -> np.ndarray:
+    """Integer values [groups, nb, 8 lanes, 32] → the bytes of blocks.c's layout [groups, nb, -1].
+
+    q4: lane 4h + j's values e and 16 + e (e < 16) → the low and high nibble of byte 32 j + 16 h
+    + e; q8: lane 4h + j's value 8c + e → byte 16 (4 j + c) + 8 h + e.
+    """
+    groups, nb = q.shape[:2]
+    if kind == "q4":
+        pairs = q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)  # [groups, nb, 8, 16]
+        out = pairs.reshape(groups, nb, 2, 4, BLOCK // 2).transpose(0, 1, 3, 2, 4)
+    else:
+        out = q.reshape(groups, nb, 2, 4, 4, 8).transpose(0, 1, 3, 4, 2, 5)
+    return np.ascontiguousarray(out).reshape(groups, nb, -1)
+
+
+def _lane_values(values: np.ndarray, kind: Kind) -> np.ndarray:
+    """The inverse of _layout: [groups, nb, 8 lanes, 32] integer values."""
+    groups, nb = values.shape[:2]
+    if kind == "q4":
+        pairs = values.reshape(groups, nb, 4, 2, BLOCK // 2).transpose(0, 1, 3, 2, 4)
+        pairs = pairs.reshape(groups, nb, LANES, BLOCK // 2)
+        return np.concatenate([pairs & 0x0F, pairs >> 4], axis=-1)
+    out = values.reshape(groups, nb, 4, 4, 2, 8).transpose(0, 1, 4, 2, 3, 5)
+    return out.reshape(groups, nb, LANES, BLOCK)
 
 
 class BlockWeights:
@@ -107,11 +141,11 @@ class BlockWeights:
 
     @classmethod
     def from_packed(cls, lib: Library, packed: Packed) -> "BlockWeights | None":
-        """Blocks holding a packed matrix exactly, without a round trip through floats: 4 bits →
-        q4, 8 bits → q8 with minimums; None where it cannot (other bits, groups not whole
-        blocks, or a scale or bias that fp16 does not hold exactly)."""
+        """Blocks holding a packed matrix exactly, without a round trip through floats: up to 4
+        bits → q4, 5 to 8 → q8 with minimums; None where it cannot (groups not whole blocks, or
+        a scale or bias that fp16 does not hold exactly)."""
         n, k = packed.shape
-        if packed.bits not in (4, 8) or packed.group_size % BLOCK:
+        if packed.group_size % BLOCK:
             return None
         scales, biases = packed.group_scales()  # float32 [n, k / group]
         d, m = scales.astype(np.float16), biases.astype(np.float16)
@@ -120,24 +154,51 @@ class BlockWeights:
         groups, nb = _grouped(n, k)
         per = packed.group_size // BLOCK  # blocks per group, sharing its scale and bias
 
-        def lanes(x: np.ndarray) -> np.ndarray:  # [n, ...] → [groups, 8, ...], zero-padded
-            padded = np.zeros((groups * LANES, *x.shape[1:]), x.dtype)
-            padded[:n] = x
-            return padded.reshape(groups, LANES, *x.shape[1:])
+        def per_block(x: np.ndarray) -> np.ndarray:  # [n, k / group] → [groups, nb, 8]
+            return np.ascontiguousarray(_lanes(np.repeat(x, per, axis=1), groups).swapaxes(1, 2))
 
-        def per_block(x: np.ndarray) -> np.ndarray:  # [n, k / group] → [groups, k / 32, 8]
-            return np.ascontiguousarray(lanes(np.repeat(x, per, axis=1)).transpose(0, 2, 1))
+        q = _lanes(packed.values().reshape(n, nb, BLOCK), groups).swapaxes(1, 2)
+        kind: Kind = "q4" if packed.bits <= 4 else "q8"
+        return cls(lib, kind, n, _layout(q, kind), per_block(d), per_block(m))
 
-        q = lanes(packed.values().reshape(n, nb, BLOCK))  # uint8 [groups, 8, nb, 32]
-        if packed.bits == 4:  # lane 4h + j, value e (< 16) and 16 + e → byte 32 j + 16 h + e
-            pairs = q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)  # [groups, 8, nb, 16]
-            values = pairs.reshape(groups, 2, 4, nb, BLOCK // 2).transpose(0, 3, 2, 1, 4)
-            kind: Kind = "q4"
-        else:  # lane 4h + j, value 8c + e → byte 16 (4 j + c) + 8 h + e
-            values = q.reshape(groups, 2, 4, nb, 4, 8).transpose(0, 3, 2, 4, 1, 5)
-            kind = "q8"
-        values = np.ascontiguousarray(values).reshape(groups, nb, -1)
-        return cls(lib, kind, n, values, per_block(d), per_block(m))
+    def with_minimums(self) -> "BlockWeights | None":
+        """The same matrix as q8 blocks with minimums (uint8 values), exactly: q4 values and
+        minimums as they are, Q8_0's values + 128 with minimum -128 d; None if fp16 cannot hold
+        that minimum."""
+        if self.kind == "q8" and self.minimums is not None:
+            return self
+        values = _lane_values(self.values, self.kind)  # [groups, nb, 8, 32]
+        minimums = self.minimums
+        if minimums is None:  # Q8_0: d q = d (q + 128) - 128 d
+            values = (values.astype(np.int16) + 128).astype(np.uint8)
+            wide = self.scales.astype(np.float32) * np.float32(-128)
+            minimums = wide.astype(np.float16)
+            if not np.array_equal(minimums, wide):
+                return None
+        return BlockWeights(self.lib, "q8", self.n, _layout(values, "q8"), self.scales, minimums)
+
+    @classmethod
+    def stack(cls, parts: Sequence["BlockWeights"]) -> "BlockWeights | None":
+        """Matrices stacked along their rows, exactly; None where it cannot (a part but the last
+        not whole groups of 8 rows, or formats that do not meet in q8 with minimums)."""
+        if any(p.n % LANES for p in parts[:-1]):
+            return None
+        same = {(p.kind, p.minimums is None) for p in parts}
+        if len(same) > 1:
+            promoted = [p.with_minimums() for p in parts]
+            if any(p is None for p in promoted):
+                return None
+            parts = [p for p in promoted if p is not None]
+        first = parts[0]
+        minimums = None if first.minimums is None else np.concatenate([p.minimums for p in parts])
+        return cls(
+            first.lib,
+            first.kind,
+            sum(p.n for p in parts),
+            np.concatenate([p.values for p in parts]),
+            np.concatenate([p.scales for p in parts]),
+            minimums,
+        )
 
     @property
     def nbytes(self) -> int:
@@ -189,3 +250,24 @@ def blocks_of(
         )
         weight = weight.dequantize()
     return BlockWeights.quantize(lib, weight, kind, threads)
+
+
+def stacked_blocks(
+    lib: Library,
+    parts: Sequence["np.ndarray | Packed"],
+    kind: Kind,
+    threads: int | None,
+    name: str,
+) -> BlockWeights:
+    """Several weights stacked along their rows as one block matrix (fused q/k/v, gate/up):
+    each part as blocks_of makes it, stacked exactly; float parts alone are stacked first."""
+    if not any(isinstance(p, Packed) for p in parts):
+        return BlockWeights.quantize(lib, np.concatenate([dense(p) for p in parts]), kind, threads)
+    fused = concat_rows(parts)
+    if isinstance(fused, Packed):
+        return blocks_of(lib, fused, kind, threads, name)
+    stacked = BlockWeights.stack([blocks_of(lib, p, kind, threads, name) for p in parts])
+    if stacked is not None:
+        return stacked
+    log.info("%s: parts in formats that do not stack: re-quantized to %s", name, kind)
+    return BlockWeights.quantize(lib, fused, kind, threads)

@@ -11,7 +11,7 @@ the same code for a prompt's rows and a decode step's, so a row's result never d
 rest of the batch.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +20,9 @@ from shoal.engines.args import ModelArgs
 from shoal.engines.base import ProgressFn
 from shoal.engines.checkpoint import Checkpoint
 from shoal.engines.native.abi import Library
-from shoal.engines.native.blocks import BLOCK, BlockWeights, Kind, blocks_of
+from shoal.engines.native.blocks import BLOCK, BlockWeights, Kind, blocks_of, stacked_blocks
 from shoal.engines.native.decoder import Decoder, DecoderLayer
-from shoal.engines.packed import Packed, concat_rows
+from shoal.engines.packed import Packed
 from shoal.types.shard import Shard
 
 F32 = np.float32
@@ -57,6 +57,10 @@ class Blocks:
         own where it can be (native/blocks.py blocks_of)."""
         return blocks_of(self.lib, weight, kind or self.kind, self.threads, name)
 
+    def stacked(self, parts: Sequence[np.ndarray | Packed], name: str) -> BlockWeights:
+        """Weights stacked along their rows as one block matrix (blocks.py stacked_blocks)."""
+        return stacked_blocks(self.lib, parts, self.kind, self.threads, name)
+
 
 def _layer(ckpt: Checkpoint, args: ModelArgs, index: int, blocks: Blocks) -> DecoderLayer:
     """Layer `index` from the checkpoint: fused q/k/v and gate/up, every projection in blocks."""
@@ -65,20 +69,18 @@ def _layer(ckpt: Checkpoint, args: ModelArgs, index: int, blocks: Blocks) -> Dec
     sizes = {"q": args.num_attention_heads * d, "k": args.num_key_value_heads * d}
     sizes["v"] = sizes["k"]
     attn = f"{name}.self_attn"
-    qkv = concat_rows(
-        [ckpt.take_packed(f"{attn}.{p}_proj.weight", (n, hidden)) for p, n in sizes.items()]
-    )  # [(H + 2 KV) * D, hidden]
+    qkv = [ckpt.take_packed(f"{attn}.{p}_proj.weight", (n, hidden)) for p, n in sizes.items()]
     bias = None
     if args.attention_bias:
         bias = np.concatenate([ckpt.take(f"{attn}.{p}_proj.bias", (n,)) for p, n in sizes.items()])
-    gate_up = concat_rows(
-        [ckpt.take_packed(f"{name}.mlp.{p}_proj.weight", (inter, hidden)) for p in ("gate", "up")]
-    )  # [2 * inter, hidden]
+    gate_up = [
+        ckpt.take_packed(f"{name}.mlp.{p}_proj.weight", (inter, hidden)) for p in ("gate", "up")
+    ]
     o, down = f"{attn}.o_proj.weight", f"{name}.mlp.down_proj.weight"
     return DecoderLayer(
-        qkv=blocks(qkv, f"{attn}.qkv"),  # [(H + 2 KV) * D, hidden]
+        qkv=blocks.stacked(qkv, f"{attn}.qkv"),  # [(H + 2 KV) * D, hidden]
         o=blocks(ckpt.take_packed(o, (hidden, sizes["q"])), o),
-        gate_up=blocks(gate_up, f"{name}.mlp.gate_up"),
+        gate_up=blocks.stacked(gate_up, f"{name}.mlp.gate_up"),  # [2 * inter, hidden]
         down=blocks(ckpt.take_packed(down, (hidden, inter)), down),
         attn_norm=ckpt.take(f"{name}.input_layernorm.weight", (hidden,)),
         mlp_norm=ckpt.take(f"{name}.post_attention_layernorm.weight", (hidden,)),

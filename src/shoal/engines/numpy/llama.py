@@ -27,7 +27,7 @@ from shoal.engines.args import ModelArgs
 from shoal.engines.base import ProgressFn
 from shoal.engines.cache import KVCache
 from shoal.engines.checkpoint import Checkpoint
-from shoal.engines.packed import Packed, concat_rows, dense
+from shoal.engines.packed import Packed, dense
 from shoal.errors import UnsupportedModel
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
@@ -114,17 +114,22 @@ class Formats:
         blocks = native.blocks_of(self.lib, weight, kind or self.kind, self.threads, name)
         return BlockLinear(blocks, bias, self.threads)
 
+    def fused(
+        self, parts: Sequence[np.ndarray | Packed], bias: np.ndarray | None, name: str
+    ) -> Projection:
+        """Several [out, in] weights stacked along their rows as one projection."""
+        if self.lib is None or parts[0].shape[1] % native.BLOCK:
+            return Linear(np.concatenate([dense(p) for p in parts]), bias)
+        blocks = native.stacked_blocks(self.lib, parts, self.kind, self.threads, name)
+        return BlockLinear(blocks, bias, self.threads)
+
 
 def take_fused(
     ckpt: Checkpoint, names: Sequence[str], n_in: int, sizes: Sequence[int], bias: bool
-) -> tuple[np.ndarray | Packed, np.ndarray | None]:
-    """The [out, in] weights of several projections stacked into one (and their biases)."""
-    weight = concat_rows(
-        [
-            ckpt.take_packed(f"{n}.weight", (size, n_in))
-            for n, size in zip(names, sizes, strict=True)
-        ]
-    )
+) -> tuple[list[np.ndarray | Packed], np.ndarray | None]:
+    """The [out, in] weights of several projections, to stack into one (and their biases)."""
+    pairs = zip(names, sizes, strict=True)
+    weight = [ckpt.take_packed(f"{n}.weight", (size, n_in)) for n, size in pairs]
     if not bias:
         return weight, None
     biases = [ckpt.take(f"{n}.bias", (size,)) for n, size in zip(names, sizes, strict=True)]
@@ -219,7 +224,7 @@ class Attention:
         sizes = [self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d]
         weight, bias = take_fused(ckpt, names, hidden, sizes, args.attention_bias)
         # [N, hidden] → [N, (H + 2 KV) * D]
-        self.qkv = formats.projection(weight, bias, name=f"{name}.qkv")
+        self.qkv = formats.fused(weight, bias, f"{name}.qkv")
         o = f"{name}.o_proj.weight"
         self.o_proj = formats.projection(ckpt.take_packed(o, (hidden, sizes[0])), name=o)
         eps = args.rms_norm_eps
@@ -260,7 +265,7 @@ class MLP:
         weight, _ = take_fused(ckpt, names, hidden, [inner, inner], bias=False)
         self.inner = inner
         # [N, hidden] → [N, 2 * inner]
-        self.gate_up = formats.projection(weight, name=f"{name}.gate_up")
+        self.gate_up = formats.fused(weight, None, f"{name}.gate_up")
         down = f"{name}.down_proj.weight"
         self.down_proj = formats.projection(ckpt.take_packed(down, (hidden, inner)), name=down)
 
