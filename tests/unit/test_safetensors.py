@@ -12,11 +12,13 @@ from tokenizers import AddedToken, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders as tk_decoders
 
+from shoal.engines.packed import Packed
 from shoal.errors import UnsupportedModel
 from shoal.models.safetensors import SafetensorsSource
 from shoal.models.source import open_weights
 from shoal.types.ids import ModelId
 from shoal.types.shard import Shard
+from tests.helpers.mlx_repos import split_names, write_index
 
 HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 32, 64, 4, 2, 300
 
@@ -231,3 +233,68 @@ def test_transformers_checkpoint(tmp_path: Path, dtype: str, shard_size: str | N
         assert set(got) == want
         for name in want:
             np.testing.assert_array_equal(got[name], state[name], err_msg=name)
+
+
+# --- MLX-quantized checkpoints and directories with only some shards (no mlx needed) ---------
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values [n, k] → MLX's uint32 words [n, k * bits / 32] (a little-endian bit stream)."""
+    fields = np.unpackbits(q[..., None], axis=-1, bitorder="little")[..., :bits]  # [n, k, bits]
+    stream = np.packbits(fields.reshape(q.shape[0], -1), axis=1, bitorder="little")
+    return stream.view("<u4")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_mlx_packed_triples(tmp_path: Path, bits: int) -> None:
+    tensors = random_tensors(2)
+    rng = np.random.default_rng(bits)
+    q = rng.integers(0, 2**bits, (FFN, HIDDEN), dtype=np.uint8)
+    scales = rng.uniform(-0.1, 0.1, (FFN, HIDDEN // 32)).astype(np.float16)
+    biases = rng.uniform(-1, 1, (FFN, HIDDEN // 32)).astype(np.float16)
+    up = "model.layers.1.mlp.up_proj"
+    del tensors[f"{up}.weight"]
+    tensors |= {f"{up}.weight": pack_bits(q, bits), f"{up}.scales": scales, f"{up}.biases": biases}
+    config = hf_config(2) | {
+        "quantization": {"group_size": 64, "bits": 4, up: {"group_size": 32, "bits": bits}}
+    }
+    got = SafetensorsSource(write_dir(tmp_path, tensors, config, files=2)).tensors(shard(0, 2, 2))
+    packed = got[f"{up}.weight"]
+    assert isinstance(packed, Packed) and (packed.bits, packed.group_size) == (bits, 32)
+    assert packed.shape == (FFN, HIDDEN) and set(got) == set(tensors) - {
+        f"{up}.scales",
+        f"{up}.biases",
+    }
+    want = q.reshape(FFN, -1, 32) * scales[..., None].astype(np.float32) + biases[..., None]
+    np.testing.assert_array_equal(packed.dequantize(), want.reshape(FFN, HIDDEN))
+    assert packed.nbytes == q.size * bits // 8 + scales.nbytes + biases.nbytes
+
+
+def test_only_some_shard_files_present(tmp_path: Path) -> None:
+    """Files split by layer, as real checkpoints are; a stage downloads only its own."""
+    expected = random_tensors(3)
+    weight_map = split_names(sorted(expected), 3, 3)  # file k: layer k (+ embeddings, head)
+    for file in set(weight_map.values()):
+        save_file(
+            {n: expected[n] for n, f in weight_map.items() if f == file}, str(tmp_path / file)
+        )
+    write_index(tmp_path, weight_map, 0)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(3)))
+    (tmp_path / weight_map["model.layers.2.mlp.up_proj.weight"]).unlink()
+    source = SafetensorsSource(tmp_path)
+    assert source.files_for(shard(0, 2, 3)) == {
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+    }
+    got = source.tensors(shard(0, 2, 3))
+    assert len(got) == 1 + 2 * 9
+    for name, x in got.items():
+        np.testing.assert_array_equal(x, expected[name])
+    with pytest.raises(UnsupportedModel, match="model-00003-of-00003.safetensors"):
+        source.tensors(shard(2, 3, 3))
+
+
+def test_foreign_quantization_is_refused(tmp_path: Path) -> None:
+    config = hf_config(1) | {"quantization_config": {"quant_method": "awq", "bits": 4}}
+    with pytest.raises(UnsupportedModel, match="awq"):
+        SafetensorsSource(write_dir(tmp_path, random_tensors(1), config))
