@@ -211,6 +211,17 @@ def mlx_dequantized(path: Path, out: Path) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
+def mlx_reference(
+    path: Path, tokens: np.ndarray, out: Path
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """mlx_logits (float32) and mlx_dequantized of a repo from one child, files under dir out."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = json.dumps([int(t) for t in tokens])
+    _run_child("reference", str(path), args, str(out / "logits.npy"), str(out / "weights.npz"))
+    with np.load(out / "weights.npz") as f:
+        return np.load(out / "logits.npy"), {k: f[k] for k in f.files}
+
+
 # -- the child: everything below imports mlx ---------------------------------------------------
 
 
@@ -301,6 +312,9 @@ def main(argv: list[str]) -> None:
         _child_logits(path, json.loads(argv[2]), Path(argv[3]), argv[4])
     elif what == "dequantize":
         _child_dequantize(path, Path(argv[2]))
+    elif what == "reference":
+        _child_logits(path, json.loads(argv[2]), Path(argv[3]), "float32")
+        _child_dequantize(path, Path(argv[4]))
     else:
         raise SystemExit(f"unknown command {what}")
 

@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,10 +27,9 @@ from shoal.types.shard import Shard
 from tests.helpers import mlx_repos
 from tests.helpers.mlx_repos import VOCAB, make_hf_repo, make_mlx_repo
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx_lm") is None,
-    reason="mlx is not installed (pip install 'mlx[cpu]' mlx-lm)",
-)
+# Repos made by mlx-lm, and its forward, take child processes and some seconds: the slow tier.
+NO_MLX = importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx_lm") is None
+with_mlx = pytest.mark.skipif(NO_MLX, reason="mlx is not installed (pip install 'mlx[cpu]' mlx-lm)")
 
 LAYERS = 4
 TOKENS = np.random.default_rng(3).integers(0, 256, 16)
@@ -63,9 +63,7 @@ def mlx_reference(repos: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("mlx")
     ref: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
     for name in ("q4", "q8-tied", "q4-f16-g32", "mlx-bf16"):
-        logits = mlx_repos.mlx_logits(repos[name], TOKENS, out / f"{name}.npy")
-        weights = mlx_repos.mlx_dequantized(repos[name], out / f"{name}.npz")
-        ref[name] = (logits, weights)
+        ref[name] = mlx_repos.mlx_reference(repos[name], TOKENS, out / name)
     return ref
 
 
@@ -95,6 +93,8 @@ def packed_of(path: Path) -> dict[str, Packed]:
 # -- reading ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@with_mlx
 def test_packed_tensors_dequantize_to_mlx_values_exactly(repos: dict, mlx_reference: dict) -> None:
     for name in ("q4", "q8-tied", "q4-f16-g32"):
         packed, (_, expected) = packed_of(repos[name]), mlx_reference[name]
@@ -108,6 +108,8 @@ def test_packed_tensors_dequantize_to_mlx_values_exactly(repos: dict, mlx_refere
         assert 0.3 < (scales < 0).mean() < 0.7
 
 
+@pytest.mark.slow
+@with_mlx
 def test_per_module_overrides_embeddings_and_tied_heads(repos: dict) -> None:
     source = SafetensorsSource(repos["q4"])
     assert source.quantized
@@ -128,6 +130,8 @@ def test_per_module_overrides_embeddings_and_tied_heads(repos: dict) -> None:
     assert whole["lm_head.weight"] is whole["model.embed_tokens.weight"]
 
 
+@pytest.mark.slow
+@with_mlx
 def test_other_quantization_methods_are_refused(repos: dict, tmp_path: Path) -> None:
     path = tmp_path / "gptq"
     shutil.copytree(repos["hf-bf16"], path)
@@ -138,6 +142,8 @@ def test_other_quantization_methods_are_refused(repos: dict, tmp_path: Path) -> 
         SafetensorsSource(path)
 
 
+@pytest.mark.slow
+@with_mlx
 def test_a_directory_with_some_shard_files(repos: dict, tmp_path: Path) -> None:
     path = tmp_path / "partial"
     shutil.copytree(repos["q4"], path)
@@ -155,6 +161,8 @@ def test_a_directory_with_some_shard_files(repos: dict, tmp_path: Path) -> None:
 # -- native blocks -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@with_mlx
 def test_blocks_hold_the_mlx_weights_exactly(
     repos: dict, mlx_reference: dict, lib: native.Library
 ) -> None:
@@ -256,6 +264,8 @@ def make_engine(kind: str, quant: str) -> Engine:
     return TorchEngine(device="cpu", quant=quant)
 
 
+@pytest.mark.slow
+@with_mlx
 @pytest.mark.parametrize("repo", ["q4", "q8-tied", "q4-f16-g32", "mlx-bf16"])
 @pytest.mark.parametrize(("kind", "quant"), ENGINES)
 def test_logits_against_mlx_lm(
@@ -276,6 +286,38 @@ def test_logits_against_mlx_lm(
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
 
 
+@pytest.mark.slow
+@with_mlx
+@pytest.mark.parametrize("repo", ["q8-tied", "q4-f16-g32"])
+def test_torch_blocked_takes_packed_weights_exactly(
+    repos: dict, mlx_reference: dict, repo: str
+) -> None:
+    """torch on the CPU in bfloat16 keeps its own modules (no hand-off to the native engine);
+    its int4 block projections still hold the MLX weights exactly."""
+    pytest.importorskip("torch")
+    from shoal.engines.torch.engine import TorchEngine
+    from shoal.engines.torch.quant import Blocked
+
+    want, weights = mlx_reference[repo]
+    engine = TorchEngine(device="cpu", dtype="bfloat16", quant="int4")
+    engine.load(shard(), SafetensorsSource(repos[repo]))
+    model: Any = engine._model
+    assert model is not None and engine._native is None
+    for i in range(LAYERS):
+        attn = model.model.layers[str(i)].self_attn
+        assert isinstance(attn.qkv, Blocked)
+        p = f"model.layers.{i}.self_attn."
+        qkv = np.concatenate([weights[p + f"{n}_proj.weight"] for n in "qkv"])
+        np.testing.assert_array_equal(attn.qkv.blocks.dequantize(), qkv)
+    assert isinstance(model.head, Blocked)
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(model.head.blocks.dequantize(), head)
+    err = np.abs(logits(engine) - want).max() / np.abs(want).max()
+    assert err < 3e-2, err  # bfloat16 activations between the projections
+
+
+@pytest.mark.slow
+@with_mlx
 @pytest.mark.parametrize(("kind", "quant"), [("numpy", "none"), ("torch", "none")])
 def test_bf16_dense_against_transformers(repos: dict, kind: str, quant: str) -> None:
     pytest.importorskip("transformers")
@@ -286,6 +328,8 @@ def test_bf16_dense_against_transformers(repos: dict, kind: str, quant: str) -> 
     assert err < 1e-4, err  # transformers' rotary and softmax in another order
 
 
+@pytest.mark.slow
+@with_mlx
 @pytest.mark.parametrize("quant", ["none", "int4"])
 def test_two_stages_equal_the_whole(repos: dict, quant: str) -> None:
     source = SafetensorsSource(repos["q4"])

@@ -95,13 +95,20 @@ class TorchEngine:
                 self._assign(model, name, tensors[name], expected[name].shape)
             block = model.model.layers[str(index)]
             assert isinstance(block, Block)
-            block.pack(self.quant, self.device, self.dtype)  # one layer's float copy at a time
+            packed = {  # MLX-packed projections: block weights take them exactly
+                n.removeprefix(prefix).removesuffix(".weight"): t
+                for n, t in tensors.items()
+                if n.startswith(prefix) and isinstance(t, Packed)
+            }
+            block.pack(self.quant, self.device, self.dtype, packed)  # one layer's floats at a time
             if progress is not None:
                 progress(done, total)
         if model.args.tie_word_embeddings and shard.is_whole and self.quant == "none":
             assert model.lm_head is not None and model.model.embed_tokens is not None
             model.lm_head.weight = model.model.embed_tokens.weight  # one copy, not two
-        model.pack_head(head_format(self.quant, self.device), self.device, self.dtype)
+        head = tensors.get("lm_head.weight")
+        packed_head = head if isinstance(head, Packed) else None
+        model.pack_head(head_format(self.quant, self.device), self.device, self.dtype, packed_head)
         self._model = model.to(self.device).eval()  # moves the rope buffer; weights are there
         args = model.args
         dtype, device = self.dtype, self.device

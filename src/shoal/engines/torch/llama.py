@@ -7,7 +7,7 @@ qwen2 differs by a bias on q/k/v, qwen3 by an RMSNorm on each head of q and k; m
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +17,13 @@ from torch import Tensor, nn
 
 from shoal.engines.args import ModelArgs
 from shoal.engines.cache import KVCache
+from shoal.engines.packed import Packed
 from shoal.engines.torch.quant import Quant, pack
 from shoal.errors import UnsupportedModel
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
+
+Packs = Mapping[str, Packed] | None  # a layer's MLX-packed projections by name, if any
 
 
 class RMSNorm(nn.Module):
@@ -124,13 +127,20 @@ class Attention(nn.Module):
         self.qkv: nn.Module  # q, k, v fused, and the output projection: set by pack()
         self.out: nn.Module
 
-    def pack(self, quant: Quant, device: torch.device, dtype: torch.dtype) -> None:
-        """Fuse q, k, v into one projection and put both projections in the weight format."""
+    def pack(
+        self, quant: Quant, device: torch.device, dtype: torch.dtype, packed: Packs = None
+    ) -> None:
+        """Fuse q, k, v into one projection and put both projections in the weight format.
+        packed: the checkpoint's MLX-packed projections by name (`q_proj`, ...), if any."""
+        packed = packed or {}
         parts = (self.q_proj, self.k_proj, self.v_proj)
         weight = torch.cat([p.weight for p in parts])  # [(H + 2 KV) * D, hidden]
         bias = torch.cat([p.bias for p in parts]) if self.q_proj.bias is not None else None
-        self.qkv = pack(weight, bias, quant, device=device, dtype=dtype)
-        self.out = pack(self.o_proj.weight, None, quant, device=device, dtype=dtype)
+        names = ("q_proj", "k_proj", "v_proj")
+        held = [packed.get(n, p.weight) for n, p in zip(names, parts, strict=True)]
+        self.qkv = pack(weight, bias, quant, device=device, dtype=dtype, parts=held, name="qkv")
+        o = self.o_proj.weight
+        self.out = pack(o, None, quant, device=device, dtype=dtype, parts=[packed.get("o_proj", o)])
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
@@ -194,11 +204,18 @@ class MLP(nn.Module):
         self.gate_up: nn.Module  # gate and up fused, and down: set by pack()
         self.down: nn.Module
 
-    def pack(self, quant: Quant, device: torch.device, dtype: torch.dtype) -> None:
-        """Fuse gate and up into one projection and put both in the weight format."""
-        weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # [2 * inter, hidden]
-        self.gate_up = pack(weight, None, quant, device=device, dtype=dtype)
-        self.down = pack(self.down_proj.weight, None, quant, device=device, dtype=dtype)
+    def pack(
+        self, quant: Quant, device: torch.device, dtype: torch.dtype, packed: Packs = None
+    ) -> None:
+        """Fuse gate and up into one projection and put both in the weight format.
+        packed: the checkpoint's MLX-packed projections by name (`gate_proj`, ...), if any."""
+        packed = packed or {}
+        gate, up, down = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        weight = torch.cat([gate, up])  # [2 * inter, hidden]
+        held = [packed.get("gate_proj", gate), packed.get("up_proj", up)]
+        self.gate_up = pack(weight, None, quant, device=device, dtype=dtype, parts=held)
+        held = [packed.get("down_proj", down)]
+        self.down = pack(down, None, quant, device=device, dtype=dtype, parts=held)
         del self.gate_proj, self.up_proj, self.down_proj
 
     def forward(self, x: Tensor) -> Tensor:
@@ -216,10 +233,15 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def pack(self, quant: Quant, device: torch.device, dtype: torch.dtype) -> None:
-        """Replace the checkpoint's projections by fused ones in the weight format."""
-        self.self_attn.pack(quant, device, dtype)
-        self.mlp.pack(quant, device, dtype)
+    def pack(
+        self, quant: Quant, device: torch.device, dtype: torch.dtype, packed: Packs = None
+    ) -> None:
+        """Replace the checkpoint's projections by fused ones in the weight format. packed: the
+        layer's MLX-packed projections under names below it (`self_attn.q_proj`, ...)."""
+        packed = packed or {}
+        for name, module in (("self_attn.", self.self_attn), ("mlp.", self.mlp)):
+            mine = {k.removeprefix(name): v for k, v in packed.items() if k.startswith(name)}
+            module.pack(quant, device, dtype, mine)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, layer)  # [B, T, hidden]
@@ -280,10 +302,15 @@ class Model(nn.Module):
             h = h[:, -1:]  # [B, 1, hidden]
         return self.head(inner.norm(h))  # [B, T or 1, vocab]
 
-    def pack_head(self, quant: Quant, device: torch.device, dtype: torch.dtype) -> None:
-        """Put the output head in the weight format (a tied head gets its own copy)."""
+    def pack_head(
+        self, quant: Quant, device: torch.device, dtype: torch.dtype, packed: Packed | None = None
+    ) -> None:
+        """Put the output head in the weight format (a tied head gets its own copy); packed: the
+        checkpoint's MLX-packed head, if it is one."""
         if self.lm_head is not None:
-            self.head = pack(self.lm_head.weight, None, quant, device=device, dtype=dtype)
+            w = self.lm_head.weight
+            held = [w if packed is None else packed]
+            self.head = pack(w, None, quant, device=device, dtype=dtype, parts=held)
             del self.lm_head
             self.lm_head = None
 

@@ -23,8 +23,13 @@ int8 is `_weight_int8pack_mm` (one scale per row) and int4 `_weight_int4pack_mm_
 
 Every format gives a row the same result, to float32 rounding, whatever else is in the batch, so
 continuous batching does not change a request's tokens.
+
+An MLX-quantized checkpoint arrives as float weights (its values, dequantized exactly) plus the
+packed matrices themselves: where they become block weights, those are taken without a round
+trip through floats (native/blocks.py stacked_blocks), so 4- and 8-bit MLX weights stay exact.
 """
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shoal.engines import native
+from shoal.engines.packed import Packed
 from shoal.errors import BadRequest
 from shoal.types.weights import QUANTS, Quant
 
@@ -66,13 +72,25 @@ def pack(
     *,
     device: torch.device,
     dtype: torch.dtype,
+    parts: Sequence[Tensor | Packed] = (),
+    name: str = "",
 ) -> nn.Module:
-    """A projection computing x @ weight.T + bias in the given format; weight [out, in] float."""
+    """A projection computing x @ weight.T + bias in the given format; weight [out, in] float.
+
+    parts: what weight stacks along its rows as the checkpoint held it, each a float weight or
+    an MLX-packed matrix (whose values weight holds); block weights take packed ones exactly.
+    """
     if quant == "int4" and weight.shape[1] % INT4_GROUP:
         quant = "int8"  # a row that is not whole groups (rare): keep it 8-bit
-    blocks = native.library() if device.type == "cpu" else None
-    if quant in ("int8", "int4") and blocks is not None and weight.shape[1] % native.BLOCK == 0:
-        return Blocked(blocks, weight, bias, "q8" if quant == "int8" else "q4")
+    lib = native.library() if device.type == "cpu" else None
+    if quant in ("int8", "int4") and lib is not None and weight.shape[1] % native.BLOCK == 0:
+        kind: native.Kind = "q8" if quant == "int8" else "q4"
+        threads = torch.get_num_threads()
+        if any(isinstance(p, Packed) for p in parts):
+            held = [p if isinstance(p, Packed) else p.float().numpy() for p in parts]
+            return Blocked(native.stacked_blocks(lib, held, kind, threads, name), bias)
+        w = weight.float().numpy()
+        return Blocked(native.BlockWeights.quantize(lib, w, kind, threads), bias)
     if quant == "none":
         return Dense(weight, bias, device=device, dtype=dtype)
     if quant == "fp16":
@@ -186,12 +204,9 @@ class Int4(nn.Module):
 class Blocked(nn.Module):
     """GGUF-style blocks of 32 (q8: Q8_0, q4: Q4_1) through shoal's native CPU kernels."""
 
-    def __init__(
-        self, lib: native.Library, weight: Tensor, bias: Tensor | None, kind: native.Kind
-    ) -> None:
+    def __init__(self, blocks: native.BlockWeights, bias: Tensor | None) -> None:
         super().__init__()
-        threads = torch.get_num_threads()
-        self.blocks = native.BlockWeights.quantize(lib, weight.float().numpy(), kind, threads)
+        self.blocks = blocks
         self.bias = None if bias is None else nn.Buffer(bias.float())
 
     def forward(self, x: Tensor) -> Tensor:
