@@ -165,9 +165,10 @@ def test_bf16(tmp_path: Path) -> None:
     assert set(got) == set(expected)
     for name, x in expected.items():
         rounded = (to_bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
-        assert isinstance(got[name], np.ndarray) and got[name].dtype == np.float32
-        np.testing.assert_array_equal(got[name], rounded)
-        assert np.abs(got[name] - x).max() <= 4e-3 * np.abs(x).max()
+        g = got[name]
+        assert isinstance(g, np.ndarray) and g.dtype == np.float32
+        np.testing.assert_array_equal(g, rounded)
+        assert np.abs(g - x).max() <= 4e-3 * np.abs(x).max()
 
 
 def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
