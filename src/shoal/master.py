@@ -144,7 +144,7 @@ class Master:
                 instance_id=new_id,
                 model_id=old.model_id,
                 policy=old.policy,
-                avoid=avoid,
+                avoid=tuple(dict.fromkeys((*old.avoid, *avoid))),
                 card=old.card,
             )
             placed = self._placer(command, self._store.state)

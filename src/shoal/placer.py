@@ -58,6 +58,6 @@ def make_placer(catalog: Catalog) -> Placer:
         )
         if isinstance(found, NoFit):
             return found.reason
-        return found.instance.model_copy(update={"card": command.card})
+        return found.instance.model_copy(update={"card": command.card, "avoid": command.avoid})
 
     return placer

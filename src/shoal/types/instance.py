@@ -36,6 +36,9 @@ class Instance(Message):
     # The card itself when the model is not in every node's catalog (a Hugging Face repo id
     # resolved by the node that placed it): workers fetch and load by it.
     card: ModelCard | None = None
+    # Nodes where an earlier incarnation of this instance failed to run a stage: re-placement
+    # keeps away from all of them, so a model no node can load stops instead of bouncing.
+    avoid: tuple[NodeId, ...] = ()
 
     @model_validator(mode="after")
     def _contiguous(self) -> "Instance":

@@ -27,6 +27,7 @@ from pathlib import Path
 from shoal.errors import ModelUnavailable, ShoalError
 from shoal.models.catalog import find_local_weights
 from shoal.models.hub import (
+    INDEX_FILE,
     Hub,
     RepoFile,
     RepoListing,
@@ -107,7 +108,8 @@ class Fetcher:
         if where.file is not None:
             await self._fetch_all(listing, [where.file], instance, {}, progress)
             return directory / where.file
-        await self._fetch_all(listing, small_files(listing), instance, {}, None)
+        small = small_files(listing) + ([INDEX_FILE] if listing.has(INDEX_FILE) else [])
+        await self._fetch_all(listing, small, instance, {}, None)
         if instance is None or stage is None:
             return directory
         needs = {

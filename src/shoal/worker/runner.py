@@ -95,7 +95,9 @@ def running(engine: Engine) -> str:
 def load_engine(config: RunnerConfig) -> tuple[Engine, ModelConfig]:
     """Open the weights and load the shard, reporting progress per layer; the model's config."""
     source: WeightSource = open_weights(Path(config.model_path))
-    if config.cache_dir is not None:
+    # GGUF only: dequantizing one costs seconds per load; a safetensors directory (bf16, or
+    # MLX's packed blocks, which engines take as they are) reads as fast as the cache would
+    if config.cache_dir is not None and Path(config.model_path).is_file():
         source = CachedWeights(source, Path(config.model_path), Path(config.cache_dir))
     engine = build(config, source.config)
     if config.threads is not None and "torch" in sys.modules:
