@@ -8,6 +8,8 @@ with the first, the norm and head with the last).
 
 import json
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,7 +72,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             reference = start_node(tmp, ["--model-path", str(repo), *ARGS])
             nodes.append(reference)
             reference.wait_ready(model=repo.name, timeout=240)
-            yield {"hub": hub, "repo": repo, "nodes": nodes[:2], "reference": reference}
+            yield {"hub": hub, "repo": repo, "nodes": nodes[:2], "reference": reference, "tmp": tmp}
         finally:
             for node in nodes:
                 node.stop()
@@ -156,3 +158,39 @@ def test_only_members_get_files(world: dict) -> None:
         httpx.get(url, verify=stranger, timeout=10)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://{addr}/v1/repos/{REPO}/{listing.commit}", timeout=10)
+
+
+def test_a_slow_download_shows_as_downloading_in_the_state_and_status(world: dict) -> None:
+    """An 8-bit MLX repo through a throttled Hub: the runner reports Downloading(done, total)
+    in bytes, `shoal status` shows it, and the instance then serves."""
+    hub: HubServer = world["hub"]
+    _, b = world["nodes"]
+    repo = make_mlx_repo(world["tmp"] / "repo-8bit", 8, layers=LAYERS, files=LAYERS)
+    name = "shoal-test/tiny-llama-8bit"
+    hub.add(name, repo)
+    hub.rate = 50_000  # bytes a second: about 16 s for the whole repo
+    try:
+        iid = place(b, name, f"{b.node_id}:0-4")
+        seen: list[dict] = []
+
+        def downloading() -> bool:
+            found = [i for i in b.get("/v1/instances")["data"] if i["instance_id"] == iid]
+            status = found[0]["runners"]["0"]["status"] if found else {}
+            if status.get("kind") == "downloading":
+                seen.append(status)
+            return len(seen) >= 2
+
+        until(downloading, 60, "Downloading reports")
+        out = subprocess.run(
+            [sys.executable, "-m", "shoal.cli", "status", "--api", b.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        hub.rate = None
+    assert all(0 <= s["done"] <= s["total"] for s in seen) and seen[0]["total"] > 0
+    assert out.returncode == 0, out.stderr
+    assert "downloading" in out.stdout, out.stdout
+    until(lambda: ready(b, iid), 240, "the 8-bit instance")
+    assert chat(b, iid)
