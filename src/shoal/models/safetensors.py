@@ -151,8 +151,8 @@ class SafetensorsSource:
                 raise UnsupportedModel(f"{self.path}: tensor {name} has dtype {dtype}")
             elif dtype == "BF16":
                 out[name] = (array.astype(np.uint32) << 16).view(np.float32)
-            else:
-                out[name] = array.astype(np.float32, copy=False)
+            else:  # a copy: aligned and writable, not a view of the mapped file
+                out[name] = np.array(array, dtype=np.float32)
         return out
 
     def _packed(self, module: str, weight: np.ndarray, raw: dict[str, np.ndarray]) -> Packed:
@@ -178,18 +178,19 @@ class SafetensorsSource:
         return str(self._headers[self._file_of[name]][1][name]["dtype"])
 
     def _read(self, file: Path, names: list[str]) -> dict[str, np.ndarray]:
-        """The named tensors of one file as stored (BF16 as uint16 bit patterns)."""
+        """The named tensors of one file as stored (BF16 as uint16 bit patterns), as read-only
+        views of the file mapped into memory: what stays packed is never copied, and its pages
+        are the file's (the OS reads them on first use and may drop them again)."""
         data_start, header = self._headers[file]
+        mapped = np.memmap(file, dtype=np.uint8, mode="r")
         out: dict[str, np.ndarray] = {}
         for name in names:
             meta = header[name]
             if meta["dtype"] not in RAW:
                 raise UnsupportedModel(f"{file}: tensor {name} has dtype {meta['dtype']}")
-            dtype = np.dtype(RAW[meta["dtype"]])
             begin, end = meta["data_offsets"]
-            count = (end - begin) // dtype.itemsize
-            array = np.fromfile(file, dtype=dtype, count=count, offset=data_start + begin)
-            out[name] = array.reshape(meta["shape"])
+            data = mapped[data_start + begin : data_start + end]
+            out[name] = data.view(RAW[meta["dtype"]]).reshape(meta["shape"])
         return out
 
 
