@@ -37,6 +37,9 @@ class OneModelService:
             raise ModelNotFound(f"model {model_id!r} not found")
         return self.handle.card
 
+    async def resolve(self, model_id: str) -> ModelCard:
+        return self.card(model_id)
+
     def status(self, card: ModelCard) -> ModelStatus:
         return ModelStatus("ready")
 

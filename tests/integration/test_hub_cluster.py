@@ -194,3 +194,16 @@ def test_a_slow_download_shows_as_downloading_in_the_state_and_status(world: dic
     assert "downloading" in out.stdout, out.stdout
     until(lambda: ready(b, iid), 240, "the 8-bit instance")
     assert chat(b, iid)
+
+
+def test_a_node_started_with_a_repo_id_serves_it(world: dict) -> None:
+    hub: HubServer = world["hub"]
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    node = start_node(world["tmp"], ["--model", REPO, *ARGS], env=env)
+    try:
+        node.wait_ready(model=REPO, timeout=240)
+        assert chat(node, REPO) == chat(world["reference"], world["repo"].name)
+        listed = {m["id"] for m in node.get("/v1/models")["data"]}
+        assert REPO in listed
+    finally:
+        node.stop()

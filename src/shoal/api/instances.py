@@ -86,7 +86,7 @@ async def instance_previews(
     if not wanted:
         raise ModelNotFound("give ?model=MODEL_ID")
     service = _service(request)
-    card = service.card(wanted)
+    card = await service.resolve(wanted)
     options = previews(card, profiles_of(request.app.state.cluster.state))
     return {"model": card.id, "previews": [p.to_json() for p in options]}
 

@@ -55,4 +55,4 @@ async def list_models(request: Request) -> Response:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     service: InferenceService = request.app.state.service
-    return model_object(service.card(model_id), service)
+    return model_object(await service.resolve(model_id), service)

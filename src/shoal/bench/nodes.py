@@ -147,10 +147,15 @@ class NodeProcess:
 
 
 def start_node(
-    tmp: Path, args: Sequence[str] = (), *, threads: int = 1, python: str = sys.executable
+    tmp: Path,
+    args: Sequence[str] = (),
+    *,
+    threads: int = 1,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
 ) -> NodeProcess:
     """A standalone node on a free port with its own data dir under tmp."""
-    return _node_at(tmp / f"node-{(port := free_port())}", port, args, threads, python)
+    return _node_at(tmp / f"node-{(port := free_port())}", port, args, threads, python, env)
 
 
 def _node_at(

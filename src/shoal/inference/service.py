@@ -60,6 +60,10 @@ class InferenceService(Protocol):
 
     def card(self, model_id: str) -> ModelCard: ...
 
+    async def resolve(self, model_id: str) -> ModelCard:
+        """`card`, or for a Hugging Face repo id (`org/name`) a card made from the repo."""
+        ...
+
     def status(self, card: ModelCard) -> ModelStatus: ...
 
     def active_requests(self) -> int:
