@@ -121,7 +121,7 @@ def test_layers_of_a_split_repo(hub: HubServer, tmp_path: Path, repo: Path) -> N
     split = tmp_path / "split"
     split.mkdir()
     (split / "config.json").write_text(json.dumps(hf_config(4)))
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for k, layers in enumerate([(0, 1), (2, 3)], start=1):
         name = f"model-{k:05d}-of-00002.safetensors"
         (split / name).write_bytes(os.urandom(1000 * k))

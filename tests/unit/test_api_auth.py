@@ -37,6 +37,9 @@ class PlacingService:
     def card(self, model_id: str) -> ModelCard:
         raise AssertionError("no model is asked for")
 
+    async def resolve(self, model_id: str) -> ModelCard:
+        raise AssertionError("no model is asked for")
+
     def status(self, card: ModelCard) -> ModelStatus:
         return ModelStatus("ready")
 

@@ -10,11 +10,13 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from shoal.engines.base import WeightSource
+from shoal.engines.packed import Packed
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
 
@@ -41,7 +43,7 @@ class CachedWeights:
     def __getattr__(self, name: str) -> object:  # tokenizer(), metadata, ... of the source
         return getattr(self._source, name)
 
-    def tensors(self, shard: Shard) -> dict[str, np.ndarray]:
+    def tensors(self, shard: Shard) -> Mapping[str, np.ndarray | Packed]:
         parts = [f"layer-{i}" for i in range(shard.start, shard.end)]
         parts += ["first"] if shard.is_first else []
         parts += ["last"] if shard.is_last else []
@@ -53,11 +55,14 @@ class CachedWeights:
         except (OSError, ValueError):
             pass  # a miss (or a torn write): fill it
         tensors = self._source.tensors(shard)
+        floats = {name: t for name, t in tensors.items() if isinstance(t, np.ndarray)}
+        if len(floats) < len(tensors):
+            return tensors  # MLX-packed: compact already and quick to read, nothing to cache
         try:
-            self._store(tensors, shard)
+            self._store(floats, shard)
         except OSError as exc:  # a full disk only costs speed
             log.warning("cannot cache weights in %s: %s", self._dir, exc)
-        return tensors
+        return floats
 
     def _store(self, tensors: dict[str, np.ndarray], shard: Shard) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)

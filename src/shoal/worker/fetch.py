@@ -28,6 +28,7 @@ from shoal.errors import ModelUnavailable, ShoalError
 from shoal.models.catalog import find_local_weights
 from shoal.models.hub import (
     INDEX_FILE,
+    CorruptFile,
     Hub,
     RepoFile,
     RepoListing,
@@ -252,6 +253,10 @@ class Fetcher:
 
             loop.call_soon_threadsafe(update)
 
-        await asyncio.to_thread(self.hub.download, listing, file.path, moved)
+        try:
+            await asyncio.to_thread(self.hub.download, listing, file.path, moved)
+        except CorruptFile as exc:  # deleted and named: one more try, then it is the Hub's
+            log.warning("%s: fetching it again", exc)
+            await asyncio.to_thread(self.hub.download, listing, file.path, moved)
         progress.done = start
         progress.add(file.size)

@@ -9,6 +9,7 @@ from mlx_lm.models.cache import KVCache
 
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
 from shoal.engines.mlx.model import ShardModel
+from shoal.engines.packed import dense
 from shoal.errors import BadRequest
 from shoal.types.ids import RequestId
 from shoal.types.shard import Shard
@@ -34,7 +35,9 @@ class MlxEngine:
     def load(self, shard: Shard, source: WeightSource, progress: ProgressFn | None = None) -> None:
         """Build the shard's modules, then fill them from source, strictly."""
         model = ShardModel(source.config, shard)
-        model.load(source.tensors(shard), self.dtype, progress)
+        # MLX-packed tensors as the float32 values they stand for (mx.dequantize's, exactly)
+        tensors = {name: dense(t) for name, t in source.tensors(shard).items()}
+        model.load(tensors, self.dtype, progress)
         self._model = model
         self._caches.clear()
         log.info("loaded %s on %s (%s)", shard, mx.default_device(), self.dtype)
