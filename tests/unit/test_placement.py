@@ -193,11 +193,26 @@ def test_held_bits_per_engine(engine: str | None, quant: str, held: Held) -> Non
 
 
 # The seed card Llama 3.2 1B (MLX 4-bit, 696 MiB) at 4096 tokens of context, whole model in MiB:
-# torch float32 / torch int4 / numpy int4 / numpy int8 / llama.cpp Q4_K_M / mlx float32.
+# torch float32 / torch int4 / numpy int4 / numpy int8 / llama.cpp Q4_K_M / mlx float32. numpy
+# holds the MLX 4-bit weights as Q4_1 blocks under int4 and int8 alike (5 bits, the head too)
+# and keeps the embedding table packed (4.5 bits).
 LLAMA_1B_MIB = [
-    (None, "none", 6207.3), (None, "int4", 2375.8), ("numpy", "int4", 2140.9),
-    ("numpy", "int8", 2572.7), ("llamacpp", "none", 1278.5), ("mlx", "none", 6207.3),
+    (None, "none", 6207.3), (None, "int4", 2375.8), ("numpy", "int4", 1170.2),
+    ("numpy", "int8", 1170.2), ("llamacpp", "none", 1278.5), ("mlx", "none", 6207.3),
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("bits", "engine", "held"),
+    [(4, "numpy", Held(5, 5, 4.5)), (8, "native", Held(9, 9, 8.5)), (8, "torch", Held(9, 8.5, 32)),
+     (4, "torch", Held(5, 16, 32)), (4, "mlx", Held(32, 32, 32))],
+)  # fmt: skip
+def test_mlx_packed_weights_keep_their_format_in_the_block_kernels(
+    bits: int, engine: str, held: Held
+) -> None:
+    mlx = HubWeights(format="mlx", repo="mlx-community/x", quantization=f"{bits}bit")
+    quant = "int4" if bits == 4 else "int8"
+    assert held_bits(card(SMOL, weights=(mlx,), quant=quant), engine, 4) == held
 
 
 @pytest.mark.parametrize(("engine", "quant", "mib"), LLAMA_1B_MIB)

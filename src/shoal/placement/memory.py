@@ -6,7 +6,11 @@ Each engine holds a model's weights in its own format (`held`):
                           fp16, so fp16 is float32 there too), fp16 = 16 bits, int8 = Q8_0 blocks
                           (8.5 bits a weight), int4 = Q4_1 blocks (5 bits); under int8 and int4 the
                           head is 8-bit blocks (8.5 bits) on the CPU, but torch on CUDA keeps it
-                          fp16, so torch's int4 head is planned at 16 bits (the safe side)
+                          fp16, so torch's int4 head is planned at 16 bits (the safe side).
+                          MLX-packed weights (the first source they read is an mlx repo) keep
+                          their format in the block kernels under int8 and int4: Q4_1 (5 bits)
+                          up to 4 bits, 8-bit blocks with a minimum (9 bits) above, the head
+                          too; numpy and native keep the embedding table packed (4.5 / 8.5)
     llamacpp              the GGUF file's own bits (the card's GGUF source): every projection at
                           the file's average (Q4_K_M ≈ 4.89, Q8_0 8.5, ...), the embedding table
                           too, the head at 8.5 bits where the file is smaller (llama.cpp writes it
@@ -55,6 +59,7 @@ FORMAT_ENGINES = frozenset({"torch", "numpy", "native"})
 # Bits per weight of the engines' block formats: Q8_0 (34 bytes per 32) and Q4_1 (20 per 32).
 _QUANT_BITS: dict[Quant, float] = {"fp16": 16.0, "int8": 8.5, "int4": 5.0}
 HEAD_BLOCK_BITS = 8.5  # the head under int8/int4 in the block kernels, and llama.cpp's floor
+MLX_Q8_BITS = 9.0  # MLX 5-8 bit weights as 8-bit blocks with a minimum: 36 bytes per 32
 
 # Bits per weight of each GGUF tensor type, its block scales included (block bytes * 8 / weights).
 GGUF_BITS: dict[str, float] = {
@@ -110,6 +115,21 @@ def gguf_quantization(card: ModelCard) -> str | None:
     return None
 
 
+def mlx_packed_bits(card: ModelCard) -> int | None:
+    """The bits of the MLX-quantized weights the torch and numpy engines load for the card
+    (its first source they read), or None when those are not MLX-packed."""
+    for where in card.weights:
+        if where.format == "gguf":
+            continue  # llama.cpp's; the others take the next source
+        label = (where.quantization if isinstance(where, HubWeights) else None) or ""
+        label = label or (card.quantization if where.format == "mlx" else "")
+        match = re.fullmatch(r"(\d+)_?bits?", label.strip().lower())
+        if where.format != "mlx" or match is None or int(match[1]) >= 16:
+            return None
+        return int(match[1])
+    return None
+
+
 def held_bits(card: ModelCard, engine: str | None, dtype_bytes: int) -> Held:
     """Bits per weight `engine` (None: torch) holds the card's weights in."""
     dense = 8.0 * dtype_bytes
@@ -122,8 +142,17 @@ def held_bits(card: ModelCard, engine: str | None, dtype_bytes: int) -> Held:
     if engine in ("numpy", "native") and quant == "fp16":
         quant = "none"  # numpy has no half-precision matmul
     layer = _QUANT_BITS.get(quant, dense)
+    packed = mlx_packed_bits(card)
+    if packed is not None and engine in ("numpy", "native") and quant in ("int8", "int4"):
+        # MLX-packed weights keep their own format in the block kernels, whatever the quant:
+        # Q4_1 blocks for up to 4 bits, 8-bit blocks with minimums (9 bits) above; the head
+        # too, and the embedding table stays packed at the file's bits
+        blocks = _QUANT_BITS["int4"] if packed <= 4 else MLX_Q8_BITS
+        return Held(blocks, blocks, packed + 32 / MLX_GROUP)
     if quant not in ("int8", "int4"):
         return Held(layer, layer, dense)
+    if packed is not None:  # torch on a CPU hands them to the same blocks (the safe side)
+        layer = max(layer, _QUANT_BITS["int4"] if packed <= 4 else MLX_Q8_BITS)
     # torch on CUDA keeps an int4 model's head fp16; the block kernels hold it 8-bit
     head = 16.0 if quant == "int4" and engine in (None, "torch") else HEAD_BLOCK_BITS
     return Held(layer, head, dense)
