@@ -170,6 +170,7 @@ async def serve(settings: Settings) -> None:
         hub,
         peers=lambda: _file_servers(cluster.state, identity.node_id),
         files=peer_files,
+        instances=lambda: [r.instance for r in cluster.state.instances.values()],
     )
 
     service = ClusterService(

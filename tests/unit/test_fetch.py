@@ -114,6 +114,30 @@ async def test_another_node_waits_for_the_designated_one_and_copies(tmp_path: Pa
     assert hub.downloads == [] and peers.copied == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize(("mine", "downloads"), [("i2", False), ("i1", True)])
+async def test_whole_instances_placed_at_once_take_each_file_from_the_hub_once(
+    tmp_path: Path, mine: str, downloads: bool
+) -> None:
+    """Two whole-model instances of one model, on this node and on the peer: the instance
+    first by id designates the downloader, so only one of the two nodes asks the Hub."""
+    fetch, hub, peers = fetcher(tmp_path, [(PEER, "peer:1")])
+
+    def whole(iid: str, node: NodeId) -> Instance:
+        stages = (StagePlan(node_id=node, start=0, end=2),)
+        return Instance(instance_id=InstanceId(iid), model_id=CARD.id, n_layers=2, stages=stages)
+
+    ours, theirs = whole(mine, ME), whole("i1" if mine == "i2" else "i2", PEER)
+    fetch.instances = lambda: (ours, theirs)
+    task = asyncio.create_task(fetch.stage(CARD, ours, ours.stages[0]))
+    await asyncio.sleep(0.1)
+    if not downloads:  # the peer's instance comes first: wait for it, then copy
+        assert not task.done() and hub.downloads == []
+        peers.held = {"config.json", "model.safetensors"}
+    await asyncio.wait_for(task, 5)
+    assert (hub.downloads == ["config.json", "model.safetensors"]) is downloads
+    assert (peers.copied == ["config.json", "model.safetensors"]) is not downloads
+
+
 async def test_a_designated_node_that_is_gone_is_not_waited_for(tmp_path: Path) -> None:
     fetch, hub, peers = fetcher(tmp_path, [])  # PEER is not connected
     inst = instance(PEER, ME)

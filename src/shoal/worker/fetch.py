@@ -7,10 +7,12 @@ layers (`models.hub.files_for_layers`). For each missing file the Fetcher asks, 
 1. this node's Hub cache (`<data_dir>/hub`, complete and verified files only);
 2. the peers' file servers (`net/files.py`, members only): every peer that holds the file
    serves a part of it, by byte range;
-3. the Hub, but only if this node is the file's designated downloader: the node of the first
-   stage of the instance that needs the file. The others wait for that node to hold it and
-   copy it from there, so the Hub sends each file once per cluster. A designated node that is
-   gone, or does not get the file within `wait_s`, is not waited for.
+3. the Hub, but only if this node is the file's designated downloader: of every placed
+   instance of the model that reads the same repo (ordered by instance id, so every node
+   agrees), the node of the first stage that needs the file. The others wait for that node to
+   hold it and copy it from there, so the Hub sends each file once per cluster, however many
+   instances of the model are placed at once. A designated node that is gone, or does not get
+   the file within `wait_s`, is not waited for.
 
 Whatever the source, a file is checked against the repo listing (size, and sha256 of LFS files)
 before it is used; progress is (bytes done, bytes to fetch) over the whole stage.
@@ -62,6 +64,15 @@ def hub_weights(card: ModelCard, engine: str | None) -> HubWeights | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Layers:
+    """A stage's layers [start, end) of a model of n_layers."""
+
+    start: int
+    end: int
+    n_layers: int
+
+
 @dataclass
 class _Progress:
     total: int = 0
@@ -82,6 +93,8 @@ class Fetcher:
     hub: Hub
     peers: Peers = lambda: ()
     files: PeerFiles | None = None
+    # every placed instance (the replicated state's): who else fetches the same files
+    instances: Callable[[], Sequence[Instance]] = tuple
     wait_s: float = 600.0  # longest wait for a designated peer to finish a file
     poll_s: float = 0.5
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
@@ -106,25 +119,43 @@ class Fetcher:
             raise ModelUnavailable(f"{card.id} has no weights on this node and no Hub source")
         listing = await self.listing(where.repo, where.revision)
         directory = repo_dir(self.hub.root, where.repo, listing.commit)
+        readers = self._readers(card, instance, where.repo)
         if where.file is not None:
-            await self._fetch_all(listing, [where.file], instance, {}, progress)
+            await self._fetch_all(listing, [where.file], [(n, None) for n, _ in readers], progress)
             return directory / where.file
         small = small_files(listing) + ([INDEX_FILE] if listing.has(INDEX_FILE) else [])
-        await self._fetch_all(listing, small, instance, {}, None)
+        await self._fetch_all(listing, small, [(n, None) for n, _ in readers], None)
         if instance is None or stage is None:
             return directory
-        needs = {
-            s.node_id: set(files_for_layers(listing, directory, s.start, s.end, instance.n_layers))
-            for s in instance.stages
-        }
+        needs = [
+            (node, set(files_for_layers(listing, directory, s.start, s.end, s.n_layers)))
+            for node, s in readers
+        ]
         wanted = files_for_layers(listing, directory, stage.start, stage.end, instance.n_layers)
-        await self._fetch_all(listing, wanted, instance, needs, progress)
+        await self._fetch_all(listing, wanted, needs, progress)
         return directory
+
+    def _readers(
+        self, card: ModelCard, instance: Instance | None, repo: str
+    ) -> list[tuple[NodeId, _Layers]]:
+        """The stages that read this repo, in the order that designates each file's Hub
+        downloader: every placed instance of the model (by id; this one too), stages in order,
+        those whose engine reads another source (a GGUF for llamacpp) left out."""
+        if instance is None:
+            return []
+        same = {i.instance_id: i for i in self.instances() if i.model_id == instance.model_id}
+        same[instance.instance_id] = instance
+        return [
+            (s.node_id, _Layers(s.start, s.end, i.n_layers))
+            for _, i in sorted(same.items())
+            for s in i.stages
+            if (w := hub_weights(card, s.engine)) is not None and w.repo == repo
+        ]
 
     async def card(self, repo: str, revision: str = "main") -> ModelCard:
         """The card of a Hub repo id, made from its config.json (from a peer, else the Hub)."""
         listing = await self.listing(repo, revision)
-        await self._fetch_all(listing, ["config.json"], None, {}, None)
+        await self._fetch_all(listing, ["config.json"], [], None)
         path = repo_dir(self.hub.root, repo, listing.commit) / "config.json"
         return card_from_config(repo, json.loads(path.read_text()), listing)
 
@@ -146,30 +177,20 @@ class Fetcher:
         self,
         listing: RepoListing,
         paths: Sequence[str],
-        instance: Instance | None,
-        needs: dict[NodeId, set[str]],
+        needs: Sequence[tuple[NodeId, set[str] | None]],
         report: ProgressFn | None,
     ) -> None:
+        """Fetch the missing ones of paths; needs: the readers in order, each with the files it
+        needs (None: all of them), which designates each file's Hub downloader."""
         missing = [p for p in dict.fromkeys(paths) if self.hub.local(listing, p) is None]
         progress = _Progress(sum(listing.file(p).size for p in missing), 0, report)
         if report is not None:
             report(0, progress.total)
         for path in missing:
-            await self._fetch(
-                listing, listing.file(path), self._designated(instance, needs, path), progress
+            designated = next(
+                (node for node, files in needs if files is None or path in files), self.me
             )
-
-    def _designated(
-        self, instance: Instance | None, needs: dict[NodeId, set[str]], path: str
-    ) -> NodeId:
-        """Who takes the file from the Hub: the node of the first stage that needs it (`needs`
-        empty: every stage does); this node outside an instance."""
-        if instance is None:
-            return self.me
-        for s in instance.stages:
-            if not needs or path in needs.get(s.node_id, ()):
-                return s.node_id
-        return self.me
+            await self._fetch(listing, listing.file(path), designated, progress)
 
     async def _fetch(
         self, listing: RepoListing, file: RepoFile, designated: NodeId, progress: _Progress
