@@ -99,6 +99,11 @@ CASES = {
     "numpy-int4-llama": _other("numpy", "llama", quant="int4"),
     "numpy-int8-qwen3": _other("numpy", "qwen3", quant="int8"),
     "numpy-int4-qwen2": _other("numpy", "qwen2", quant="int4"),
+    # granite's multipliers and phi3's fused projections and LongRoPE, adapted at load
+    "torch-granite": _torch("granite"),
+    "torch-int4-phi3": _torch("phi3", "int4"),
+    "numpy-phi3": _other("numpy", "phi3"),
+    "numpy-int8-granite": _other("numpy", "granite", quant="int8"),
     "mlx-llama": _other("mlx", "llama"),
     "mlx-qwen3": _other("mlx", "qwen3"),
     "torch-cuda-llama": _cuda("llama"),

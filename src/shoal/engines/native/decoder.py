@@ -55,6 +55,7 @@ class Decoder:
         eps: float,
         inv_freq: np.ndarray,
         layers: list[DecoderLayer],
+        inv_freq_long: np.ndarray | None = None,
     ) -> None:
         if head_dim > self.MAX_HEAD_DIM or head_dim % 2 or heads % kv_heads:
             raise ValueError(f"no native forward for {heads}/{kv_heads} heads of {head_dim}")
@@ -89,15 +90,27 @@ class Decoder:
         self.inv_freq = np.ascontiguousarray(inv_freq, dtype=np.float32)
         freq = _vector(self.inv_freq, head_dim // 2)
         self.dims = Dims(hidden, heads, kv_heads, head_dim, inter, eps, freq)
+        # LongRoPE's long frequencies: a second set of dimensions, chosen per pass
+        self.inv_freq_long = np.ascontiguousarray(
+            inv_freq if inv_freq_long is None else inv_freq_long, dtype=np.float32
+        )
+        long = _vector(self.inv_freq_long, head_dim // 2)
+        self.dims_long = Dims(hidden, heads, kv_heads, head_dim, inter, eps, long)
         self._layers = (Layer * len(structs))(*structs)
         self._count = len(structs)
         self._keep = layers  # the arrays the structs point into
 
     @classmethod
     def for_model(
-        cls, lib: Library, args: ModelArgs, inv_freq: np.ndarray, layers: list[DecoderLayer]
+        cls,
+        lib: Library,
+        args: ModelArgs,
+        inv_freq: np.ndarray,
+        layers: list[DecoderLayer],
+        inv_freq_long: np.ndarray | None = None,
     ) -> "Decoder":
-        """The decoder of a Llama-family model file's layers (its arguments and rope)."""
+        """The decoder of a Llama-family model file's layers (its arguments and rope; LongRoPE's
+        long frequencies too, if it has them)."""
         return cls(
             lib,
             hidden=args.hidden_size,
@@ -108,6 +121,7 @@ class Decoder:
             eps=args.rms_norm_eps,
             inv_freq=inv_freq,
             layers=layers,
+            inv_freq_long=inv_freq_long,
         )
 
     def forward(
@@ -119,8 +133,10 @@ class Decoder:
         v: np.ndarray,
         capacity: np.ndarray,
         threads: int | None = None,
+        long: bool = False,
     ) -> None:
-        """Advance h [rows, hidden] (float32 at address h) through every layer, in place.
+        """Advance h [rows, hidden] (float32 at address h) through every layer, in place
+        (rotating with the long frequencies if `long`: LongRoPE).
 
         Row r is position position[r] of item item[r] (int64 [rows]). k, v: uint64 [items],
         addresses of each item's CACHE_DTYPE cache [layers, kv_heads, capacity, head_dim]; capacity:
@@ -137,8 +153,9 @@ class Decoder:
             raise ValueError("a cache has no room for the position it is to write")
         frame = Rows(item.ctypes.data, position.ctypes.data, k.ctypes.data, v.ctypes.data,
                      capacity.ctypes.data)  # fmt: skip
+        dims = self.dims_long if long else self.dims
         status = self.lib.lib.shoal_forward(
-            ctypes.byref(self.dims), self._layers, self._count, h, rows, ctypes.byref(frame),
+            ctypes.byref(dims), self._layers, self._count, h, rows, ctypes.byref(frame),
             threads_or_all(threads),
         )  # fmt: skip
         if status:

@@ -1,4 +1,4 @@
-"""A Llama-family shard (llama, mistral, qwen2, qwen3) on block weights, run by one native call.
+"""A Llama-family shard (llama, mistral, qwen2, qwen3, granite, phi3) on blocks, in one native call.
 
 The shard's tensors under Hugging Face names are taken once: q, k, v fused into one block matrix,
 gate and up into another, o and down, each in q8 (int8) or q4 (int4) blocks; the norms, the qwen2
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shoal.engines.args import ModelArgs
+from shoal.engines.args import ModelArgs, longrope_context
 from shoal.engines.base import ProgressFn
 from shoal.engines.checkpoint import Checkpoint
 from shoal.engines.native.abi import Library
@@ -26,7 +26,8 @@ from shoal.engines.packed import Packed
 from shoal.types.shard import Shard
 
 F32 = np.float32
-ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# granite and phi3 arrive in the llama layout (engines/adapt.py)
+ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3"})
 
 
 def supports(args: ModelArgs) -> bool:
@@ -101,6 +102,7 @@ class Model:
         blocks: Blocks,
         inv_freq: np.ndarray,
         progress: ProgressFn | None = None,
+        inv_freq_long: np.ndarray | None = None,
     ) -> None:
         self.args, self.shard, self.threads = args, shard, blocks.threads
         hidden, vocab = args.hidden_size, args.vocab_size
@@ -124,7 +126,8 @@ class Model:
         # [vocab, hidden] blocks: q8 from floats, a packed head exactly in its own format
         self.head = None if head is None else blocks(head, "lm_head.weight", kind="q8")
         ckpt.finish(f"{args.model_type} shard {shard}")
-        self.decoder = Decoder.for_model(blocks.lib, args, inv_freq, layers)
+        self.decoder = Decoder.for_model(blocks.lib, args, inv_freq, layers, inv_freq_long)
+        self.long_after = longrope_context(args)  # LongRoPE's original context, if it is that
 
     def __call__(
         self,
@@ -144,8 +147,7 @@ class Model:
             h = self.embed_tokens[x]  # [N, hidden], a copy: advanced in place
         else:
             h = np.array(x, dtype=F32, order="C")
-        k, v, capacity = caches
-        self.decoder.forward(h.ctypes.data, item, positions, k, v, capacity, self.threads)
+        self._layers(h, item, positions, caches)
         if self.norm is None or self.head is None:
             return h
         if last is not None:
@@ -154,3 +156,31 @@ class Model:
         rows = h.shape[0]
         self.decoder.rms_norm(h.ctypes.data, rows, self.norm, normed.ctypes.data, self.threads)
         return self.head.matmul(normed, self.threads)  # [N or items, vocab]
+
+    def _layers(
+        self,
+        h: np.ndarray,
+        item: np.ndarray,
+        positions: np.ndarray,
+        caches: tuple[np.ndarray, np.ndarray, np.ndarray],
+    ) -> None:
+        """h [N, hidden] through every layer, in place. LongRoPE: the items whose rows reach its
+        original context rotate with the long frequencies, the rest with the short, in a pass
+        each (a row's result never depends on the other rows)."""
+        k, v, capacity = caches
+        long = None
+        if self.long_after is not None and len(item):
+            last = np.full(len(k), -1, np.int64)
+            np.maximum.at(last, item, positions)  # [items]: each item's last position
+            long = last[item] >= self.long_after  # [N]
+        if long is None or not long.any() or long.all():
+            reach = long is not None and bool(long.all())
+            self.decoder.forward(
+                h.ctypes.data, item, positions, k, v, capacity, self.threads, reach
+            )
+            return
+        for rows in (~long, long):
+            part = np.ascontiguousarray(h[rows])  # [n, hidden]
+            at = (part.ctypes.data, item[rows], positions[rows], k, v, capacity, self.threads)
+            self.decoder.forward(*at, rows is long)
+            h[rows] = part
