@@ -121,12 +121,14 @@ def make_mlx_repo(
     group_size: int = 64,
     dtype: str = "bfloat16",
     overrides: dict[str, int | bool] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> Path:
     """A tiny random llama saved by mlx-lm: affine-quantized at `bits` (4 or 8; None → dense
     `dtype`), scales and biases in `dtype` (bfloat16 or float16), split over `files` files.
 
     overrides: module path → bits for that module (a per-layer entry in `quantization`), or
     False to leave it unquantized (mlx-lm then records nothing: the loader sees no `scales`).
+    config: a whole config.json of any model_type mlx-lm knows (default: hf_config(layers)).
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -139,6 +141,7 @@ def make_mlx_repo(
         "group_size": group_size,
         "dtype": dtype,
         "overrides": overrides or {},
+        "config": config,
     }
     _run_child("make", str(dest), json.dumps(spec))
     write_tokenizer(dest)
@@ -146,19 +149,29 @@ def make_mlx_repo(
 
 
 def make_hf_repo(
-    dest: Path, *, layers: int = 4, files: int = 3, seed: int = 0, tie: bool = False
+    dest: Path,
+    *,
+    layers: int = 4,
+    files: int = 3,
+    seed: int = 0,
+    tie: bool = False,
+    config: dict[str, Any] | None = None,
 ) -> Path:
-    """A tiny random transformers LlamaForCausalLM saved as bf16 safetensors over `files` files."""
+    """A tiny random transformers causal LM (a llama unless `config`, a whole config.json of any
+    model_type, says otherwise) saved as bf16 safetensors over `files` files."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    config = hf_config(layers, tie=tie)
+    config = config or hf_config(layers, tie=tie)
+    layers, tie = config["num_hidden_layers"], config.get("tie_word_embeddings", False)
     torch.manual_seed(seed)
     hf_args = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
-    model: Any = LlamaForCausalLM(LlamaConfig(**hf_args))
+    model: Any = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(config["model_type"], **hf_args)
+    )
     model = model.to(torch.bfloat16).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # O(1) activations and logits, as tests/helpers/tiny.py does
@@ -186,9 +199,9 @@ def make_hf_repo(
 def hf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
     """transformers' float32 logits [T, vocab] of a repo (any written here but MLX-quantized)."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
         return model(ids).logits[0].float().numpy()  # [T, vocab]
@@ -229,13 +242,14 @@ def _child_make(dest: Path, spec: dict[str, Any]) -> None:
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
-    from mlx_lm.models.llama import Model, ModelArgs
-    from mlx_lm.utils import quantize_model, save_config
+    from mlx_lm.utils import _get_classes, quantize_model, save_config
 
-    layers, bits, tie = spec["layers"], spec["bits"], spec["tie"]
+    bits = spec["bits"]
     dtype = getattr(mx, spec["dtype"])
-    config = hf_config(layers, tie=tie)
+    config = spec["config"] or hf_config(spec["layers"], tie=spec["tie"])
+    layers = config["num_hidden_layers"]
     config["torch_dtype"] = spec["dtype"]
+    Model, ModelArgs = _get_classes(config)
     mx.random.seed(spec["seed"])
     model: Any = Model(ModelArgs.from_dict(config))
     flat: Any = tree_flatten(model.parameters())
@@ -287,13 +301,22 @@ def _child_logits(path: Path, tokens: list[int], out: Path, dtype: str) -> None:
 def _child_dequantize(path: Path, out: Path) -> None:
     import mlx.core as mx
     import mlx.nn as nn
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
     from mlx_lm.utils import load_model
 
     model, _ = load_model(path)
     got: dict[str, Any] = {}
     modules: list[tuple[str, Any]] = model.named_modules()
     for name, module in modules:
-        if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
+        if isinstance(module, QuantizedSwitchLinear):  # stacked experts: one matrix per expert
+            s: Any = module
+            scales, biases = s.scales.astype(mx.float32), s.biases.astype(mx.float32)
+            w = mx.dequantize(s.weight, scales, biases, s.group_size, s.bits)  # [E, out, in]
+            mx.eval(w)
+            mlp, _, proj = name.rpartition(".switch_mlp.")
+            for e, matrix in enumerate(np.array(w)):
+                got[f"{mlp}.experts.{e}.{proj}.weight"] = matrix
+        elif isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
             # float32 scales and biases (widened exactly): MLX computes scale * q + bias in
             # float32 and rounds the result to the scales' dtype, which would hide the sum
             q: Any = module

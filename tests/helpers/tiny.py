@@ -8,10 +8,11 @@ import json
 import struct
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from shoal.models.safetensors import split_experts
 from shoal.types.ids import ModelId
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
@@ -55,6 +56,44 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral-linear-rope": ("mistral", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "qwen2": ("qwen2", {"rope_theta": 1e6}),
     "qwen3": ("qwen3", {"head_dim": 32, "rope_theta": 1e6, "tie_word_embeddings": True}),
+    # 8 experts, top 2, layer 1 dense; 128 wide so MLX's groups of 64 fit
+    "qwen3_moe": (
+        "qwen3_moe",
+        {
+            "hidden_size": 128,
+            "head_dim": 32,
+            "rope_theta": 1e6,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "norm_topk_prob": True,
+            "mlp_only_layers": [1],
+        },
+    ),
+    # granite 3.3's multipliers (tied head: untied at load, since its scale differs)
+    "granite": (
+        "granite",
+        {
+            "embedding_multiplier": 12.0,
+            "residual_multiplier": 0.22,
+            "attention_multiplier": 0.015625,
+            "logits_scaling": 8.0,
+            "tie_word_embeddings": True,
+        },
+    ),
+    # phi3: fused qkv_proj and gate_up_proj; LongRoPE past an original context of 32
+    "phi3": (
+        "phi3",
+        {
+            "original_max_position_embeddings": 32,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": [1.0, 1.1, 1.3, 1.2, 1.6, 1.4, 1.9, 2.0],
+                "long_factor": [1.0, 1.5, 2.5, 3.0, 4.5, 6.0, 7.5, 9.0],
+            },
+            "pad_token_id": 0,
+        },
+    ),
 }
 
 
@@ -137,7 +176,9 @@ def tiny_hf(variant: str = "llama", seed: int = 0) -> "PreTrainedModel":
 def tiny_source(variant: str = "llama", seed: int = 0) -> DictSource:
     """DictSource over tiny_hf(variant, seed)'s weights and config."""
     model = tiny_hf(variant, seed)
-    weights = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+    state = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+    # transformers 5 stacks experts; the engines take one float matrix per expert
+    weights = cast(dict[str, np.ndarray], split_experts(state))
     return DictSource(ModelConfig.from_hf(model.config.to_dict()), weights)
 
 

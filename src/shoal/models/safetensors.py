@@ -6,6 +6,13 @@ as `weight` (uint32, packed), `scales` and `biases`; those come back as one `Pac
 module's `weight` name, embeddings and heads included, with the module's bits and group size
 (a per-module entry in `quantization` overrides the default; False means not quantized).
 
+Experts come back one 2-D tensor per expert, `model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj
+.weight`, whatever the file stacks (`split_experts`): mlx-lm's `mlp.switch_mlp.{gate,up,down}_proj`
+[E, out, ...] (a quantized one as E Packed; its `quantization` entries name switch_mlp modules)
+and transformers 5's fused `mlp.experts.gate_up_proj` [E, 2 * inner, hidden] and
+`mlp.experts.down_proj` [E, hidden, inner] (save_pretrained(save_original_format=False), a
+state_dict) become views of the stacked arrays, never copies.
+
 The directory may hold only some of the checkpoint's files (a stage downloads only its own):
 headers are read from the files present, the index names the rest, and a shard that needs a
 tensor of an absent file is refused naming that file.
@@ -13,17 +20,19 @@ tensor of an absent file is refused naming that file.
 
 import json
 import logging
+import re
 import struct
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from shoal.engines.packed import Packed
+from shoal.engines.packed import Packed, dense
 from shoal.errors import UnsupportedModel
 from shoal.models.tokenizer import Tokenizer
-from shoal.types.model_config import LLAMA_FAMILY, ModelConfig
+from shoal.types.model_config import ARCHITECTURES, ModelConfig
 from shoal.types.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -67,10 +76,10 @@ class SafetensorsSource:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         hf = json.loads((self.path / "config.json").read_text())
-        if hf.get("model_type") not in LLAMA_FAMILY:
+        if hf.get("model_type") not in ARCHITECTURES | {"kimi_k2"}:  # Kimi K2: deepseek_v3
             raise UnsupportedModel(
                 f"{self.path}: model_type {hf.get('model_type')!r} is not supported "
-                f"(supported: {sorted(LLAMA_FAMILY)})"
+                f"(supported: {sorted(ARCHITECTURES)})"
             )
         self._config = ModelConfig.from_hf(hf)
         self._quant = Quantization(hf, self.path)
@@ -138,8 +147,9 @@ class SafetensorsSource:
         return sorted(set(names))
 
     def _assemble(self, raw: dict[str, np.ndarray]) -> dict[str, Tensor]:
-        """Float tensors to float32; each MLX `weight`/`scales`/`biases` triple to one Packed."""
-        out: dict[str, Tensor] = {}
+        """Float tensors to float32; each MLX `weight`/`scales`/`biases` triple to one Packed
+        (one per expert if stacked); stacked experts split (split_experts)."""
+        out: dict[str, Tensor | Stacked] = {}
         for name, array in raw.items():
             module, _, leaf = name.rpartition(".")
             if leaf in ("scales", "biases") and f"{module}.scales" in raw:
@@ -153,9 +163,19 @@ class SafetensorsSource:
                 out[name] = (array.astype(np.uint32) << 16).view(np.float32)
             else:  # a copy: aligned and writable, not a view of the mapped file
                 out[name] = np.array(array, dtype=np.float32)
-        return out
+        return split_experts(join_latent_heads(out))
 
-    def _packed(self, module: str, weight: np.ndarray, raw: dict[str, np.ndarray]) -> Packed:
+    def _packed(
+        self, module: str, weight: np.ndarray, raw: dict[str, np.ndarray]
+    ) -> Packed | list[Packed]:
+        """The module's Packed matrix; of stacked experts' [E, out, ...], one per expert."""
+        if weight.ndim == 3:
+            scales, biases = raw[f"{module}.scales"], raw[f"{module}.biases"]
+            matrices = [  # 2-D each: Packed
+                self._packed(module, w, {f"{module}.scales": s, f"{module}.biases": b})
+                for w, s, b in zip(weight, scales, biases, strict=True)
+            ]
+            return cast(list[Packed], matrices)
         params = self._quant.of(module)
         if params is None:
             raise UnsupportedModel(f"{self.path}: {module} has scales but is not quantized")
@@ -192,6 +212,57 @@ class SafetensorsSource:
             data = mapped[data_start + begin : data_start + end]
             out[name] = data.view(RAW[meta["dtype"]]).reshape(meta["shape"])
         return out
+
+
+Stacked = list[Packed]  # a quantized stacked matrix, already one Packed per expert
+# mlx-lm's switch_mlp.{p}.weight and transformers 5's fused experts.{gate_up,down}_proj
+_STACKED = re.compile(
+    r"(?P<mlp>.*\.mlp)\.(?:switch_mlp\.(?P<mlx>gate_proj|up_proj|down_proj)\.weight"
+    r"|experts\.(?P<hf>gate_up_proj|down_proj))"
+)
+
+
+def split_experts(tensors: Mapping[str, Tensor | Stacked]) -> dict[str, Tensor]:
+    """The tensors with every stacked expert matrix split into one 2-D tensor per expert under
+    `{mlp}.experts.{e}.{gate,up,down}_proj.weight` (views of the stacked arrays); the others as
+    they are."""
+    out: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        match = _STACKED.fullmatch(name)
+        if match is None:
+            assert not isinstance(tensor, list), name
+            out[name] = tensor
+            continue
+        experts = f"{match['mlp']}.experts"
+        if match["hf"] == "gate_up_proj":  # rows gate then up, as transformers concatenates
+            assert isinstance(tensor, np.ndarray), name
+            inner = tensor.shape[1] // 2
+            for e, w in enumerate(tensor):  # [2 * inner, hidden]
+                out[f"{experts}.{e}.gate_proj.weight"] = w[:inner]
+                out[f"{experts}.{e}.up_proj.weight"] = w[inner:]
+            continue
+        proj = match["mlx"] or match["hf"]
+        assert not isinstance(tensor, Packed), name  # stacked: [E, out, in] or E Packed
+        for e, w in enumerate(tensor):  # [out, in] (or its Packed)
+            out[f"{experts}.{e}.{proj}.weight"] = w
+    return out
+
+
+def join_latent_heads(tensors: Mapping[str, Tensor | Stacked]) -> dict[str, Tensor | Stacked]:
+    """mlx-lm's deepseek_v3 attention as the checkpoint's: its per-head `self_attn.embed_q`
+    [H, kv_lora_rank, qk_nope] and `self_attn.unembed_out` [H, v_head, kv_lora_rank] (float, or
+    one Packed a head) joined back into `self_attn.kv_b_proj.weight` [H * (qk_nope + v_head),
+    kv_lora_rank], float32 (packed heads dequantized exactly); the other tensors as they are."""
+    out = dict(tensors)
+    for name in [n for n in out if n.endswith(".self_attn.embed_q.weight")]:
+        attn = name.removesuffix(".embed_q.weight")
+        k, v = out.pop(name), out.pop(f"{attn}.unembed_out.weight")
+        assert not isinstance(k, Packed) and not isinstance(v, Packed), attn  # 3-D: never one
+        w_k = np.stack([dense(h) for h in k])  # [H, rank, nope]
+        w_v = np.stack([dense(h) for h in v])  # [H, v, rank]
+        kv_b = np.concatenate([w_k.transpose(0, 2, 1), w_v], axis=1)  # [H, nope + v, rank]
+        out[f"{attn}.kv_b_proj.weight"] = kv_b.reshape(-1, kv_b.shape[-1])
+    return out
 
 
 def _in_shard(name: str, shard: Shard) -> bool:

@@ -11,13 +11,15 @@ from typing import cast
 
 import numpy as np
 
-from shoal.engines.args import ModelArgs
+from shoal.engines.adapt import adapt
+from shoal.engines.args import ModelArgs, longrope_context
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
 from shoal.engines.cache import CacheStore
 from shoal.engines.native.build import library
 from shoal.engines.native.decoder import Decoder
 from shoal.engines.native.model import Blocks, Model, supports
-from shoal.engines.numpy.llama import model_args, rope_frequencies
+from shoal.engines.numpy.llama import rope_frequencies
+from shoal.engines.numpy.models import model_args
 from shoal.errors import BadRequest, UnsupportedModel
 from shoal.types.ids import RequestId
 from shoal.types.shard import Shard
@@ -26,7 +28,8 @@ from shoal.types.weights import Quant
 log = logging.getLogger(__name__)
 
 KINDS = {"int8": "q8", "int4": "q4"}  # the card's quant → the layers' block format
-Rope = Callable[[ModelArgs], np.ndarray]  # inverse rotary frequencies [head_dim / 2], float32
+# inverse rotary frequencies [head_dim / 2], float32 (LongRoPE: the long ones if asked)
+Rope = Callable[[ModelArgs, bool], np.ndarray]
 
 
 def runs(quant: str, args: ModelArgs) -> bool:
@@ -69,8 +72,10 @@ class NativeEngine:
         if not supports(args):
             raise UnsupportedModel(f"{args.model_type}: widths not in blocks of 32, or heads")
         blocks = Blocks(lib, "q8" if self.quant == "int8" else "q4", self.threads)
-        inv_freq = self._rope(args)
-        self._model = Model(args, shard, source.tensors(shard), blocks, inv_freq, progress)
+        inv_freq = self._rope(args, False)
+        long = self._rope(args, True) if longrope_context(args) is not None else None
+        tensors = adapt(source.config, source.tensors(shard), blocks=True)  # granite, phi3
+        self._model = Model(args, shard, tensors, blocks, inv_freq, progress, long)
         self._caches = CacheStore(
             shard.end - shard.start, args.num_key_value_heads, args.head_dim, _zeros
         )

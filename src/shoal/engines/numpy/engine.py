@@ -8,10 +8,12 @@ from typing import cast
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from shoal.engines.adapt import adapt
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
-from shoal.engines.cache import CacheStore
+from shoal.engines.cache import CacheStore, cache_dims
 from shoal.engines.native import engine as native
-from shoal.engines.numpy.llama import Context, Formats, Model, build_model, model_args
+from shoal.engines.numpy.llama import Context, Formats, Model
+from shoal.engines.numpy.models import build_model, model_args
 from shoal.errors import BadRequest
 from shoal.types.ids import RequestId
 from shoal.types.shard import Shard
@@ -58,13 +60,17 @@ class NumpyEngine:
             self._native.load(shard, source, progress)
             return
         formats = Formats.of(self.quant, self.threads)
-        self._model = build_model(args, shard, source.tensors(shard), progress, formats)
+        # granite, phi3 as llama (scales rounded for blocks where the projections are blocks)
+        tensors = adapt(source.config, source.tensors(shard), blocks=formats.lib is not None)
+        self._model = build_model(args, shard, tensors, progress, formats)
+        dims = cache_dims(args)  # per key/value head, or deepseek_v3's latent
         dtype = self.dtype
         self._caches = CacheStore(
             shard.end - shard.start,
-            args.num_key_value_heads,
-            args.head_dim,
+            dims.heads,
+            dims.key_dim,
             lambda shape: np.zeros(shape, dtype),
+            value_dim=dims.value_dim,
         )
         if formats.lib is not None:
             # BLAS threads spin for a while after each call, on the cores the kernels' OpenMP

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (llama, mistral, qwen2, qwen3) for one pipeline shard, in numpy.
+"""The Llama-family decoder (llama, mistral, qwen2, qwen3, granite, phi3) for one shard, in numpy.
 
 The same math and names as the torch model file, with no framework: float32 arrays, weights
 transposed once at load so every projection is `x @ W`. Module names match Hugging Face checkpoint
@@ -16,20 +16,19 @@ exactly where blocks are used, and float32 elsewhere; a packed embedding table s
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from shoal.engines import native
-from shoal.engines.args import ModelArgs
+from shoal.engines.args import ModelArgs, longrope_context
 from shoal.engines.base import ProgressFn
 from shoal.engines.cache import KVCache
 from shoal.engines.checkpoint import Checkpoint
 from shoal.engines.packed import Packed, dense
 from shoal.errors import UnsupportedModel
-from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
 from shoal.types.weights import Quant
 
@@ -149,8 +148,9 @@ class RMSNorm:
         return self.weight * (x * scale)  # [..., dim]
 
 
-def rope_frequencies(args: ModelArgs) -> np.ndarray:
-    """Inverse frequencies [head_dim / 2] of the rotary embedding, with rope_scaling applied."""
+def rope_frequencies(args: ModelArgs, long: bool = False) -> np.ndarray:
+    """Inverse frequencies [head_dim / 2] of the rotary embedding, with rope_scaling applied
+    (LongRoPE: its long factors if `long`, else its short ones)."""
     dim = args.head_dim
     exponents = np.arange(0, dim, 2, dtype=F32) / F32(dim)  # [D/2]
     inv_freq = 1 / (F32(args.rope_theta) ** exponents)  # [D/2]
@@ -162,7 +162,12 @@ def rope_frequencies(args: ModelArgs) -> np.ndarray:
         return inv_freq / F32(scaling["factor"])
     if kind == "llama3":
         return _llama3_frequencies(inv_freq, scaling)
-    raise UnsupportedModel(f"rope_scaling type {kind!r} is not implemented (llama3, linear)")
+    if kind == "longrope":  # as transformers: 1 / (factor * theta^(2i/D))
+        factors = np.asarray(scaling["long_factor" if long else "short_factor"], F32)  # [D/2]
+        return (1 / (factors * F32(args.rope_theta) ** exponents)).astype(F32)
+    raise UnsupportedModel(
+        f"rope_scaling type {kind!r} is not implemented (llama3, linear, longrope)"
+    )
 
 
 def _llama3_frequencies(inv_freq: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
@@ -256,11 +261,21 @@ class Attention:
         return self.o_proj(out)  # [N, hidden]
 
 
-class MLP:
-    """SiLU-gated feed-forward."""
+FeedForward = Callable[[np.ndarray], np.ndarray]  # a layer's feed-forward: [N, hidden] → same
 
-    def __init__(self, args: ModelArgs, ckpt: Checkpoint, name: str, formats: Formats) -> None:
-        hidden, inner = args.hidden_size, args.intermediate_size
+
+class MLP:
+    """SiLU-gated feed-forward, `inner` wide (default args.intermediate_size)."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        ckpt: Checkpoint,
+        name: str,
+        formats: Formats,
+        inner: int | None = None,
+    ) -> None:
+        hidden, inner = args.hidden_size, inner or args.intermediate_size
         names = [f"{name}.gate_proj", f"{name}.up_proj"]
         weight, _ = take_fused(ckpt, names, hidden, [inner, inner], bias=False)
         self.inner = inner
@@ -278,12 +293,15 @@ class MLP:
 
 
 class Block:
-    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual."""
+    """One decoder layer: pre-norm attention and pre-norm feed-forward `mlp` (built from the
+    checkpoint under `{name}.mlp`), each with a residual."""
 
-    def __init__(self, args: ModelArgs, ckpt: Checkpoint, name: str, formats: Formats) -> None:
+    def __init__(
+        self, args: ModelArgs, ckpt: Checkpoint, name: str, formats: Formats, mlp: FeedForward
+    ) -> None:
         eps = args.rms_norm_eps
         self.self_attn = Attention(args, ckpt, f"{name}.self_attn", formats)
-        self.mlp = MLP(args, ckpt, f"{name}.mlp", formats)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(ckpt, f"{name}.input_layernorm", args.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(
             ckpt, f"{name}.post_attention_layernorm", args.hidden_size, eps
@@ -321,7 +339,9 @@ class Model:
         # Keyed by global index: `model.layers.12.…` on a shard [10, 20) is layers[12].
         self.layers: dict[int, Block] = {}
         for i in range(shard.start, shard.end):
-            self.layers[i] = Block(args, ckpt, f"model.layers.{i}", formats)
+            name = f"model.layers.{i}"
+            mlp = self.layer_mlp(ckpt, f"{name}.mlp", formats, i)
+            self.layers[i] = Block(args, ckpt, name, formats, mlp)
             if progress is not None:
                 progress(i - shard.start + 1, total)
         self.norm = RMSNorm(ckpt, "model.norm", hidden, eps) if shard.is_last else None
@@ -339,6 +359,12 @@ class Model:
             assert isinstance(self.lm_head, Linear)
             self.embed_tokens = self.lm_head.weight.T
         self.inv_freq = rope_frequencies(args)  # [D/2]
+        self.long_after = longrope_context(args)  # LongRoPE's original context, if it is that
+        self.inv_freq_long = rope_frequencies(args, long=True)  # [D/2]
+
+    def layer_mlp(self, ckpt: Checkpoint, name: str, formats: Formats, layer: int) -> FeedForward:
+        """The feed-forward of decoder layer `layer` (global index): a dense MLP here."""
+        return MLP(self.args, ckpt, name, formats)
 
     def __call__(
         self, x: np.ndarray, positions: np.ndarray, ctx: Context, *, all_logits: bool = True
@@ -349,7 +375,12 @@ class Model:
         Writes each item's keys and values into its cache; the caller commits them.
         """
         h = self.embed_tokens[x] if self.embed_tokens is not None else x  # [N, hidden]
-        angles = positions.astype(F32)[:, None] * self.inv_freq  # [N, D/2]
+        inv_freq = self.inv_freq  # [D/2]
+        if self.long_after is not None:  # an item whose pass reaches past it: the long factors
+            reaches = [positions[rows].max(initial=-1) >= self.long_after for rows in ctx.rows]
+            long = np.repeat(reaches, [rows.stop - rows.start for rows in ctx.rows])  # [N]
+            inv_freq = np.where(long[:, None], self.inv_freq_long, self.inv_freq)  # [N, D/2]
+        angles = positions.astype(F32)[:, None] * inv_freq  # [N, D/2]
         cos, sin = np.cos(angles), np.sin(angles)  # [N, D/2]
         for layer, block in enumerate(self.layers.values()):
             h = block(h, cos, sin, ctx, layer)  # [N, hidden]
@@ -358,37 +389,3 @@ class Model:
         if not all_logits:
             h = h[[rows.stop - 1 for rows in ctx.rows]]  # [items, hidden]
         return self.lm_head(self.norm(h))  # [N or items, vocab]
-
-
-ARCHITECTURES: dict[str, type[Model]] = {
-    "llama": Model,
-    "mistral": Model,
-    "qwen2": Model,  # q/k/v bias: ModelConfig.attention_bias
-    "qwen3": Model,  # per-head q/k RMSNorm: ModelConfig.qk_norm
-}
-
-
-def model_args(cfg: ModelConfig, shard: Shard) -> ModelArgs:
-    """The decoder's arguments, refusing a model or shard this file cannot run."""
-    if cfg.architecture not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedModel(f"architecture {cfg.architecture!r} is not implemented ({known})")
-    if shard.n_layers != cfg.num_hidden_layers:
-        raise ValueError(f"shard {shard} does not match a model of {cfg.num_hidden_layers} layers")
-    args = ModelArgs.from_config(cfg)
-    rope_frequencies(args)  # an unknown rope_scaling raises here
-    return args
-
-
-def build_model(
-    args: ModelArgs,
-    shard: Shard,
-    tensors: Mapping[str, np.ndarray | Packed],
-    progress: ProgressFn | None = None,
-    formats: Formats | None = None,
-) -> Model:
-    """The model file for args.model_type, built from exactly the shard's tensors."""
-    ckpt = Checkpoint(tensors)
-    model = ARCHITECTURES[args.model_type](args, shard, ckpt, progress, formats)
-    ckpt.finish(f"{args.model_type} shard {shard}")
-    return model

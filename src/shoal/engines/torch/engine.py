@@ -7,20 +7,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from shoal.engines.adapt import adapt
 from shoal.engines.args import ModelArgs
 from shoal.engines.base import ProgressFn, StepInput, WeightSource, check_batch
-from shoal.engines.cache import CacheStore
+from shoal.engines.cache import CacheStore, cache_dims
 from shoal.engines.native import engine as native
 from shoal.engines.packed import Packed, dense
 from shoal.engines.torch import graphs
-from shoal.engines.torch.llama import (
-    Block,
-    Context,
-    Model,
-    attention_mask,
-    build_model,
-    rope_frequencies,
-)
+from shoal.engines.torch.llama import Block, Context, Model, attention_mask, rope_frequencies
+from shoal.engines.torch.models import build_model
 from shoal.engines.torch.quant import Quant, check_quant, head_format
 from shoal.errors import BadRequest, UnsupportedModel
 from shoal.types.ids import RequestId
@@ -68,13 +63,17 @@ class TorchEngine:
         if self._hands_to_native(ModelArgs.from_config(source.config)):
             # torch's rotary frequencies, so the logits are those torch's model file would give
             self._native = native.NativeEngine(
-                self.quant, torch.get_num_threads(), rope=lambda a: rope_frequencies(a).numpy()
+                self.quant,
+                torch.get_num_threads(),
+                rope=lambda a, long: rope_frequencies(a, long).numpy(),
             )
             self._native.load(shard, source, progress)
             return
         with torch.device("meta"):
             model = build_model(source.config, shard)
-        tensors = source.tensors(shard)
+        # granite, phi3 as llama (scales rounded for blocks where the projections are blocks)
+        blocks = self.quant in ("int8", "int4")
+        tensors = adapt(source.config, source.tensors(shard), blocks=blocks)
         expected = dict(model.named_parameters())
         missing = sorted(expected.keys() - tensors.keys())
         unexpected = sorted(tensors.keys() - expected.keys())
@@ -110,15 +109,18 @@ class TorchEngine:
         packed_head = head if isinstance(head, Packed) else None
         model.pack_head(head_format(self.quant, self.device), self.device, self.dtype, packed_head)
         self._model = model.to(self.device).eval()  # moves the rope buffer; weights are there
-        args = model.args
+        dims = cache_dims(model.args)  # per key/value head, or deepseek_v3's latent
         dtype, device = self.dtype, self.device
         self._caches = CacheStore(
             shard.end - shard.start,
-            args.num_key_value_heads,
-            args.head_dim,
+            dims.heads,
+            dims.key_dim,
             lambda shape: torch.zeros(shape, dtype=dtype, device=device),
+            value_dim=dims.value_dim,
         )
-        self._graphs = graphs.DecodeGraphs() if graphs.enabled(self.device) else None
+        # A routed layer picks its experts from the data, which a CUDA graph cannot replay.
+        replayable = graphs.enabled(self.device) and model.args.num_experts == 0
+        self._graphs = graphs.DecodeGraphs() if replayable else None
         log.info(
             "loaded %s on %s (%s, weights %s)",
             shard,

@@ -1,13 +1,15 @@
-"""The Llama-family decoder (llama, mistral, qwen2, qwen3) for one pipeline shard.
+"""The Llama-family decoder (llama, mistral, qwen2, qwen3, granite, phi3) for one pipeline shard.
 
 Module names match Hugging Face checkpoint keys, so `model.layers.12.self_attn.q_proj.weight`
 is the parameter of that name here and loading is a dict walk. A shard builds only its layers,
 keyed by their global index; the embedding lives on the first shard, norm and head on the last.
-qwen2 differs by a bias on q/k/v, qwen3 by an RMSNorm on each head of q and k; mistral is llama.
+qwen2 differs by a bias on q/k/v, qwen3 by an RMSNorm on each head of q and k; mistral is llama;
+granite and phi3 are llama once their checkpoints are adapted (engines/adapt.py), but for phi3's
+LongRoPE, which picks its frequencies per pass (ModelArgs.longrope_context).
 """
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shoal.engines.args import ModelArgs
+from shoal.engines.args import ModelArgs, longrope_context
 from shoal.engines.cache import KVCache
 from shoal.engines.packed import Packed
 from shoal.engines.torch.quant import Quant, pack
 from shoal.errors import UnsupportedModel
-from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
 
 Packs = Mapping[str, Packed] | None  # a layer's MLX-packed projections by name, if any
@@ -42,8 +43,9 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_frequencies(args: ModelArgs) -> Tensor:
-    """Inverse frequencies [head_dim / 2] of the rotary embedding, with rope_scaling applied."""
+def rope_frequencies(args: ModelArgs, long: bool = False) -> Tensor:
+    """Inverse frequencies [head_dim / 2] of the rotary embedding, with rope_scaling applied
+    (LongRoPE: its long factors if `long`, else its short ones)."""
     dim = args.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     inv_freq = 1.0 / (args.rope_theta**exponents)  # [D/2]
@@ -55,7 +57,12 @@ def rope_frequencies(args: ModelArgs) -> Tensor:
         return inv_freq / scaling["factor"]
     if kind == "llama3":
         return _llama3_frequencies(inv_freq, scaling)
-    raise UnsupportedModel(f"rope_scaling type {kind!r} is not implemented (llama3, linear)")
+    if kind == "longrope":  # as transformers: 1 / (factor * theta^(2i/D))
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], device="cpu")
+        return 1.0 / (factors.float() * args.rope_theta**exponents)
+    raise UnsupportedModel(
+        f"rope_scaling type {kind!r} is not implemented (llama3, linear, longrope)"
+    )
 
 
 def _llama3_frequencies(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
@@ -192,14 +199,24 @@ class Attention(nn.Module):
         )[0]  # [H, T, D]
 
 
-class MLP(nn.Module):
-    """SiLU-gated feed-forward."""
+class FeedForward(nn.Module):
+    """A layer's feed-forward, x [B, T, hidden] → [B, T, hidden], put in its format by pack()."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def pack(
+        self, quant: Quant, device: torch.device, dtype: torch.dtype, packed: Packs = None
+    ) -> None:
+        raise NotImplementedError
+
+
+class MLP(FeedForward):
+    """SiLU-gated feed-forward, `inner` wide (default args.intermediate_size)."""
+
+    def __init__(self, args: ModelArgs, inner: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        inner = inner or args.intermediate_size
+        self.gate_proj = nn.Linear(args.hidden_size, inner, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, inner, bias=False)
+        self.down_proj = nn.Linear(inner, args.hidden_size, bias=False)
 
         self.gate_up: nn.Module  # gate and up fused, and down: set by pack()
         self.down: nn.Module
@@ -224,12 +241,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual."""
+    """One decoder layer: pre-norm attention and pre-norm feed-forward `mlp` (a dense MLP, or
+    routed experts), each with a residual."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, mlp: FeedForward) -> None:
         super().__init__()
         self.self_attn = Attention(args)
-        self.mlp = MLP(args)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -238,26 +256,32 @@ class Block(nn.Module):
     ) -> None:
         """Replace the checkpoint's projections by fused ones in the weight format. packed: the
         layer's MLX-packed projections under names below it (`self_attn.q_proj`, ...)."""
-        packed = packed or {}
-        for name, module in (("self_attn.", self.self_attn), ("mlp.", self.mlp)):
-            mine = {k.removeprefix(name): v for k, v in packed.items() if k.startswith(name)}
-            module.pack(quant, device, dtype, mine)
+        self.self_attn.pack(quant, device, dtype, below(packed, "self_attn."))
+        self.mlp.pack(quant, device, dtype, below(packed, "mlp."))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, layer)  # [B, T, hidden]
         return h + self.mlp(self.post_attention_layernorm(h))  # [B, T, hidden]
 
 
-class LlamaModel(nn.Module):
-    """The `model.` part of the checkpoint: embedding, the shard's layers, final norm."""
+def below(packed: Packs, prefix: str) -> dict[str, Packed]:
+    """The packed tensors under `prefix`, named relative to it."""
+    return {k.removeprefix(prefix): v for k, v in (packed or {}).items() if k.startswith(prefix)}
 
-    def __init__(self, args: ModelArgs, shard: Shard) -> None:
+
+class LlamaModel(nn.Module):
+    """The `model.` part of the checkpoint: embedding, the shard's layers, final norm.
+    mlp(i): the feed-forward of layer i (global index)."""
+
+    def __init__(self, args: ModelArgs, shard: Shard, mlp: Callable[[int], FeedForward]) -> None:
         super().__init__()
         self.embed_tokens: nn.Embedding | None = (
             nn.Embedding(args.vocab_size, args.hidden_size) if shard.is_first else None
         )
         # Keyed by global index: `model.layers.12.…` on a shard [10, 20) is layers["12"].
-        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(shard.start, shard.end)})
+        self.layers = nn.ModuleDict(
+            {str(i): Block(args, mlp(i)) for i in range(shard.start, shard.end)}
+        )
         self.norm: RMSNorm | None = (
             RMSNorm(args.hidden_size, args.rms_norm_eps) if shard.is_last else None
         )
@@ -270,7 +294,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.shard = shard
-        self.model = LlamaModel(args, shard)
+        self.model = LlamaModel(args, shard, self.layer_mlp)
         self.lm_head: nn.Linear | None = (
             nn.Linear(args.hidden_size, args.vocab_size, bias=False) if shard.is_last else None
         )
@@ -278,6 +302,13 @@ class Model(nn.Module):
         # Built on the CPU even under a meta-device context; the engine moves it with the model.
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.long_after = longrope_context(args)  # LongRoPE's original context, if it is that
+        self.inv_freq_long: Tensor
+        self.register_buffer("inv_freq_long", rope_frequencies(args, long=True), persistent=False)
+
+    def layer_mlp(self, layer: int) -> FeedForward:
+        """The feed-forward of decoder layer `layer` (global index): a dense MLP here."""
+        return MLP(self.args)
 
     def forward(
         self, x: Tensor, positions: Tensor, ctx: Context, *, all_logits: bool = True
@@ -291,7 +322,11 @@ class Model(nn.Module):
                 torch.arange(c.capacity, device=h.device) <= p
                 for c, p in zip(ctx.caches, ctx.positions, strict=True)
             ]
-        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        inv_freq = self.inv_freq  # [D/2]
+        if self.long_after is not None:  # an item whose pass reaches past it: the long factors
+            reaches = positions.amax(dim=1)[:, None, None] >= self.long_after  # [B, 1, 1]
+            inv_freq = torch.where(reaches, self.inv_freq_long, self.inv_freq)  # [B, 1, D/2]
+        freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
         cos = torch.cat((freqs, freqs), dim=-1).cos()[:, None].to(h.dtype)  # [B, 1, T, D]
         sin = torch.cat((-freqs, freqs), dim=-1).sin()[:, None].to(h.dtype)  # signed: rotate()
         for layer, block in enumerate(inner.layers.values()):
@@ -313,22 +348,3 @@ class Model(nn.Module):
             self.head = pack(w, None, quant, device=device, dtype=dtype, parts=held)
             del self.lm_head
             self.lm_head = None
-
-
-ARCHITECTURES: dict[str, type[Model]] = {
-    "llama": Model,
-    "mistral": Model,
-    "qwen2": Model,  # q/k/v bias: ModelConfig.attention_bias
-    "qwen3": Model,  # per-head q/k RMSNorm: ModelConfig.qk_norm
-}
-
-
-def build_model(cfg: ModelConfig, shard: Shard) -> Model:
-    """The model file for cfg.architecture, holding only the shard's modules."""
-    cls = ARCHITECTURES.get(cfg.architecture)
-    if cls is None:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedModel(f"architecture {cfg.architecture!r} is not implemented ({known})")
-    if shard.n_layers != cfg.num_hidden_layers:
-        raise ValueError(f"shard {shard} does not match a model of {cfg.num_hidden_layers} layers")
-    return cls(ModelArgs.from_config(cfg), shard)
