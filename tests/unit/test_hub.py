@@ -267,6 +267,18 @@ def test_files_for_layers(hub: Hub, start: int, end: int, shards: list[str]) -> 
     assert got == [*small, "model.safetensors.index.json", *shards]
 
 
+def test_kimis_tiktoken_vocabulary_is_a_small_file() -> None:
+    """Kimi K2 ships tiktoken.model instead of tokenizer.json (its tokenization_kimi.py is code,
+    which shoal never runs: models/tiktoken_codec.py reads the vocabulary itself)."""
+    names = ["tiktoken.model", "tokenization_kimi.py", "model-00001-of-00002.safetensors"]
+    listing = RepoListing(
+        repo="moonshotai/Kimi-K2-Instruct",
+        commit="c" * 40,
+        files=tuple(RepoFile(n, 1, None, None) for n in names),
+    )
+    assert small_files(listing) == ["tiktoken.model"]
+
+
 def test_a_tied_head_needs_the_embeddings_in_the_last_stage(hub: Hub) -> None:
     listing = hub.listing("org/tied")
     hub.download(listing, "model.safetensors.index.json")

@@ -1,12 +1,16 @@
 """Per-request KV caches for the layers of one shard, preallocated and grown in chunks.
 
 One store for every engine that keeps its own caches (torch, numpy, native): the arrays are numpy
-or torch, made by the `zeros` function the engine passes; the rest is the same slicing.
+or torch, made by the `zeros` function the engine passes; the rest is the same slicing. A model
+says how wide its keys and values are (`cache_dims`): a dense model caches per key/value head, a
+latent-attention one (deepseek_v3) one compressed "head" of kv_lora_rank values as its keys and
+the shared rotary key of qk_rope_head_dim values as its values.
 """
 
 from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
+from shoal.engines.args import ModelArgs
 from shoal.types.ids import RequestId
 
 CHUNK = 256  # positions added per growth; appending a token is a slice write, not a concatenate
@@ -30,21 +34,42 @@ A = TypeVar("A", bound=Array)
 Zeros = Callable[[tuple[int, int, int, int]], A]  # a zero-filled [L, KV, capacity, D] array
 
 
+class CacheDims(NamedTuple):
+    """What one layer caches per position: `heads` rows of key_dim keys and value_dim values."""
+
+    heads: int
+    key_dim: int
+    value_dim: int
+
+
+def cache_dims(args: ModelArgs) -> CacheDims:
+    """The cache widths of a model: per key/value head, or MLA's latent and rotary key."""
+    if args.kv_lora_rank:  # the normalised compressed kv as "keys", the rotated k_pe as "values"
+        return CacheDims(1, args.kv_lora_rank, args.qk_rope_head_dim)
+    return CacheDims(args.num_key_value_heads, args.head_dim, args.head_dim)
+
+
 class KVCache(Generic[A]):
     """Keys and values of one request for every layer of the shard, `length` positions committed."""
 
-    # Storage is [layers, kv_heads, capacity, head_dim]. A step writes each layer's new keys and
-    # values after the committed prefix, then `advance` commits them, so a step that fails
-    # halfway leaves the cache as it was.
+    # Storage is [layers, kv_heads, capacity, head_dim] (values value_dim wide, head_dim unless
+    # given). A step writes each layer's new keys and values after the committed prefix, then
+    # `advance` commits them, so a step that fails halfway leaves the cache as it was.
 
     def __init__(
-        self, n_layers: int, n_kv_heads: int, head_dim: int, zeros: Zeros[A], chunk: int = CHUNK
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        zeros: Zeros[A],
+        chunk: int = CHUNK,
+        value_dim: int | None = None,
     ) -> None:
         self.length = 0
         self.chunk = chunk
         self._zeros = zeros
         self.k = zeros((n_layers, n_kv_heads, 0, head_dim))
-        self.v = zeros((n_layers, n_kv_heads, 0, head_dim))
+        self.v = zeros((n_layers, n_kv_heads, 0, head_dim if value_dim is None else value_dim))
         self._layers: list[tuple[A, A]] = []
         self._views()
 
@@ -62,10 +87,11 @@ class KVCache(Generic[A]):
             return
         size = -(-n // self.chunk) * self.chunk
         layers, heads, _, dim = self.k.shape
+        value_dim = self.v.shape[3]
         # zeros, not garbage: a fixed-shape step (torch/llama.py Context.fixed) weighs every
         # position past the prefix by 0, and 0 * NaN would be NaN
         k = self._zeros((layers, heads, size, dim))  # [L, KV, size, D]
-        v = self._zeros((layers, heads, size, dim))  # [L, KV, size, D]
+        v = self._zeros((layers, heads, size, value_dim))  # [L, KV, size, Dv]
         k[:, :, : self.length] = self.k[:, :, : self.length]
         v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = k, v
@@ -76,7 +102,8 @@ class KVCache(Generic[A]):
         return self._layers[layer]
 
     def update(self, layer: int, k: Any, v: Any) -> tuple[A, A]:
-        """Write k, v [KV, T, D] after the committed prefix; return all of the layer's so far."""
+        """Write k [KV, T, D], v [KV, T, Dv] after the committed prefix; return all of the layer's
+        so far."""
         end = self.length + k.shape[1]
         assert end <= self.capacity, "reserve() before update()"
         keys, values = self._layers[layer]  # [KV, capacity, D]
@@ -96,8 +123,16 @@ class KVCache(Generic[A]):
 class CacheStore(Generic[A]):
     """One KVCache per request id, created on first use."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, zeros: Zeros[A]) -> None:
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        zeros: Zeros[A],
+        value_dim: int | None = None,
+    ) -> None:
         self._shape = (n_layers, n_kv_heads, head_dim)
+        self._value_dim = value_dim
         self._zeros = zeros
         self._caches: dict[RequestId, KVCache[A]] = {}
 
@@ -110,7 +145,7 @@ class CacheStore(Generic[A]):
         """The request's cache, empty if it had none."""
         cache = self._caches.get(request_id)
         if cache is None:
-            cache = KVCache(*self._shape, zeros=self._zeros)
+            cache = KVCache(*self._shape, zeros=self._zeros, value_dim=self._value_dim)
             self._caches[request_id] = cache
         return cache
 

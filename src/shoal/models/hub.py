@@ -181,7 +181,7 @@ def verify(path: Path, expected: RepoFile) -> None:
 _SMALL = re.compile(
     r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens"
     r"|preprocessor_config|chat_template)\.(json|jinja)|tokenizer\.model|vocab\.json|merges\.txt"
-    r"|.*\.tiktoken|chat_template.*\.jinja"
+    r"|.*\.tiktoken|tiktoken\.model|chat_template.*\.jinja"
 )
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 _EMBED = ("embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embeddings")

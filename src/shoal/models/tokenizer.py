@@ -2,8 +2,9 @@
 
 A `Tokenizer` wraps a `tokenizers.Tokenizer` built either from GGUF metadata (byte-level BPE for
 `tokenizer.ggml.model == "gpt2"`, SentencePiece-style BPE with byte fallback for `"llama"`) or from
-a Hugging Face directory (tokenizer.json + tokenizer_config.json). BOS is added by this class, never
-by the backend's post-processor, so both kinds behave alike.
+a Hugging Face directory (tokenizer.json + tokenizer_config.json), or a tiktoken vocabulary where
+a directory has tiktoken.model instead (Kimi K2: models/tiktoken_codec.py). BOS is added by this
+class, never by the backend's post-processor, so every kind behaves alike.
 """
 
 import json
@@ -11,7 +12,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -20,6 +21,9 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from shoal.errors import BadRequest, UnsupportedModel
+
+if TYPE_CHECKING:
+    from shoal.models.tiktoken_codec import TiktokenCodec
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: "Backend | TiktokenCodec",
         *,
         bos_token_id: int | None,
         eos_token_ids: Iterable[int],
@@ -98,7 +102,8 @@ class Tokenizer:
 
     @property
     def backend(self) -> Backend:
-        """The wrapped `tokenizers.Tokenizer`."""
+        """The wrapped `tokenizers.Tokenizer` (a tiktoken vocabulary has none)."""
+        assert isinstance(self._backend, Backend), "a tiktoken vocabulary has no tokenizers backend"
         return self._backend
 
     @property
@@ -182,11 +187,20 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, path: Path) -> "Tokenizer":
-        """Build from a Hugging Face directory: tokenizer.json, tokenizer_config.json, ..."""
-        if not (path / "tokenizer.json").is_file():
-            raise UnsupportedModel(f"{path}: no tokenizer.json (only fast tokenizers are read)")
-        backend = Backend.from_file(str(path / "tokenizer.json"))
+        """Build from a Hugging Face directory: tokenizer.json (or tiktoken.model),
+        tokenizer_config.json, ..."""
         config = _read_json(path / "tokenizer_config.json")
+        backend: Backend | TiktokenCodec
+        if (path / "tokenizer.json").is_file():
+            backend = Backend.from_file(str(path / "tokenizer.json"))
+        elif (path / "tiktoken.model").is_file():  # Kimi K2: tiktoken, imported only for it
+            from shoal.models import tiktoken_codec
+
+            backend = tiktoken_codec.TiktokenCodec.from_dir(path, config)
+        else:
+            raise UnsupportedModel(
+                f"{path}: no tokenizer.json or tiktoken.model (only fast tokenizers are read)"
+            )
         bos_id = _token_id(backend, config.get("bos_token"))
         eos = [_token_id(backend, config.get("eos_token"))]
         for name in ("generation_config.json", "config.json"):
@@ -194,7 +208,8 @@ class Tokenizer:
             eos += declared if isinstance(declared, list) else [declared]
         add_bos = config.get("add_bos_token")
         if add_bos is None:  # the backend's post-processor decides; see whether it adds BOS
-            add_bos = bos_id is not None and backend.encode("a").ids[:1] == [bos_id]
+            first = backend.encode_batch_fast(["a"], add_special_tokens=True)[0].ids[:1]
+            add_bos = bos_id is not None and first == [bos_id]
         return cls(
             backend,
             bos_token_id=bos_id,
@@ -322,7 +337,7 @@ def _add_gguf_special_tokens(backend: Backend, fields: Mapping[str, Any]) -> Non
     backend.add_tokens(user)
 
 
-def _end_of_generation_ids(backend: Backend) -> frozenset[int]:
+def _end_of_generation_ids(backend: "Backend | TiktokenCodec") -> frozenset[int]:
     """Ids of the end-of-turn tokens the vocabulary holds as added (special) tokens."""
     added = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
     return frozenset(added[text] for text in END_OF_GENERATION if text in added)
@@ -378,7 +393,7 @@ def _hf_chat_template(path: Path, config: Mapping[str, Any]) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _token_id(backend: Backend, token: str | dict[str, Any] | None) -> int | None:
+def _token_id(backend: "Backend | TiktokenCodec", token: str | dict[str, Any] | None) -> int | None:
     """Id of a token given as text or as tokenizer_config's {"content": ...}."""
     if isinstance(token, dict):
         token = token.get("content")
