@@ -276,7 +276,7 @@ def _model_rows(
     from shoal.engines.registry import available_engines
     from shoal.models.availability import availability, local_copies, machine_memory
     from shoal.placement.memory import capacity, need_per_engine, offered_per_engine
-    from shoal.types.model_config import LLAMA_FAMILY
+    from shoal.types.model_config import ARCHITECTURES
 
     if profiles is None:
         engines = available_engines()
@@ -294,7 +294,7 @@ def _model_rows(
             card = catalog.get(model_id)
             answer = availability(
                 card,
-                architectures=LLAMA_FAMILY,
+                architectures=ARCHITECTURES,
                 engines=engines,
                 local=local_copies(card, hub_root),
                 need=need_per_engine(card, engines),

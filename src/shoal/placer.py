@@ -13,7 +13,7 @@ from shoal.types.commands import PlaceModel
 from shoal.types.ids import InstanceId
 from shoal.types.instance import Instance
 from shoal.types.model_card import ModelCard
-from shoal.types.model_config import LLAMA_FAMILY
+from shoal.types.model_config import ARCHITECTURES
 from shoal.types.profile import NodeProfile
 
 
@@ -24,8 +24,8 @@ def profiles_of(state: State) -> list[NodeProfile]:
 
 def why_not_runnable(card: ModelCard) -> str | None:
     """A reason no engine here can run the model at all, or None."""
-    if card.architecture not in LLAMA_FAMILY:
-        supported = ", ".join(sorted(LLAMA_FAMILY))
+    if card.architecture not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
         return f"architecture {card.architecture} is not supported yet (supported: {supported})"
     if not any(w.format in ("gguf", "safetensors", "mlx") for w in card.weights):
         return f"no engine here reads its {card.weights[0].format if card.weights else ''} weights"

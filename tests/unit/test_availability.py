@@ -21,8 +21,8 @@ from shoal.models.availability import (
 from shoal.models.catalog import builtin_cards
 from shoal.types.ids import ModelId
 from shoal.types.model_card import HubWeights, LocalWeights, ModelCard
+from shoal.types.model_config import ARCHITECTURES
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 GB = 10**9
 MLX = HubWeights(format="mlx", repo="mlx-community/M-4bit", quantization="4bit")
 GGUF = HubWeights(
@@ -64,8 +64,12 @@ CASES: list[tuple[str, ModelCard, dict[str, Any], Availability]] = [
      {"local": {1: Local(HERE, GB)}}, RunsHere("gguf", HERE)),
     ("the source that fits is chosen", card(MLX, GGUF), {"engines": ["torch", "llamacpp"],
      "memory": {"torch": 3 * GB, "llamacpp": 3 * GB}}, NeedsDownload(GB, GGUF.repo, GGUF.file)),
-    ("architecture", card(MLX, architecture="qwen3_moe"), {},
-     CannotRun("no engine runs architecture qwen3_moe yet")),
+    ("architecture", card(MLX, architecture="gpt2"), {},
+     CannotRun("no engine runs architecture gpt2 yet")),
+    ("a mixture of experts runs", card(MLX, architecture="qwen3_moe"), {},
+     NeedsDownload(700_000_000, MLX.repo)),
+    ("latent attention runs", card(MLX, architecture="deepseek_v3"), {},
+     NeedsDownload(700_000_000, MLX.repo)),
     ("no engine", card(MLX), {"engines": ["fake"]},
      CannotRun("no inference engine is installed (numpy, torch, llama-cpp-python, mlx)")),
     ("no reader", card(MLX, FP8), {"engines": ["llamacpp"]},
@@ -85,7 +89,7 @@ def test_availability(
     name: str, model: ModelCard, given: dict[str, Any], expected: Availability
 ) -> None:
     inputs: dict[str, Any] = {
-        "architectures": LLAMA_FAMILY,
+        "architectures": ARCHITECTURES,
         "engines": ALL,
         "local": {},
         "need": NEED,
@@ -121,28 +125,41 @@ def test_readers() -> None:
 
 
 def test_seed_catalog_lines() -> None:
-    # On a node with numpy and 24 GB, nothing downloaded: the dense llama/qwen3 cards download
-    # their MLX repo, the other architectures wait for their engines, the giants are too big.
+    # On a node with numpy and 24 GB, nothing downloaded: the cards download their MLX repo
+    # (phi3 and granite too), the others are too big: memory, never their architecture.
     cards = builtin_cards()
     answers = {
         model_id: availability(
             cards[ModelId(model_id)],
-            architectures=LLAMA_FAMILY,
+            architectures=ARCHITECTURES,
             engines=["numpy"],
             local={},
             need={"numpy": 2 * cards[ModelId(model_id)].storage_bytes},
             memory={"numpy": 24 * GB},
         )
-        for model_id in ("llama-3.2-1b", "qwen3-0.6b-8bit", "phi-3-mini", "llama-3.3-70b")
+        for model_id in (
+            "llama-3.2-1b",
+            "qwen3-0.6b-8bit",
+            "phi-3-mini",
+            "granite-3.3-2b",
+            "llama-3.3-70b",
+            "qwen3-30b",
+            "deepseek-v3.1-4bit",
+        )
     }
     assert answers["llama-3.2-1b"] == NeedsDownload(
         729808896, "mlx-community/Llama-3.2-1B-Instruct-4bit"
     )
     assert answers["qwen3-0.6b-8bit"] == NeedsDownload(698351616, "mlx-community/Qwen3-0.6B-8bit")
-    assert isinstance(answers["phi-3-mini"], CannotRun)
-    assert "phi3" in answers["phi-3-mini"].reason
-    assert isinstance(answers["llama-3.3-70b"], CannotRun)
-    assert "memory" in answers["llama-3.3-70b"].reason
+    assert answers["phi-3-mini"] == NeedsDownload(
+        2200961024, "mlx-community/Phi-3-mini-128k-instruct-4bit"
+    )
+    assert answers["granite-3.3-2b"] == NeedsDownload(
+        5191499776, "mlx-community/granite-3.3-2b-instruct-fp16"
+    )
+    for giant in ("llama-3.3-70b", "qwen3-30b", "deepseek-v3.1-4bit"):
+        answer = answers[giant]
+        assert isinstance(answer, CannotRun) and "memory" in answer.reason
 
 
 # --- what this machine holds ---------------------------------------------------------------------
@@ -221,9 +238,9 @@ def test_shoal_models_local_json(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert len(rows) == 23
     assert rows["smollm2-135m"]["availability"] == "runs here now (gguf)"
     assert rows["llama-3.2-1b"]["availability"] == "runs here now (gguf)"
-    assert rows["deepseek-v3.1-4bit"]["availability"] == (
-        "cannot run here: no engine runs architecture deepseek_v3 yet"
-    )
+    # its architecture runs: what it lacks here is memory (it needs all of its 378 GiB)
+    assert rows["deepseek-v3.1-4bit"]["availability"].startswith("cannot run here: needs ")
+    assert "memory" in rows["deepseek-v3.1-4bit"]["availability"]
     assert rows["deepseek-v3.1-4bit"]["storage_bytes"] == 405874409472
 
 

@@ -20,7 +20,12 @@ from shoal.types.runner import Failed, Loading, Ready, RunnerStatus
 from tests.helpers.state import profile
 
 SMOL = Catalog().get("smollm2-135m")  # 30 layers, gguf + safetensors: runnable here
-PHI = Catalog().get("phi-3-mini")  # an architecture no engine here runs
+# an architecture no engine here runs
+GPT2 = (
+    Catalog()
+    .get("smollm2-135m")
+    .model_copy(update={"id": ModelId("org/gpt2"), "architecture": "gpt2"})
+)
 BROKEN = ("a:1", "b:1")
 READY = Ready()
 
@@ -96,9 +101,9 @@ def test_nowhere_to_place_gives_up_with_the_reason() -> None:
 
 
 def test_a_model_no_engine_runs_gives_up() -> None:
-    decision = next_chain(state(), PHI, BROKEN, 0.0, placed=False)
-    assert decision == GiveUp(f"cannot be re-placed: {why_not_runnable(PHI)}")
-    assert "architecture phi3 is not supported" in decision.reason
+    decision = next_chain(state(), GPT2, BROKEN, 0.0, placed=False)
+    assert decision == GiveUp(f"cannot be re-placed: {why_not_runnable(GPT2)}")
+    assert "architecture gpt2 is not supported" in decision.reason
 
 
 def test_the_broken_chain_is_matched_by_its_addresses() -> None:

@@ -28,7 +28,7 @@ from shoal.placement.memory import (
     need_per_engine,
     offered_per_engine,
 )
-from shoal.placement.speed import layer_time, node_speed
+from shoal.placement.speed import NodeSpeed, layer_time, node_speed
 from shoal.types.ids import InstanceId, ModelId, NodeId
 from shoal.types.model_card import HubWeights, ModelCard, PackagedWeights
 from shoal.types.profile import GpuInfo, NodeProfile
@@ -442,7 +442,11 @@ CPU_NATIVE = ("torch", "numpy", "native")
         ("int4", CPU_NATIVE, False, "torch", {}, "torch"),  # the caller named it
         ("int4", CPU_NATIVE, False, "native", {}, "native"),
         ("int4", CPU_NATIVE, False, None, {"hidden_size": 580}, "torch"),  # not blocks of 32
-        ("int4", CPU_NATIVE, False, None, {"architecture": "phi3"}, "torch"),
+        ("int4", CPU_NATIVE, False, None, {"intermediate_size": 1540}, "torch"),
+        ("int4", CPU_NATIVE, False, None, {"intermediate_size": 1536}, "native"),
+        # the native kernels have no experts nor latent attention
+        ("int4", CPU_NATIVE, False, None, {"architecture": "qwen3_moe"}, "torch"),
+        ("int4", CPU_NATIVE, False, None, {"architecture": "deepseek_v3"}, "torch"),
     ],
 )  # fmt: skip
 def test_native_is_named_where_it_runs(
@@ -618,3 +622,117 @@ def test_need_and_offer_per_engine() -> None:
     offered = offered_per_engine(nodes, ["numpy", "llamacpp", "mlx"])
     a, b = capacity(16 * GIB), capacity(8 * GIB)
     assert offered == {"numpy": a + b, "llamacpp": a, "mlx": 0}  # llama.cpp: one node, whole
+
+
+# --- mixtures of experts and latent attention -----------------------------------------------------
+
+CARDS = builtin_cards()
+
+
+def seed(model_id: str, **changes: Any) -> ModelCard:
+    return CARDS[ModelId(model_id)].model_copy(update=changes)
+
+
+def as_dense(c: ModelCard) -> ModelCard:
+    """The same card and file as if every weight were read for every token."""
+    return c.model_copy(update={"experts": 0, "experts_per_token": 0, "dense_layers": 0})
+
+
+def one_node_tok_s(c: ModelCard, **options: Any) -> float:
+    """Predicted decode tok/s of the whole model on one roomy, memory-bound node."""
+    result = place(c, [node("n", 4096, 400.0, 1e6)], instance_id=IID, **options)
+    assert isinstance(result, Placement) and len(result.instance.stages) == 1, result
+    assert result.instance.predicted_tok_s is not None
+    return result.instance.predicted_tok_s
+
+
+# The seed mixtures of experts: (card, active, total parameters as published, in billions). A
+# token reads its active share only, so its decode time is at most active / total of the same
+# model read whole (the published figures count embeddings and head, which no token reads
+# whole), and not much less.
+MOE_SHARES = [
+    ("qwen3-30b", 3.3, 30.5), ("qwen3-30b-8bit", 3.3, 30.5),
+    ("qwen3-235b-a22b-4bit", 22, 235), ("qwen3-coder-480b-a35b-8bit", 35, 480),
+    ("deepseek-v3.1-4bit", 37, 671), ("deepseek-v3.1-8bit", 37, 671),
+    ("kimi-k2-instruct-4bit", 32, 1040), ("kimi-k2-thinking", 32, 1040),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model_id", "active", "total"), MOE_SHARES)
+def test_moe_decode_reads_the_active_share(model_id: str, active: float, total: float) -> None:
+    c = seed(model_id)
+    share = one_node_tok_s(as_dense(c)) / one_node_tok_s(c)  # its time / the dense time
+    assert 0.8 * active / total < share <= active / total
+    # and it holds every expert: the same bytes as the whole file read dense
+    assert memory_model(c).total_bytes() == pytest.approx(memory_model(as_dense(c)).total_bytes())
+
+
+@pytest.mark.parametrize(
+    ("moe", "dense", "low", "high"),
+    # a 30B-A3B decodes like a ~3B dense model: Llama 3.2 3B, 2.8B weights in its layers
+    [("qwen3-30b", "llama-3.2-3b", 0.9, 1.25), ("qwen3-30b-8bit", "llama-3.2-3b-8bit", 0.9, 1.25),
+     # DeepSeek V3.1 (37B active) at least as fast as a 70B dense, at most 2.5x
+     ("deepseek-v3.1-4bit", "llama-3.3-70b", 1.0, 2.5)],
+)  # fmt: skip
+def test_moe_decodes_like_a_dense_model_of_its_active_size(
+    moe: str, dense: str, low: float, high: float
+) -> None:
+    assert low < one_node_tok_s(seed(moe)) / one_node_tok_s(seed(dense)) < high
+    assert memory_model(seed(moe)).total_bytes() > 3 * memory_model(seed(dense)).total_bytes()
+
+
+def test_compute_bound_moe_counts_active_weights() -> None:
+    c = seed("qwen3-30b", quant="int4")
+    mem, slow = memory_model(c), NodeSpeed(bandwidth_gbs=1e6, matmul_gflops=10.0)
+    assert mem.params_per_layer == pytest.approx(mem.read_per_layer / mem.weight_bytes)
+    assert layer_time(mem, slow) == pytest.approx(2 * mem.params_per_layer / 10e9)
+    assert mem.params_per_layer < 0.1 * mem.layer_bytes / mem.weight_bytes
+
+
+@pytest.mark.parametrize(
+    ("ram_gib", "expected"),
+    # DeepSeek V3.1 4-bit holds all 671B weights: 378 GiB on disk, ~420 GiB as torch's Q4_1
+    # blocks (5 bits a weight), so one 512 GiB node, or two 256 GiB nodes, never one of 256
+    [(512, 1), (256, 2), (192, 3)],
+)
+def test_deepseek_needs_all_of_its_memory(ram_gib: int, expected: int) -> None:
+    c = seed("deepseek-v3.1-4bit")
+    mem = memory_model(c)
+    assert mem.total_bytes() - mem.kv_bytes() >= c.storage_bytes * 5 / 4.5 * 0.99
+    nodes = [node(n, ram_gib, 400.0, 1e6) for n in "abc"]
+    result = place(c, nodes, instance_id=IID)
+    assert isinstance(result, Placement), result
+    assert len(result.instance.stages) == expected
+    assert_within_memory(result, c, nodes)
+
+
+def test_dense_layers_of_a_moe_cost_their_own_share() -> None:
+    mem = memory_model(seed("deepseek-v3.1-4bit"))
+    assert mem.dense_layers == 3 and mem.dense_layer_bytes < mem.layer_bytes / 10
+    assert mem.stage_bytes(1, 3) < mem.stage_bytes(3, 5) / 10
+    assert mem.stage_bytes(0, 20) + mem.stage_bytes(20, 61) == mem.total_bytes()
+    assert mem.per_layer == mem.layer_bytes + mem.kv_layer_bytes  # the largest layer
+    # a first stage fits its dense layers cheaply; another stage is sized by the largest layer
+    room = mem.embed_bytes + 3 * (mem.dense_layer_bytes + mem.kv_layer_bytes) + 2 * mem.per_layer
+    assert mem.max_layers(room, first=True, last=False) == 5
+    assert mem.max_layers(room - mem.embed_bytes, first=False, last=False) == 2
+    assert mem.max_layers(mem.embed_bytes + mem.dense_layer_bytes, first=True, last=False) == 0
+
+
+@pytest.mark.parametrize(
+    ("model_id", "values"),
+    # values one layer caches per token: MLA's latent + rope key, else 2 x kv_heads x head_dim
+    [("deepseek-v3.1-4bit", 512 + 64), ("kimi-k2-instruct-4bit", 512 + 64),
+     ("qwen3-30b", 2 * 4 * 128), ("llama-3.2-1b", 2 * 8 * 64)],
+)  # fmt: skip
+def test_kv_cache_at_its_real_size(model_id: str, values: int) -> None:
+    mem = memory_model(seed(model_id), context=1000, sequences=2, dtype_bytes=2)
+    assert mem.kv_layer_bytes == values * 2 * 1000 * 2
+    assert mem.kv_bytes() == seed(model_id).kv_bytes_per_token * 1000 * 2
+
+
+def test_moe_card_shape_is_checked() -> None:
+    with pytest.raises(ValueError, match="experts_per_token"):
+        ModelCard.model_validate(seed("qwen3-30b").model_dump() | {"experts_per_token": 0})
+    with pytest.raises(ValueError, match="qk_rope"):
+        ModelCard.model_validate(seed("deepseek-v3.1-4bit").model_dump() | {"qk_rope_head_dim": 0})

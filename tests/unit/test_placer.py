@@ -43,8 +43,17 @@ def test_profiles_of_takes_connected_profiled_nodes_only() -> None:
 
 @pytest.mark.parametrize(
     ("model_id", "runnable"),
-    # phi3 waits for its architecture; llama-3.2-1b's MLX weights are read by torch and numpy
-    [("smollm2-135m", True), ("phi-3-mini", False), ("llama-3.2-1b", True)],
+    # every seed architecture runs (granite, phi3, qwen3_moe, deepseek_v3 too); llama-3.2-1b's
+    # MLX weights are read by torch and numpy
+    [
+        ("smollm2-135m", True),
+        ("phi-3-mini", True),
+        ("llama-3.2-1b", True),
+        ("granite-3.3-2b", True),
+        ("qwen3-30b", True),
+        ("deepseek-v3.1-4bit", True),
+        ("kimi-k2-thinking", True),
+    ],
 )
 def test_why_not_runnable(model_id: str, runnable: bool) -> None:
     assert (why_not_runnable(CATALOG.get(model_id)) is None) is runnable
@@ -70,8 +79,27 @@ def test_the_placer_says_why_not() -> None:
     placer = make_placer(CATALOG)
     assert isinstance(placer(command(), state()), str)
     assert isinstance(placer(command(avoid=(NodeId("a"),)), state(a=8)), str)
-    phi = PlaceModel(instance_id=InstanceId("i2"), model_id=ModelId("phi-3-mini"))
-    assert placer(phi, state(a=8)) == why_not_runnable(CATALOG.get("phi-3-mini"))
+    gpt2 = CATALOG.get(SMOL).model_copy(update={"id": ModelId("org/gpt2"), "architecture": "gpt2"})
+    odd = PlaceModel(instance_id=InstanceId("i2"), model_id=gpt2.id, card=gpt2)
+    reason = placer(odd, state(a=8))
+    assert reason == why_not_runnable(gpt2)
+    assert isinstance(reason, str) and "architecture gpt2 is not supported yet" in reason
+
+
+@pytest.mark.parametrize(
+    ("model_id", "free_gib", "stages"),
+    # (the model, each node's free RAM, the stages it takes): torch holds int4 as Q4_1 (5 bits)
+    [("phi-3-mini", 8, 1), ("granite-3.3-2b", 16, 1), ("qwen3-30b", 32, 1),
+     ("qwen3-30b", 12, 2), ("deepseek-v3.1-4bit", 256, 2)],
+)  # fmt: skip
+def test_the_placer_places_the_new_architectures(
+    model_id: str, free_gib: float, stages: int
+) -> None:
+    placer = make_placer(CATALOG)
+    command = PlaceModel(instance_id=InstanceId("i4"), model_id=ModelId(model_id))
+    placed = placer(command, state(a=free_gib, b=free_gib))
+    assert isinstance(placed, Instance), placed
+    assert len(placed.stages) == stages
 
 
 def test_new_instance_ids_name_the_model_and_differ() -> None:

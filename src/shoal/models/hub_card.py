@@ -1,7 +1,10 @@
 """A model card for any Hugging Face repo id, made from its config.json and its file list.
 
 So `org/name` works wherever a catalog id does: the card's id is the repo id itself, its shape
-comes from config.json (the only file downloaded), its size and format from the listing.
+comes from config.json (the only file downloaded), its size and format from the listing. A
+config of an architecture the engines implement is read as they read it (ModelConfig: experts,
+latent attention, Kimi K2 as deepseek_v3); any other, or one missing what ModelConfig needs, by
+its common field names, so `shoal models` can still say what it is.
 """
 
 import json
@@ -10,7 +13,8 @@ from typing import Any, Literal
 from shoal.errors import UnsupportedModel
 from shoal.models.hub import Hub, RepoListing
 from shoal.types.ids import ModelId
-from shoal.types.model_card import HubWeights, ModelCard
+from shoal.types.model_card import HubWeights, ModelCard, card_shape
+from shoal.types.model_config import ARCHITECTURES, ModelConfig
 from shoal.types.weights import Quant
 
 WeightFormat = Literal["gguf", "safetensors", "mlx"]
@@ -58,27 +62,27 @@ def quantization(config: dict[str, Any], fmt: WeightFormat) -> str:
     return _DTYPES.get(str(dtype), "bf16")
 
 
-def card_from_config(repo: str, config: dict[str, Any], listing: RepoListing) -> ModelCard:
-    """The card of a repo, from its config.json (parsed) and listing; no I/O."""
-    text = _text_config(config)
-    fmt = weight_format(repo, config, listing)
-    label = quantization(config, fmt)
+def _shape(text: dict[str, Any]) -> dict[str, Any]:
+    """The card's architecture and shape fields from a (text) config.json."""
+    model_type = str(text.get("model_type") or "unknown")
+    if model_type in ARCHITECTURES or model_type == "kimi_k2":
+        try:
+            cfg = ModelConfig.from_hf(text)
+        except (KeyError, TypeError, ValueError):
+            pass  # not all an engine needs: the common fields, and the engine says what is not
+        else:
+            return {"architecture": cfg.architecture, **card_shape(cfg)}
     hidden = _first(text, "hidden_size", "n_embd", "d_model")
     heads = _first(text, "num_attention_heads", "n_head")
-    model_type = str(text.get("model_type") or config.get("model_type") or "unknown")
-    return ModelCard(
-        id=ModelId(repo),
-        name=repo.split("/", 1)[1],
-        family=model_type,
-        architecture=model_type,
-        hf_repo=repo,
-        layers=_first(text, "num_hidden_layers", "n_layer", "num_layers"),
-        hidden_size=hidden,
-        heads=heads,
-        kv_heads=_first(text, "num_key_value_heads", default=heads),
-        head_dim=_first(text, "head_dim", default=hidden // heads),
-        vocab_size=_first(text, "vocab_size"),
-        context_length=_first(
+    return {
+        "architecture": model_type,
+        "layers": _first(text, "num_hidden_layers", "n_layer", "num_layers"),
+        "hidden_size": hidden,
+        "heads": heads,
+        "kv_heads": _first(text, "num_key_value_heads", default=heads),
+        "head_dim": _first(text, "head_dim", default=hidden // heads),
+        "vocab_size": _first(text, "vocab_size"),
+        "context_length": _first(
             text,
             "max_position_embeddings",
             "max_seq_len",
@@ -86,6 +90,21 @@ def card_from_config(repo: str, config: dict[str, Any], listing: RepoListing) ->
             "seq_length",
             default=4096,
         ),
+    }
+
+
+def card_from_config(repo: str, config: dict[str, Any], listing: RepoListing) -> ModelCard:
+    """The card of a repo, from its config.json (parsed) and listing; no I/O."""
+    text = _text_config(config)
+    fmt = weight_format(repo, config, listing)
+    label = quantization(config, fmt)
+    model_type = str(text.get("model_type") or config.get("model_type") or "unknown")
+    return ModelCard(
+        id=ModelId(repo),
+        name=repo.split("/", 1)[1],
+        family=model_type,
+        hf_repo=repo,
+        **_shape({**text, "model_type": model_type}),
         storage_bytes=max(
             1, sum(f.size for f in listing.files if f.path.endswith(_WEIGHT_SUFFIXES))
         ),

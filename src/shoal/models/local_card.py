@@ -6,7 +6,7 @@ from pathlib import Path
 from shoal.errors import ModelNotFound
 from shoal.models.source import open_weights
 from shoal.types.ids import ModelId
-from shoal.types.model_card import LocalWeights, ModelCard
+from shoal.types.model_card import LocalWeights, ModelCard, card_shape
 
 
 def _size(path: Path) -> int:
@@ -35,13 +35,7 @@ def card_for_path(path: Path, model_id: str | None = None) -> ModelCard:
         family=cfg.architecture,
         architecture=cfg.architecture,
         hf_repo=f"local/{name}",
-        layers=cfg.num_hidden_layers,
-        hidden_size=cfg.hidden_size,
-        heads=cfg.num_attention_heads,
-        kv_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        vocab_size=cfg.vocab_size,
-        context_length=cfg.max_position_embeddings,
+        **card_shape(cfg),
         storage_bytes=max(_size(path), 1),
         quantization=str(quant),
         license="unknown",

@@ -25,9 +25,18 @@ to the engine's:
                     dtype_bytes except in llama.cpp)
     head          = vocab * hidden * head bytes, held by the last stage (counted even when tied:
                     the engine holds its own copy on each stage that needs it)
-    KV cache      = 2 * kv_heads * head_dim * dtype_bytes per layer per token, for `context`
-                    tokens times `sequences` concurrent sequences
+    KV cache      = the card's kv_values_per_token * dtype_bytes per layer per token (keys and
+                    values, 2 * kv_heads * head_dim; latent attention's kv_lora_rank +
+                    qk_rope_head_dim), for `context` tokens times `sequences` concurrent sequences
     headroom      = 10 % of the node's usable memory + 256 MiB, never planned into
+
+A mixture of experts holds every expert, so its layers' share of the file is split by the
+weights each layer has (shape.py): a layer with experts costs (attention + all experts + router)
+x the file's bytes per weight (the layers' file bytes / their weights), the card's first
+`dense_layers` layers their own smaller share. What a token reads of a layer
+(`active_layer_bytes`, the speed model's figure) is its active share, attention + router +
+shared + experts_per_token routed experts, at the same bytes per weight; for a dense model, the
+whole layer.
 
 The file's bits count block scales: MLX 4-bit stores 4 bits and an f16 scale and bias per 64
 weights (4.5 bits), 8-bit 8.5; GGUF types as `GGUF_BITS`. Only one embedding is taken out of the
@@ -43,6 +52,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from shoal.errors import BadRequest
+from shoal.placement.shape import layer_shape, model_params, sparse_layers
 from shoal.types.model_card import HubWeights, ModelCard
 from shoal.types.profile import NodeProfile
 from shoal.types.weights import Quant
@@ -169,7 +179,7 @@ class MemoryModel:
     """Resident bytes of a model's parts in one engine's formats, for one planned context."""
 
     n_layers: int
-    layer_bytes: int  # weights of one transformer layer
+    layer_bytes: int  # weights of one transformer layer (with experts: one that has them)
     kv_layer_bytes: int  # KV cache of one layer for the whole context and all sequences
     embed_bytes: int
     head_bytes: int
@@ -177,22 +187,32 @@ class MemoryModel:
     context: int
     sequences: int
     weight_bytes: float = 4.0  # bytes per projection weight as held
+    dense_layers: int = 0  # the first layers, each `dense_layer_bytes` instead of layer_bytes
+    dense_layer_bytes: int = 0
+    active_layer_bytes: int | None = None  # bytes a token reads per layer (mean); None: all
 
     @property
     def per_layer(self) -> int:
-        """Bytes one more layer costs a stage: its weights plus its KV cache."""
-        return self.layer_bytes + self.kv_layer_bytes
+        """Bytes the largest layer costs a stage: its weights plus its KV cache."""
+        return max(self.layer_bytes, self.dense_layer_bytes) + self.kv_layer_bytes
+
+    @property
+    def read_per_layer(self) -> int:
+        """Weight bytes one decoded token reads per layer, on average over the layers."""
+        return self.layer_bytes if self.active_layer_bytes is None else self.active_layer_bytes
 
     @property
     def params_per_layer(self) -> float:
-        """Weights in one layer."""
-        return self.layer_bytes / self.weight_bytes
+        """Weights one decoded token multiplies per layer, on average over the layers."""
+        return self.read_per_layer / self.weight_bytes
 
     def stage_bytes(self, start: int, end: int) -> int:
         """Bytes a stage holding layers [start, end) needs, with embeddings/head at the ends."""
         first = self.embed_bytes if start == 0 else 0
         last = self.head_bytes if end == self.n_layers else 0
-        return (end - start) * self.per_layer + first + last
+        dense = max(0, min(end, self.dense_layers) - start)
+        weights = dense * self.dense_layer_bytes + (end - start - dense) * self.layer_bytes
+        return weights + (end - start) * self.kv_layer_bytes + first + last
 
     def total_bytes(self) -> int:
         """Bytes the whole model needs on one node."""
@@ -203,9 +223,20 @@ class MemoryModel:
         return self.n_layers * self.kv_layer_bytes
 
     def max_layers(self, capacity: int, *, first: bool, last: bool) -> int:
-        """The most layers a stage fits in `capacity` bytes, holding embeddings/head as told."""
+        """The most layers a stage fits in `capacity` bytes, holding embeddings/head as told.
+        A first stage begins with the dense layers; any other is sized by the largest layer."""
         room = capacity - (self.embed_bytes if first else 0) - (self.head_bytes if last else 0)
-        return 0 if room < 0 else min(self.n_layers, room // self.per_layer)
+        if room < 0:
+            return 0
+        if not first or not self.dense_layers:
+            return min(self.n_layers, room // self.per_layer)
+        dense = self.dense_layer_bytes + self.kv_layer_bytes
+        if room < self.dense_layers * dense:
+            return room // dense
+        room -= self.dense_layers * dense
+        return min(
+            self.n_layers, self.dense_layers + room // (self.layer_bytes + self.kv_layer_bytes)
+        )
 
 
 def memory_model(
@@ -224,17 +255,27 @@ def memory_model(
     bits = bits_per_weight(card.quantization)
     held = held_bits(card, engine, dtype_bytes)
     embed_params = card.vocab_size * card.hidden_size
-    layer_storage = max(card.storage_bytes - embed_params * bits / 8, 0.0) / card.layers
+    layers_storage = max(card.storage_bytes - embed_params * bits / 8, 0.0)
+    to_held = held.layer / bits  # the file's bytes as the engine holds them
+    layer = dense = active = layers_storage / card.layers
+    if card.moe:  # the file's layer bytes split by the weights each layer has
+        shape, (weights, token) = layer_shape(card), model_params(card)
+        per_weight = layers_storage / weights
+        layer, dense = shape.sparse * per_weight, shape.dense * per_weight
+        active = token * per_weight / card.layers
     return MemoryModel(
         n_layers=card.layers,
-        layer_bytes=math.ceil(layer_storage * held.layer / bits),
-        kv_layer_bytes=2 * card.kv_heads * card.head_dim * dtype_bytes * tokens * sequences,
+        layer_bytes=math.ceil(layer * to_held),
+        kv_layer_bytes=card.kv_values_per_token * dtype_bytes * tokens * sequences,
         embed_bytes=math.ceil(embed_params * held.embed / 8),
         head_bytes=math.ceil(embed_params * held.head / 8),
         dtype_bytes=dtype_bytes,
         context=tokens,
         sequences=sequences,
         weight_bytes=held.layer / 8,
+        dense_layers=card.layers - sparse_layers(card) if card.moe else 0,
+        dense_layer_bytes=math.ceil(dense * to_held) if card.moe else 0,
+        active_layer_bytes=math.ceil(active * to_held) if card.moe else None,
     )
 
 

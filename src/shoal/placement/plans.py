@@ -84,14 +84,15 @@ def profile_map(profiles: Profiles) -> dict[NodeId, NodeProfile | None]:
 def native_runs(card: ModelCard, quant: Quant) -> bool:
     """Whether the native engine runs `card` in `quant`, as far as a card tells
     (engines/native/engine.py `runs`): a block format, a Llama-family model, widths in whole blocks
-    of 32. The card has no MLP width: a runner whose model fails there runs on torch or numpy and
-    says so in its Ready status."""
+    of 32 (the MLP's too where the card gives it). A runner whose model fails there all the same
+    runs on torch or numpy and says so in its Ready status."""
     d = card.head_dim
     return (
         quant in KINDS
         and card.architecture in ARCHITECTURES
         and card.hidden_size % BLOCK == 0
         and card.heads * d % BLOCK == 0
+        and card.intermediate_size % BLOCK == 0  # 0: not given
         and d % 2 == 0
         and d <= Decoder.MAX_HEAD_DIM
         and card.heads % card.kv_heads == 0

@@ -1,9 +1,12 @@
 """The speed model: how long a node takes per layer per token, and what a pipeline of them yields.
 
-Decoding one token reads every resident weight once and does two FLOPs per weight, so a layer on
+Decoding one token reads every weight it uses once and does two FLOPs per weight, so a layer on
 a node takes the longer of the two:
 
-    t_layer = max(layer bytes / (memory_bandwidth_gbs * 1e9), 2 * params / (matmul_gflops * 1e9))
+    t_layer = max(bytes read / (memory_bandwidth_gbs * 1e9), 2 * params / (matmul_gflops * 1e9))
+
+A dense layer's token uses all of it; a mixture of experts' only its active share (attention,
+router, shared and per-token experts: MemoryModel.read_per_layer), though it holds them all.
 
 Nodes that have not measured themselves get conservative defaults (10 GB/s, 50 GFLOP/s) and a
 note. A token crosses one hop per stage boundary and one more from the last stage back to the
@@ -56,7 +59,7 @@ def node_speed(profile: NodeProfile) -> NodeSpeed:
 
 def layer_time(mem: MemoryModel, speed: NodeSpeed) -> float:
     """Seconds one layer takes per decoded token on a node: memory- or compute-bound."""
-    read = mem.layer_bytes / (speed.bandwidth_gbs * 1e9)
+    read = mem.read_per_layer / (speed.bandwidth_gbs * 1e9)
     compute = 2 * mem.params_per_layer / (speed.matmul_gflops * 1e9)
     return max(read, compute)
 
