@@ -1,9 +1,11 @@
-"""The MLX engine equals the torch engine on the real SmolLM2, and transformers on tiny models.
+"""The MLX engine equals the torch engine on the real SmolLM2, transformers on tiny models, and
+mlx-lm's own whole models of granite, phi3, qwen3_moe and deepseek_v3 (Kimi K2).
 
 Run in a child pytest by test_mlx_engine.py: a crash there fails one test, not the run.
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from shoal.engines.mlx.engine import MlxEngine  # noqa: E402
 from shoal.errors import BadRequest, UnsupportedModel  # noqa: E402
 from shoal.models.gguf import GGUFSource  # noqa: E402
 from shoal.types.ids import ModelId, RequestId  # noqa: E402
+from shoal.types.model_config import ModelConfig  # noqa: E402
 from shoal.types.shard import Shard  # noqa: E402
 from tests.helpers.smollm2 import SMOLLM  # noqa: E402
 from tests.helpers.tiny import N_LAYERS, VOCAB, DictSource, shard, tiny_config  # noqa: E402
@@ -119,7 +122,9 @@ def test_smollm2_split_equals_whole(source: DictSource, tokens: np.ndarray, mlx_
 # -- tiny random models against transformers ----------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["llama3-rope", "mistral-linear-rope", "qwen2"])
+@pytest.mark.parametrize(
+    "variant", ["llama3-rope", "mistral-linear-rope", "qwen2", "qwen3", "granite", "phi3"]
+)
 def test_tiny_variants_match_transformers_whole_and_split(variant: str) -> None:
     pytest.importorskip("transformers")
     from tests.helpers.tiny import hf_logits, tiny_source
@@ -190,3 +195,205 @@ def test_a_whole_tied_model_keeps_one_copy_of_the_embedding() -> None:
     model.load(source.tensors(shard()), MlxEngine().dtype)
     assert model.head is not None and model.embed is not None
     assert model.head["weight"] is model.embed["weight"]
+
+
+# -- granite, phi3, qwen3_moe, deepseek_v3 against mlx-lm's own whole model --------------------
+
+# config.json of tiny models of each architecture mlx-lm builds here (random weights)
+SMALL: dict[str, Any] = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": N_LAYERS,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+    "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}  # fmt: skip
+LONGROPE = {
+    "type": "longrope",
+    "short_factor": [1.0, 1.1, 1.3, 1.2, 1.6, 1.4, 1.9, 2.0],
+    "long_factor": [1.0, 1.5, 2.5, 3.0, 4.5, 6.0, 7.5, 9.0],
+}
+DEEPSEEK: dict[str, Any] = {
+    **SMALL, "model_type": "deepseek_v3", "num_key_value_heads": 4, "moe_intermediate_size": 32,
+    "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2,
+    "topk_group": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1, "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8, "v_head_dim": 16, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+    "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+}  # fmt: skip
+MLX_LM: dict[str, dict[str, Any]] = {
+    # granite 3.3's multipliers, tied head
+    "granite": {
+        **SMALL,
+        "model_type": "granite",
+        "embedding_multiplier": 12.0,
+        "residual_multiplier": 0.22,
+        "attention_multiplier": 0.015625,
+        "logits_scaling": 8.0,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+    },
+    # LongRoPE past an original context of 4 positions: the 12-token prompt takes the long factors
+    "phi3": {
+        **SMALL,
+        "model_type": "phi3",
+        "max_position_embeddings": 64,
+        "original_max_position_embeddings": 4,
+        "rope_scaling": LONGROPE,
+    },
+    # 8 experts, 2 a token; layer 1 dense (mlp_only_layers), so a split cuts a mixed stack
+    "qwen3_moe": {
+        **SMALL,
+        "model_type": "qwen3_moe",
+        "head_dim": 16,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],
+        "norm_topk_prob": True,
+        "rope_theta": 1e6,
+    },
+    # latent attention, a shared expert, grouped sigmoid routing, yarn rope, 1 dense layer
+    "deepseek_v3": DEEPSEEK,
+    # Kimi K2: config.json's kimi_k2 is deepseek_v3 with one expert group
+    "kimi_k2": {**DEEPSEEK, "model_type": "kimi_k2", "n_group": 1, "topk_group": 1},
+}
+
+
+def mlx_lm_model(config: dict[str, Any], seed: int = 0) -> Any:
+    """mlx-lm's whole model of the config, every weight random at a scale keeping logits O(1)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    mx.random.seed(seed)
+    weights = []
+    params: dict[str, Any] = dict(tree_flatten(model.parameters()))
+    for name, param in params.items():
+        noise = mx.random.normal(param.shape)
+        if name.endswith("norm.weight"):
+            value = 1.0 + 0.1 * noise
+        elif name.endswith(("e_score_correction_bias", "embed_tokens.weight")):
+            value = noise * (0.1 if "bias" in name else 1.0)
+        else:
+            value = noise * param.shape[-1] ** -0.5
+        weights.append((name, value))
+    model.update(tree_unflatten(weights))
+    mx.eval(model.parameters())
+    return model
+
+
+def hub_checkpoint(model: Any) -> dict[str, np.ndarray]:
+    """The model's weights as a Hugging Face checkpoint names them: experts one by one, and
+    deepseek's embed_q / unembed_out as the kv_b_proj they are made from."""
+    from mlx.utils import tree_flatten
+
+    params: dict[str, Any] = dict(tree_flatten(model.parameters()))
+    flat = {n: np.array(p, dtype=np.float32) for n, p in params.items()}
+    out: dict[str, np.ndarray] = {}
+    for name, array in flat.items():
+        if ".switch_mlp." in name:  # [experts, out, in]
+            prefix, rest = name.split(".switch_mlp.")
+            for e in range(array.shape[0]):
+                out[f"{prefix}.experts.{e}.{rest}"] = array[e]
+        elif name.endswith("embed_q.weight"):  # [heads, kv_lora, nope]
+            unembed = flat[name.replace("embed_q", "unembed_out")]  # [heads, v, kv_lora]
+            kv_b = np.concatenate([array.swapaxes(-1, -2), unembed], axis=1)  # [h, nope + v, r]
+            out[name.replace("embed_q", "kv_b_proj")] = kv_b.reshape(-1, kv_b.shape[-1])
+        elif not name.endswith("unembed_out.weight"):
+            out[name] = array
+    return out
+
+
+def mlx_lm_logits(model: Any, tokens: np.ndarray) -> np.ndarray:
+    """mlx-lm's own whole-model forward, no cache: logits [T, vocab]."""
+    import mlx.core as mx
+
+    return np.array(model(mx.array(tokens.astype(np.int32))[None])[0].astype(mx.float32))
+
+
+@pytest.mark.parametrize("arch", sorted(MLX_LM))
+def test_architectures_match_mlx_lm_whole_and_split(arch: str) -> None:
+    config = MLX_LM[arch]
+    model = mlx_lm_model(config)
+    want = mlx_lm_logits(model, TINY_TOKENS)
+    src = DictSource(ModelConfig.from_hf(config), hub_checkpoint(model))
+    whole = mlx_engine(src, 0, N_LAYERS, N_LAYERS)
+    got = whole.forward([step("r", TINY_TOKENS, 0)], all_logits=True)[0]
+    assert got.shape == want.shape == (len(TINY_TOKENS), VOCAB)
+    assert np.abs(got - want).max() <= 1e-4
+    first, second = mlx_engine(src, 0, 2, N_LAYERS), mlx_engine(src, 2, N_LAYERS, N_LAYERS)
+    hidden = first.forward([step("s", TINY_TOKENS, 0)])[0]
+    split = second.forward([step("s", hidden, 0)], all_logits=True)[0]
+    assert np.abs(split - want).max() <= 1e-4
+    # one decoded token from the caches, whole and split, against mlx-lm on the longer prompt
+    # (deepseek_v3 decodes one query through its absorbed latent path: float rounding apart)
+    nxt = np.asarray([int(want[-1].argmax())])
+    longer = mlx_lm_logits(model, np.concatenate([TINY_TOKENS, nxt]))[-1]
+    at = len(TINY_TOKENS)
+    decoded = whole.forward([step("r", nxt, at)])[0]
+    tail = second.forward([step("s", first.forward([step("s", nxt, at)])[0], at)])[0]
+    assert np.abs(decoded - longer).max() <= 1e-3
+    assert np.abs(tail - decoded).max() <= 1e-4
+
+
+def test_stacked_experts_load_as_they_are() -> None:
+    """mlx-community checkpoints keep the experts stacked (switch_mlp): taken unchanged."""
+    from mlx.utils import tree_flatten
+
+    config = MLX_LM["qwen3_moe"]
+    model = mlx_lm_model(config, seed=1)
+    params: dict[str, Any] = dict(tree_flatten(model.parameters()))
+    stacked = {n: np.array(p) for n, p in params.items()}
+    assert any(".switch_mlp." in n for n in stacked)
+    src = DictSource(ModelConfig.from_hf(config), stacked)
+    got = mlx_engine(src, 0, N_LAYERS, N_LAYERS).forward(
+        [step("r", TINY_TOKENS, 0)], all_logits=True
+    )[0]
+    assert np.abs(got - mlx_lm_logits(model, TINY_TOKENS)).max() <= 1e-4
+
+
+def test_longrope_takes_the_short_factors_before_the_original_context() -> None:
+    """A pass ending before position 4 rotates with the short factors (as transformers does):
+    mlx-lm's model with its long factors replaced by the short ones gives the same logits."""
+    config = MLX_LM["phi3"]
+    model = mlx_lm_model(config)
+    src = DictSource(ModelConfig.from_hf(config), hub_checkpoint(model))
+    short = {**config, "rope_scaling": {**LONGROPE, "long_factor": LONGROPE["short_factor"]}}
+    shorted = mlx_lm_model(short)  # the same seed: the same weights
+    prompt = TINY_TOKENS[:3]
+    engine = mlx_engine(src, 0, N_LAYERS, N_LAYERS)
+    got = engine.forward([step("r", prompt, 0)], all_logits=True)[0]
+    assert np.abs(got - mlx_lm_logits(shorted, prompt)).max() <= 1e-4
+    assert np.abs(got - mlx_lm_logits(model, prompt)).max() > 1e-3  # the long ones differ
+
+
+def test_deepseek_keeps_its_router_bias_in_float32() -> None:
+    config = MLX_LM["deepseek_v3"]
+    model = mlx_lm_model(config)
+    src = DictSource(ModelConfig.from_hf(config), hub_checkpoint(model))
+    engine = MlxEngine(dtype="bfloat16")
+    engine.load(shard(), src)
+    params = engine._loaded().parameters()
+    import mlx.core as mx
+
+    assert params["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == mx.float32
+    assert params["model.layers.1.mlp.gate.weight"].dtype == mx.bfloat16
+    assert "model.layers.0.mlp.gate_proj.weight" in params  # first_k_dense_replace: dense
+
+
+@pytest.mark.parametrize(
+    ("arch", "change", "match"),
+    [("qwen3_moe", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+     ("granite", {"head_dim": 32}, "head_dim"),
+     ("phi3", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear")],
+)  # fmt: skip
+def test_what_mlx_lm_would_not_run_as_asked_is_refused(
+    arch: str, change: dict[str, Any], match: str
+) -> None:
+    cfg = ModelConfig.from_hf({**MLX_LM[arch], **change})
+    with pytest.raises(UnsupportedModel, match=match):
+        MlxEngine().load(shard(), DictSource(cfg, {}))

@@ -1,4 +1,5 @@
-"""MlxEngine: runs one shard of a Llama-family model with MLX (Metal on Apple Silicon, or CPU)."""
+"""MlxEngine: runs one shard of any model mlx-lm's files run here (model.py: the Llama family,
+granite, phi3, qwen3_moe, deepseek_v3) with MLX (Metal on Apple Silicon, or CPU)."""
 
 import logging
 from collections.abc import Sequence
@@ -35,7 +36,8 @@ class MlxEngine:
     def load(self, shard: Shard, source: WeightSource, progress: ProgressFn | None = None) -> None:
         """Build the shard's modules, then fill them from source, strictly."""
         model = ShardModel(source.config, shard)
-        # MLX-packed tensors as the float32 values they stand for (mx.dequantize's, exactly)
+        # MLX-packed tensors as the float32 values they stand for (mx.dequantize's, exactly);
+        # experts come one by one or stacked, and the model's sanitize takes either
         tensors = {name: dense(t) for name, t in source.tensors(shard).items()}
         model.load(tensors, self.dtype, progress)
         self._model = model
