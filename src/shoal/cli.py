@@ -109,6 +109,11 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="json: one JSON object a log line (default text; SHOAL_LOG_FORMAT)",
+    )
+    p.add_argument(
         "--cluster", help="cluster name; separates clusters on one LAN (default: default)"
     )
     p.add_argument("--control-port", type=int, help="control-plane port (default 52416)")
@@ -164,7 +169,7 @@ def _node(args: argparse.Namespace) -> None:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CliError(f"bad setting {first['loc'][0]}: {first['msg']}") from exc
-    log.configure(settings.log_level)
+    log.configure(settings.log_level, settings.log_format)
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_fast_loop()) as run:
         run.run(serve(settings))
 

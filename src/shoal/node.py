@@ -10,14 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 
 from shoal import __version__
 from shoal.api.app import create_app
 from shoal.api.auth import ApiKeys
 from shoal.api.limits import header_timeout_protocol
+from shoal.api.metrics import RestartsCollector
 from shoal.cluster import ClusterNode
 from shoal.engines.registry import available_engines
 from shoal.errors import BadRequest, ShoalError
+from shoal.inference.metrics import RequestMetrics
 from shoal.models.catalog import Catalog
 from shoal.models.hub import Hub
 from shoal.models.local_card import card_for_path
@@ -173,6 +176,7 @@ async def serve(settings: Settings) -> None:
         instances=lambda: [r.instance for r in cluster.state.instances.values()],
     )
 
+    registry = CollectorRegistry()  # this node's /metrics
     service = ClusterService(
         cluster,
         catalog,
@@ -183,6 +187,7 @@ async def serve(settings: Settings) -> None:
         tls=creds.client_ssl_context(),  # the data plane: runners take members only
         resolve=fetcher.card,
         tokenizer_files=lambda card: fetcher.stage(card, None, None),
+        metrics=RequestMetrics(registry),
     )
     app = create_app(
         service,
@@ -192,6 +197,9 @@ async def serve(settings: Settings) -> None:
         profile_wait_s=settings.lease_ms / 1000,
         keys=keys,
         cors_origins=settings.cors_origins,
+        registry=registry,
+        loads=service.loads,
+        fetched=fetcher,
     )
 
     def card_of(instance: Instance) -> ModelCard:
@@ -215,13 +223,16 @@ async def serve(settings: Settings) -> None:
             dtype=settings.dtype,
             threads=settings.threads,
             cache_dir=settings.weights_cache or settings.data_dir / "weights-cache",
+            log_format=settings.log_format,
         ),
     )
+    registry.register(RestartsCollector(lambda: worker.restarts))
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level="warning",
+        log_config=None,  # uvicorn's loggers go through the root handler (log.py: text or JSON)
         lifespan="off",
         timeout_graceful_shutdown=30,
         http=header_timeout_protocol(settings.http_timeout_s),

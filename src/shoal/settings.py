@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shoal.paths import default_data_dir
 from shoal.types.weights import DType, Quant
 
+LogFormat = Literal["text", "json"]
+
 # field name -> environment variable
 ENV: dict[str, str] = {
     "host": "SHOAL_HOST",
@@ -39,6 +41,7 @@ ENV: dict[str, str] = {
     "max_body_bytes": "SHOAL_MAX_BODY_BYTES",
     "auto_load": "SHOAL_AUTO_LOAD",
     "log_level": "SHOAL_LOG_LEVEL",
+    "log_format": "SHOAL_LOG_FORMAT",
     "cluster": "SHOAL_CLUSTER",
     "control_port": "SHOAL_CONTROL_PORT",
     "peers": "SHOAL_PEERS",
@@ -89,6 +92,7 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     auto_load: bool = True  # a request for a model not loaded loads it
     log_level: str = "INFO"
+    log_format: LogFormat = "text"  # json: one object a line (log.py)
     cluster: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     control_port: int = Field(default=52416, ge=0, le=65535)  # zenoh listens here
     peers: tuple[str, ...] = ()  # other nodes' HOST:CONTROL_PORT, always tried

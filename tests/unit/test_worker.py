@@ -115,6 +115,7 @@ async def test_a_crashing_runner_is_retried_with_backoff_then_given_up(
         await asyncio.gather(task, return_exceptions=True)
     kinds = [r.status.kind for r in reports if isinstance(r, RunnerStatusChanged)]
     assert CrashingRunner.started == 3  # the first start and two restarts, then no more
+    assert worker.restarts == 2  # what /metrics reports as shoal:runner_restarts_total
     assert kinds[-1] == "failed" and kinds.count("failed") == 1
     failed = reports[-1]
     assert isinstance(failed, RunnerStatusChanged)

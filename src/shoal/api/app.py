@@ -1,17 +1,19 @@
 """The FastAPI application: routers by resource, OpenAI-shaped errors, a body-size limit, API
-keys (api/auth.py) and CORS for the origins it is given."""
+keys (api/auth.py), CORS for the origins it is given, and /metrics (api/metrics.py)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
 from shoal import __version__
-from shoal.api import chat, completions, errors, health, instances, models
+from shoal.api import chat, completions, errors, health, instances, metrics, models
 from shoal.api import cluster as cluster_routes
 from shoal.api.auth import ApiKeyAuth, ApiKeys
 from shoal.api.limits import BodyLimit
 from shoal.cluster import ClusterNode
+from shoal.inference.metrics import InstanceLoad
 from shoal.inference.service import InferenceService
 
 
@@ -24,8 +26,15 @@ def create_app(
     profile_wait_s: float = 2.0,
     keys: ApiKeys | None = None,  # None, or no key in it: the API is open
     cors_origins: Sequence[str] = (),  # browsers on these origins may call the API
+    registry: CollectorRegistry | None = None,  # this app's alone; None: a new one
+    loads: Callable[[], Iterable[InstanceLoad]] = tuple,  # requests per instance, for /metrics
+    fetched: metrics.FetchedBytes | None = None,  # the node's Fetcher, for /metrics
 ) -> FastAPI:
-    """An app serving `service` (and `cluster`); the caller runs it and owns their lifetimes."""
+    """An app serving `service` (and `cluster`); the caller runs it and owns their lifetimes.
+
+    `registry` holds the request counters the service's schedulers update (inference/metrics.py);
+    /metrics serves it with the node's gauges added.
+    """
     app = FastAPI(title="shoal", version=__version__)
     app.state.service = service
     app.state.cluster = cluster
@@ -34,6 +43,8 @@ def create_app(
     errors.install(app)
     for module in (models, chat, completions, health, cluster_routes, instances):
         app.include_router(module.router)
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics.install(app, registry, cluster, loads, fetched)
     # outermost last: CORS answers preflights and marks 401s, the key check runs before a body
     # is buffered
     app.add_middleware(BodyLimit, limit=max_body_bytes, timeout_s=body_timeout_s)

@@ -24,6 +24,7 @@ import numpy as np
 
 from shoal.engines.base import StepInput
 from shoal.errors import BadRequest, ContextOverflow, Overloaded
+from shoal.inference.metrics import ModelMetrics
 from shoal.inference.pipeline import Pipeline, PipelineBroken, Step
 from shoal.inference.request import (
     Finished,
@@ -71,6 +72,7 @@ class _Sequence:
     unsent: list[int] = field(default_factory=list)  # token ids whose text is not out yet
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    last_token_at: float | None = None  # when the latest token was generated
     cancelled: bool = False  # the caller went away
     finished: bool = False
     alone: bool = False  # in a step that failed: runs by itself until it samples again
@@ -140,8 +142,10 @@ class Scheduler:
         max_queue: int = 64,
         prefill_chunk: int = 256,
         recover: Recover | None = None,
+        metrics: ModelMetrics | None = None,  # counters and histograms, updated as things happen
     ) -> None:
         self._pipeline = pipeline
+        self._metrics = metrics
         self._recover = recover
         self._tokenizer = tokenizer
         self._context = context_length
@@ -165,6 +169,16 @@ class Scheduler:
     def load(self) -> int:
         """Requests running or queued here."""
         return len(self._active) + len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch (prefilling or decoding)."""
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a place in the batch."""
+        return len(self._waiting)
 
     def generate(self, req: GenerationRequest) -> RequestStream:
         """Check and queue the request now (BadRequest, Overloaded); its events come from the
@@ -212,6 +226,10 @@ class Scheduler:
                 self._active.append(self._waiting.popleft())
             for seq in [s for s in self._active if s.cancelled]:
                 await self._retire(seq)
+            if self._metrics is not None:
+                for seq in self._waiting:
+                    if seq.cancelled:
+                        self._metrics.ended("cancelled", None, None)
             self._waiting = deque(s for s in self._waiting if not s.cancelled)
             if not self._active:
                 continue
@@ -323,6 +341,8 @@ class Scheduler:
         try:
             self._pipeline = await self._recover(exc)
         except Exception as err:  # no capacity came back: these requests end with the reason
+            if self._metrics is not None:
+                self._metrics.failover(resumed=False, replayed=0)
             await self._fail(list(self._active), err)
             return
         finally:
@@ -331,6 +351,8 @@ class Scheduler:
         for seq in self._active:
             await self._pipeline.free(seq.req.request_id)  # stale caches on surviving stages
             seq.replay()
+        if self._metrics is not None:
+            self._metrics.failover(resumed=True, replayed=len(self._active))
         log.info(
             "resumed %d request(s) after %.2f s, replaying their tokens as prefill",
             len(self._active),
@@ -340,6 +362,8 @@ class Scheduler:
     async def _fail(self, seqs: list[_Sequence], exc: BaseException) -> None:
         """End these requests with exc (their streams raise it), caches freed first."""
         for seq in seqs:
+            if self._metrics is not None and not seq.finished:
+                self._metrics.ended("error", None, None)
             seq.finished = True
             await self._retire(seq)
             seq.queue.put_nowait(exc)  # after the retire: the caller sees the error, cache freed
@@ -349,8 +373,14 @@ class Scheduler:
         now = time.perf_counter()
         if seq.first_token_at is None:
             seq.first_token_at = now
+            if self._metrics is not None:
+                self._metrics.first_token(len(seq.req.prompt_tokens), now - seq.started)
         if token in self._tokenizer.eos_token_ids:
             return self._finish(seq, "stop")
+        if self._metrics is not None:
+            last = seq.last_token_at
+            self._metrics.token(None if last is None else now - last)
+        seq.last_token_at = now
         seq.tokens.append(token)
         seq.unsent.append(token)
         emit, stopped = seq.stops.push(seq.text.push(token))
@@ -378,6 +408,9 @@ class Scheduler:
         )
         seq.queue.put_nowait(done)
         seq.finished = True  # retired after this step
+        if self._metrics is not None:
+            tpot = decode_s / (len(seq.tokens) - 1) if len(seq.tokens) > 1 else None
+            self._metrics.ended(reason, time.perf_counter() - seq.started, tpot)
         log.info(
             "request %s: %d prompt tokens, TTFT %.0f ms, %d tokens at %.1f tok/s, %s",
             seq.rid,
@@ -392,6 +425,8 @@ class Scheduler:
         """Free the request's cache on every stage, then leave the batch (and the load count)."""
         if not seq.finished:
             log.info("request %s cancelled after %d tokens", seq.rid, len(seq.tokens))
+            if self._metrics is not None:
+                self._metrics.ended("cancelled", None, None)
         try:
             await self._free(seq)
         finally:

@@ -9,6 +9,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from shoal.inference.metrics import RequestMetrics
 from shoal.inference.pipeline import PipelineBroken
 from shoal.inference.remote import RemotePipeline
 from shoal.inference.request import GenerationRequest
@@ -62,6 +63,7 @@ async def open_handle(
     max_batch: int,
     max_queue: int,
     prefill_chunk: int,
+    metrics: RequestMetrics | None = None,
 ) -> InstanceHandle:
     """Connect to the record's stages and start a Scheduler over them (PipelineBroken if down)."""
     pipeline = RemotePipeline(record.stage_addrs(), tls=tls, wire_dtype=wire_dtype)
@@ -81,6 +83,7 @@ async def open_handle(
         max_queue=max_queue,
         prefill_chunk=prefill_chunk,
         recover=on_broken,
+        metrics=metrics.model(card.id) if metrics is not None else None,
     )
     iid = record.instance.instance_id
     task = asyncio.create_task(scheduler.run(), name=f"scheduler {iid}")

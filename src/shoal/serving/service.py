@@ -19,6 +19,7 @@ from pathlib import Path
 
 from shoal.cluster import ClusterNode
 from shoal.errors import ModelNotFound, ModelUnavailable
+from shoal.inference.metrics import InstanceLoad, RequestMetrics
 from shoal.inference.pipeline import PipelineBroken
 from shoal.inference.remote import RemotePipeline
 from shoal.inference.service import ModelStatus
@@ -72,7 +73,9 @@ class ClusterService:
         failover_timeout_s: float = 120.0,
         resolve: ResolveCard | None = None,
         tokenizer_files: TokenizerFiles = _local_files,
+        metrics: RequestMetrics | None = None,  # what every instance's Scheduler updates
     ) -> None:
+        self._metrics = metrics
         self._resolve = resolve
         self._tokenizer_files = tokenizer_files
         self._failover_timeout = failover_timeout_s
@@ -125,6 +128,13 @@ class ClusterService:
         """Requests this node has running or queued on one instance."""
         handle = self._handles.get(instance_id)
         return handle.scheduler.load if handle else 0
+
+    def loads(self) -> list[InstanceLoad]:
+        """The requests running and waiting on every instance this node drives now."""
+        return [
+            InstanceLoad(h.card.id, h.instance_id, h.scheduler.running, h.scheduler.waiting)
+            for h in [*self._handles.values(), *self._orphans]
+        ]
 
     def status(self, card: ModelCard) -> ModelStatus:
         """Ready / loading / failed from the instances; else whether placement would fit it.
@@ -270,6 +280,7 @@ class ClusterService:
             max_batch=self._max_batch,
             max_queue=self._max_queue,
             prefill_chunk=self._prefill_chunk,
+            metrics=self._metrics,
         )
         self._handles[handle.instance_id] = handle
         log.info(

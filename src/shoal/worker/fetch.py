@@ -86,6 +86,19 @@ class _Progress:
 
 
 @dataclass
+class _Moved:
+    """Bytes one transfer moved, from its (done, total) reports: the first report is what was on
+    disk already (a resumed part), and a report below the last one is a transfer starting over."""
+
+    last: int | None = None
+
+    def delta(self, done: int) -> int:
+        moved = 0 if self.last is None else max(0, done - self.last)
+        self.last = done
+        return moved
+
+
+@dataclass
 class Fetcher:
     """Fetches weight files for this node; one transfer of a file at a time."""
 
@@ -98,6 +111,9 @@ class Fetcher:
     wait_s: float = 600.0  # longest wait for a designated peer to finish a file
     poll_s: float = 0.5
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # bytes this process moved (resumed parts not counted again), for /metrics
+    hub_bytes: int = field(default=0, init=False)
+    peer_bytes: int = field(default=0, init=False)
 
     async def stage(
         self,
@@ -248,8 +264,10 @@ class Fetcher:
         assert self.files is not None
         start = progress.done
         log.info("copying %s (%d B) from %d peer(s)", file.path, file.size, len(holders))
+        counted = _Moved()
 
         def moved(done: int, _total: int) -> None:
+            self.peer_bytes += counted.delta(done)
             progress.done = start
             progress.add(done)
 
@@ -266,9 +284,11 @@ class Fetcher:
         start = progress.done
         loop = asyncio.get_running_loop()
         log.info("downloading %s from the Hub (%s, %d B)", file.path, listing.repo, file.size)
+        counted = _Moved()
 
         def moved(done: int, _total: int) -> None:
             def update() -> None:
+                self.hub_bytes += counted.delta(done)
                 progress.done = start
                 progress.add(done)
 

@@ -6,6 +6,7 @@ RunnerReady (with the engine that runs the shard) or RunnerFailed (exit 1). Logs
 stdout carries only statuses. The data plane it serves once loaded is worker/stage.py.
 """
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 from shoal.engines.args import ModelArgs
 from shoal.engines.base import Engine, WeightSource
 from shoal.engines.registry import available_engines, build_engine, create_engine
+from shoal.log import configure as configure_logging
 from shoal.models.source import open_weights
 from shoal.models.weight_cache import CachedWeights
 from shoal.net import frames
@@ -210,16 +212,23 @@ async def serve() -> int:
 
 
 def main() -> None:
-    """Entry point of `python -m shoal.worker.runner [--preload ENGINE]`."""
-    if len(sys.argv) == 3 and sys.argv[1] == "--preload":
+    """Entry point of `python -m shoal.worker.runner [--preload ENGINE] [--log-format json]`."""
+    parser = argparse.ArgumentParser(prog="shoal.worker.runner")
+    parser.add_argument("--preload", metavar="ENGINE")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text")
+    args = parser.parse_args()
+    if args.preload:
         # a spare runner: import the engine's framework now, while it waits for a config
         with contextlib.suppress(Exception):
-            create_engine(sys.argv[2])
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format=f"%(asctime)s runner[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
-    )
+            create_engine(args.preload)
+    if args.log_format == "json":
+        configure_logging("INFO", "json")
+    else:
+        logging.basicConfig(
+            stream=sys.stderr,
+            level=logging.INFO,
+            format=f"%(asctime)s runner[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+        )
     code = asyncio.run(serve())
     sys.stdout.flush()
     sys.stderr.flush()

@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import IO, Any
 
 from shoal.errors import ShoalError
+from shoal.settings import LogFormat
 from shoal.types.ids import NodeId
 from shoal.types.message import Message
 from shoal.worker.pipe import (
@@ -50,10 +51,12 @@ class RunnerProcess:
         env: Mapping[str, str] | None = None,
         stderr: IO[Any] | int | None = None,
         stop_timeout_s: float = 5.0,
+        log_format: LogFormat = "text",
     ) -> None:
         self.config = config
         self._python = python
         self._env = dict(env) if env is not None else None
+        self._log_format = log_format
         self._stderr = stderr
         self._stop_timeout_s = stop_timeout_s
         self._proc: asyncio.subprocess.Process | None = None
@@ -86,6 +89,7 @@ class RunnerProcess:
             "-m",
             "shoal.worker.runner",
             *(["--preload", preload] if preload else []),
+            *(["--log-format", self._log_format] if self._log_format != "text" else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=self._stderr,

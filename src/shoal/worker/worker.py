@@ -17,6 +17,7 @@ from typing import Any
 
 from shoal.errors import ShoalError
 from shoal.net.frames import WireDType
+from shoal.settings import LogFormat
 from shoal.state.model import State
 from shoal.types.events import Event, RunnerStatusChanged
 from shoal.types.ids import NodeId
@@ -52,6 +53,7 @@ class RunnerOptions:
     # refuse revoked nodes (worker/stage.py); None: plain TCP (node.py always passes it)
     credentials: Path | None = None
     keep_spare: bool = True  # one process with its engine imported, so a restart skips that
+    log_format: LogFormat = "text"  # the runners' log lines, as the node's (log.py)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class Worker:
         self._running: dict[StageKey, _Running] = {}
         self._done: set[StageKey] = set()  # given up on: not restarted (no crash loops)
         self._crashes: dict[StageKey, int] = {}
+        self.restarts = 0  # runners restarted after a crash since the node started (/metrics)
         self._retry_at: dict[StageKey, float] = {}  # crashed runners wait here before a restart
         self._revoked: tuple[NodeId, ...] = ()  # what the runners were last told
 
@@ -136,7 +139,7 @@ class Worker:
     async def _spawn_spare(self, engine: str) -> None:
         """Keep one runner process started with its engine imported: a restart skips that."""
         if self._spare is None and self._options.keep_spare:
-            self._spare = RunnerProcess()
+            self._spare = RunnerProcess(log_format=self._options.log_format)
             await self._spare.spawn(preload=engine, threads=self._options.threads)
 
     async def _reconcile(self) -> None:
@@ -242,7 +245,7 @@ class Worker:
         )
         process, self._spare = self._spare, None
         if process is None:
-            process = RunnerProcess()
+            process = RunnerProcess(log_format=self._options.log_format)
             await process.spawn(threads=self._options.threads)
         await process.configure(config)
         await self._spawn_spare(stage.engine)
@@ -293,6 +296,7 @@ class Worker:
                 delay,
             )
             self._retry_at[a.key] = time.monotonic() + delay
+            self.restarts += 1
             await self._status(a, Loading(done=0, total=a.plan.layers))
             return
         self._done.add(a.key)
