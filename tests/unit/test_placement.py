@@ -444,8 +444,8 @@ CPU_NATIVE = ("torch", "numpy", "native")
         ("int4", CPU_NATIVE, False, None, {"hidden_size": 580}, "torch"),  # not blocks of 32
         ("int4", CPU_NATIVE, False, None, {"intermediate_size": 1540}, "torch"),
         ("int4", CPU_NATIVE, False, None, {"intermediate_size": 1536}, "native"),
-        # the native kernels have no experts nor latent attention
-        ("int4", CPU_NATIVE, False, None, {"architecture": "qwen3_moe"}, "torch"),
+        # the native kernels run routed experts (qwen3_moe), not latent attention
+        ("int4", CPU_NATIVE, False, None, {"architecture": "qwen3_moe"}, "native"),
         ("int4", CPU_NATIVE, False, None, {"architecture": "deepseek_v3"}, "torch"),
     ],
 )  # fmt: skip

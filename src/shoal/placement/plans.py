@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from shoal.engines.native.blocks import BLOCK
 from shoal.engines.native.decoder import Decoder
 from shoal.engines.native.engine import KINDS
-from shoal.engines.native.model import ARCHITECTURES
+from shoal.engines.native.model import ARCHITECTURES, ROUTED
 from shoal.placement.allocate import NodeCapacity, allocate_layers
 from shoal.placement.memory import MemoryModel, capacity, fmt_bytes, usable_memory
 from shoal.placement.speed import (
@@ -83,13 +83,14 @@ def profile_map(profiles: Profiles) -> dict[NodeId, NodeProfile | None]:
 
 def native_runs(card: ModelCard, quant: Quant) -> bool:
     """Whether the native engine runs `card` in `quant`, as far as a card tells
-    (engines/native/engine.py `runs`): a block format, a Llama-family model, widths in whole blocks
-    of 32 (the MLP's too where the card gives it). A runner whose model fails there all the same
-    runs on torch or numpy and says so in its Ready status."""
+    (engines/native/engine.py `runs`): a block format, a Llama-family model or qwen3_moe, widths
+    in whole blocks of 32 (the MLP's and the experts' too where the card gives them). A runner
+    whose model fails there all the same runs on torch or numpy and says so in its Ready status."""
     d = card.head_dim
     return (
         quant in KINDS
-        and card.architecture in ARCHITECTURES
+        and card.architecture in ARCHITECTURES | ROUTED
+        and card.expert_intermediate_size % BLOCK == 0  # 0: no experts
         and card.hidden_size % BLOCK == 0
         and card.heads * d % BLOCK == 0
         and card.intermediate_size % BLOCK == 0  # 0: not given

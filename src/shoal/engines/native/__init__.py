@@ -4,7 +4,8 @@
 - abi.py: the C structs and function signatures as ctypes sees them.
 - blocks.py: `BlockWeights`, a [n, k] matrix in Q8_0 ("q8") or Q4_1 ("q4") blocks, and its product;
   `blocks_of` turns MLX-packed weights into blocks exactly.
-- decoder.py: `Decoder`, every layer of a shard over a batch of rows in one call.
+- decoder.py: `Decoder`, every layer of a shard over a batch of rows in one call (qwen3_moe's
+  routed experts too: `RoutedExperts`).
 - model.py: `Model`, a shard on blocks (embedding, decoder, final norm, 8-bit head), built from
   the shard's tensors.
 - engine.py: `NativeEngine`, the Engine protocol over model.py; the torch and numpy engines hand
@@ -23,7 +24,7 @@ from shoal.engines.native.blocks import (
     stacked_blocks,
 )
 from shoal.engines.native.build import library
-from shoal.engines.native.decoder import Decoder, DecoderLayer
+from shoal.engines.native.decoder import Decoder, DecoderLayer, RoutedExperts
 
 __all__ = [
     "BLOCK",
@@ -33,6 +34,7 @@ __all__ = [
     "DecoderLayer",
     "Kind",
     "Library",
+    "RoutedExperts",
     "blocks_of",
     "library",
     "stacked_blocks",

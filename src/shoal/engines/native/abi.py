@@ -33,6 +33,12 @@ class Layer(ctypes.Structure):
         ("qkv_bias", c_void_p),
         ("q_norm", c_void_p),
         ("k_norm", c_void_p),
+        ("experts", c_int64),
+        ("top_k", c_int64),
+        ("norm_topk_prob", c_int64),
+        ("router", c_void_p),
+        ("expert_gate_up", c_void_p),  # Matrix [experts]
+        ("expert_down", c_void_p),  # Matrix [experts]
     ]
 
 
@@ -45,6 +51,7 @@ class Dims(ctypes.Structure):
         ("kv_heads", c_int64),
         ("head_dim", c_int64),
         ("inter", c_int64),
+        ("moe_inter", c_int64),
         ("eps", ctypes.c_float),
         ("inv_freq", c_void_p),
     ]

@@ -1,4 +1,5 @@
-"""NativeEngine: one shard of a Llama-family model in block formats on the CPU, in native code.
+"""NativeEngine: one shard of a Llama-family model (qwen3_moe's routed experts too) in block
+formats on the CPU, in native code.
 
 The torch and numpy engines hand an int8 or int4 shard on the CPU to this engine where the kernels
 compile (`runs`), so whichever of the two a node runs, a block-format CPU shard runs here.

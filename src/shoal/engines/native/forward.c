@@ -3,7 +3,9 @@
  * Per layer: RMSNorm, the fused q/k/v product, q/k norms and rotation, every row's keys and values
  * written into its item's fp16 cache, attention over the item's cached positions in pieces of
  * CHUNK positions per key/value head, the output product added to the residual, RMSNorm,
- * gate/up, SiLU(gate) * up, the down product added to the residual. The products are blocks.c's.
+ * gate/up, SiLU(gate) * up, the down product added to the residual. A qwen3_moe layer's
+ * feed-forward is routed experts instead: a router picks each row's top k, each used expert runs
+ * once over the rows that chose it. The products are blocks.c's.
  */
 
 #include "blocks.h"
@@ -40,14 +42,20 @@ static void exp_in_place(float *x, int64_t n) {
 /* ---- a forward pass of a Llama-family shard -------------------------------------------- */
 
 typedef struct {
-    shoal_matrix qkv, o, gate_up, down; /* q, k, v fused; gate and up fused */
+    shoal_matrix qkv, o, gate_up, down; /* q, k, v fused; gate and up fused (dense layers) */
     const float *attn_norm, *mlp_norm;  /* [hidden] */
     const float *qkv_bias;              /* [(heads + 2 kv_heads) * head_dim], or NULL */
     const float *q_norm, *k_norm;       /* [head_dim] per-head RMSNorm weights (qwen3), or NULL */
+    /* routed experts in place of gate_up and down where experts > 0 (qwen3_moe) */
+    int64_t experts, top_k, norm_topk_prob;
+    const float *router;                /* [experts, hidden] float32 */
+    const shoal_matrix *expert_gate_up; /* [experts], each [2 moe_inter, hidden]: gate and up */
+    const shoal_matrix *expert_down;    /* [experts], each [hidden, moe_inter] */
 } shoal_layer;
 
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter;
+    int64_t moe_inter; /* one expert's width (0 without experts) */
     float eps;
     const float *inv_freq; /* [head_dim / 2]: the rotary frequencies, rope scaling applied */
 } shoal_dims;
@@ -302,6 +310,112 @@ static void silu_gate(const float *gate_up, int64_t rows, int64_t inter, float *
     }
 }
 
+/* ---- routed experts (qwen3_moe) --------------------------------------------------------- */
+
+/* Each row's top_k experts as qwen3_moe chooses them: logits [E] = router x (float32, eight
+ * partial sums in a fixed order, so a row's logits never depend on the batch), softmax over all
+ * E, the k largest, ties to the lower index (a stable argsort's order), weighted by their
+ * softmax, renormalised to sum 1 over the k if norm_topk_prob. x [rows, hidden] →
+ * choice, weight [rows, k]; logits [rows, E] is scratch. */
+static void route(const shoal_layer *l, const float *x, int64_t rows, int64_t hidden,
+                  float *logits, int64_t *choice, float *weight, int threads) {
+    int64_t E = l->experts, K = l->top_k;
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * E > 64)
+    for (int64_t i = 0; i < rows * E; i++) {
+        const float *xr = x + (i / E) * hidden, *w = l->router + (i % E) * hidden;
+        float acc[8] = {0};
+        for (int64_t j = 0; j < hidden; j += 8) /* hidden is whole blocks of 32 */
+            for (int u = 0; u < 8; u++) acc[u] += xr[j + u] * w[j + u];
+        logits[i] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const float *z = logits + r * E;
+        int64_t *c = choice + r * K;
+        float *w = weight + r * K, total = 0.0f;
+        for (int64_t j = 0; j < K; j++) { /* the largest not yet chosen, the first of equals */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t i = 0; i < j; i++) taken |= c[i] == e;
+                if (!taken && (best < 0 || z[e] > z[best])) best = e;
+            }
+            c[j] = best;
+        }
+        float top = z[c[0]]; /* softmax numerators over the row's largest logit */
+        for (int64_t j = 0; j < K; j++) w[j] = expf(z[c[j]] - top);
+        if (l->norm_topk_prob)
+            for (int64_t j = 0; j < K; j++) total += w[j];
+        else
+            for (int64_t e = 0; e < E; e++) total += expf(z[e] - top);
+        for (int64_t j = 0; j < K; j++) w[j] /= total;
+    }
+}
+
+/* h [rows, hidden] += the routed experts of x [rows, hidden] (the normed residual): route, then
+ * each used expert once, in ascending order, over the rows that chose it (gathered, quantized,
+ * gate/up, SiLU, down), each row's weighted outputs summed in that expert order, so a row's
+ * result is the same whatever else is in the batch. a holds rows x max(hidden, moe_inter).
+ * Returns 0, or -1 when out of memory. */
+static int routed_experts(const shoal_dims *dm, const shoal_layer *l, const float *x,
+                          int64_t rows, float *h, Activations *a, int threads) {
+    int64_t hidden = dm->hidden, inter = dm->moe_inter, E = l->experts, K = l->top_k;
+    float *logits = malloc((size_t)(rows * E) * sizeof(float));
+    float *weight = malloc((size_t)(rows * K) * sizeof(float));
+    int64_t *choice = malloc((size_t)(rows * K) * sizeof(int64_t));
+    int64_t *start = calloc((size_t)(E + 2), sizeof(int64_t)); /* expert e's slots from here */
+    int64_t *slot_row = malloc((size_t)(rows * K) * sizeof(int64_t));
+    float *slot_weight = malloc((size_t)(rows * K) * sizeof(float));
+    float *gathered = malloc((size_t)(rows * hidden) * sizeof(float));
+    float *gate_up = malloc((size_t)(rows * 2 * inter) * sizeof(float));
+    float *act = malloc((size_t)(rows * inter) * sizeof(float));
+    float *out = malloc((size_t)(rows * hidden) * sizeof(float));
+    float *sum = calloc((size_t)(rows * hidden), sizeof(float));
+    int status = logits && weight && choice && start && slot_row && slot_weight && gathered &&
+                         gate_up && act && out && sum ? 0 : -1;
+    if (status == 0) {
+        route(l, x, rows, hidden, logits, choice, weight, threads);
+        /* slots grouped by expert, rows ascending within one: a counting sort whose fill moves
+         * start[e + 1] from expert e's first slot to its end, expert e + 1's first */
+        for (int64_t i = 0; i < rows * K; i++) start[choice[i] + 2]++;
+        for (int64_t e = 0; e < E; e++) start[e + 2] += start[e + 1];
+        for (int64_t i = 0; i < rows * K; i++) {
+            int64_t at = start[choice[i] + 1]++;
+            slot_row[at] = i / K;
+            slot_weight[at] = weight[i];
+        }
+        for (int64_t e = 0; e < E; e++) {
+            int64_t from = start[e], n = start[e + 1] - from;
+            if (n == 0) continue; /* an expert no row chose: its weights are not read */
+            for (int64_t i = 0; i < n; i++)
+                memcpy(gathered + i * hidden, x + slot_row[from + i] * hidden,
+                       (size_t)hidden * sizeof(float));
+            quantize(gathered, n, hidden, a, threads);
+            product(l->expert_gate_up + e, a, n, gate_up, 0, threads); /* [n, 2 inter] */
+            silu_gate(gate_up, n, inter, act, threads);                /* [n, inter] */
+            quantize(act, n, inter, a, threads);
+            product(l->expert_down + e, a, n, out, 0, threads); /* [n, hidden] */
+            for (int64_t i = 0; i < n; i++) {
+                float s = slot_weight[from + i], *o = out + i * hidden;
+                float *acc = sum + slot_row[from + i] * hidden;
+                for (int64_t j = 0; j < hidden; j++) acc[j] += s * o[j];
+            }
+        }
+        for (int64_t i = 0; i < rows * hidden; i++) h[i] += sum[i];
+    }
+    free(logits);
+    free(weight);
+    free(choice);
+    free(start);
+    free(slot_row);
+    free(slot_weight);
+    free(gathered);
+    free(gate_up);
+    free(act);
+    free(out);
+    free(sum);
+    return status;
+}
+
 /* h [rows, hidden], the residual stream, through `count` layers (local indexes 0 .. count - 1
  * of the caches), in place. Every step is per row, in the same order whatever the other rows, so
  * a row's result is the same in any batch: a prompt's rows give exactly what decoding them one
@@ -313,6 +427,7 @@ int shoal_forward(const shoal_dims *dm, const shoal_layer *layers, int64_t count
     if (D > 512 || D % 2) return -1;
     int64_t widest = hidden > H * D ? hidden : H * D;
     if (inter > widest) widest = inter;
+    if (dm->moe_inter > widest) widest = dm->moe_inter;
     Activations a;
     float *normed = malloc((size_t)(rows * widest) * sizeof(float));
     float *qkv = malloc((size_t)(rows * width) * sizeof(float));
@@ -341,6 +456,10 @@ int shoal_forward(const shoal_dims *dm, const shoal_layer *layers, int64_t count
         quantize(normed, rows, H * D, &a, threads);
         product(&l->o, &a, rows, h, 1, threads);
         shoal_rms_norm(h, rows, hidden, l->mlp_norm, dm->eps, normed, threads);
+        if (l->experts) {
+            status = routed_experts(dm, l, normed, rows, h, &a, threads);
+            continue;
+        }
         quantize(normed, rows, hidden, &a, threads);
         product(&l->gate_up, &a, rows, gate_up, 0, threads);
         silu_gate(gate_up, rows, inter, normed, threads);

@@ -1,11 +1,15 @@
-"""A Llama-family shard (llama, mistral, qwen2, qwen3, granite, phi3) on blocks, in one native call.
+"""A Llama-family shard (llama, mistral, qwen2, qwen3, qwen3_moe, granite, phi3) on blocks, in one
+native call.
 
 The shard's tensors under Hugging Face names are taken once: q, k, v fused into one block matrix,
 gate and up into another, o and down, each in q8 (int8) or q4 (int4) blocks; the norms, the qwen2
-q/k/v bias and the qwen3 q/k norms stay float32. The embedding stays float32 and the head is q8
-blocks whatever the layers' format (4 bits cost accuracy there, so GGUFs keep it at 6-8 bits).
-MLX-quantized (packed) weights keep their own format instead, exactly: 4-bit as q4 blocks, 8-bit
-as q8 blocks with minimums, a packed embedding packed (rows dequantized per lookup).
+q/k/v bias and the qwen3 q/k norms stay float32. A qwen3_moe routed layer has, in place of
+gate/up and down, a float32 router (as the numpy model file's, so the choice of experts does not
+move with the weights' format) and each expert's fused gate/up and down in blocks. The embedding
+stays float32 and the head is q8 blocks whatever the layers' format (4 bits cost accuracy there,
+so GGUFs keep it at 6-8 bits). MLX-quantized (packed) weights keep their own format instead,
+exactly: 4-bit as q4 blocks, 8-bit as q8 blocks with minimums, a packed embedding packed (rows
+dequantized per lookup).
 A pass is an embedding lookup, `Decoder.forward` through every layer, the final norm and the head:
 the same code for a prompt's rows and a decode step's, so a row's result never depends on the
 rest of the batch.
@@ -21,22 +25,33 @@ from shoal.engines.base import ProgressFn
 from shoal.engines.checkpoint import Checkpoint
 from shoal.engines.native.abi import Library
 from shoal.engines.native.blocks import BLOCK, BlockWeights, Kind, blocks_of, stacked_blocks
-from shoal.engines.native.decoder import Decoder, DecoderLayer
+from shoal.engines.native.decoder import Decoder, DecoderLayer, RoutedExperts
 from shoal.engines.packed import Packed
 from shoal.types.shard import Shard
 
 F32 = np.float32
-# granite and phi3 arrive in the llama layout (engines/adapt.py)
+# granite and phi3 arrive in the llama layout (engines/adapt.py). placement/plans.py names native
+# for these dense ones only, from a card; the runner hands qwen3_moe shards over all the same
+# (deepseek_v3's latent attention is not in forward.c)
 ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3"})
+ROUTED = frozenset({"qwen3_moe"})  # routed experts (decoder.py RoutedExperts)
 
 
 def supports(args: ModelArgs) -> bool:
     """Whether every projection's input is whole blocks and the heads fit the native pass."""
     d = args.head_dim
-    widths = (args.hidden_size, args.num_attention_heads * d, args.intermediate_size)
+    layers = range(args.num_hidden_layers)
+    routed = [args.is_moe_layer(i) for i in layers]
+    widths = [args.hidden_size, args.num_attention_heads * d]
+    if not all(routed):  # a dense layer's MLP
+        widths.append(args.intermediate_size)
+    if any(routed):
+        widths.append(args.moe_intermediate_size)
+        if not 1 <= args.experts_per_token <= args.num_experts:
+            return False
     return (
-        args.model_type in ARCHITECTURES
-        and all(w % BLOCK == 0 for w in widths)
+        args.model_type in ARCHITECTURES | ROUTED
+        and all(w > 0 and w % BLOCK == 0 for w in widths)
         and d <= Decoder.MAX_HEAD_DIM
         and d % 2 == 0
         and args.num_attention_heads % args.num_key_value_heads == 0
@@ -63,8 +78,37 @@ class Blocks:
         return stacked_blocks(self.lib, parts, self.kind, self.threads, name)
 
 
+def _mlp(
+    ckpt: Checkpoint, name: str, hidden: int, inter: int, blocks: Blocks
+) -> tuple[BlockWeights, BlockWeights]:
+    """A SwiGLU feed-forward under `name` ({gate,up,down}_proj): gate/up fused, and down."""
+    gate_up = [ckpt.take_packed(f"{name}.{p}_proj.weight", (inter, hidden)) for p in ("gate", "up")]
+    down = f"{name}.down_proj.weight"
+    return (
+        blocks.stacked(gate_up, f"{name}.gate_up"),  # [2 * inter, hidden]
+        blocks(ckpt.take_packed(down, (hidden, inter)), down),  # [hidden, inter]
+    )
+
+
+def _experts(ckpt: Checkpoint, args: ModelArgs, name: str, blocks: Blocks) -> RoutedExperts:
+    """qwen3_moe's `{name}.gate` (the router, float32) and `{name}.experts.{e}`."""
+    hidden, inter = args.hidden_size, args.moe_intermediate_size
+    router = ckpt.take(f"{name}.gate.weight", (args.num_experts, hidden))  # [E, hidden]
+    mlps = [
+        _mlp(ckpt, f"{name}.experts.{e}", hidden, inter, blocks) for e in range(args.num_experts)
+    ]
+    return RoutedExperts(
+        router=np.ascontiguousarray(router, dtype=F32),
+        gate_up=[gate_up for gate_up, _ in mlps],
+        down=[down for _, down in mlps],
+        top_k=args.experts_per_token,
+        norm_topk_prob=args.norm_topk_prob,
+    )
+
+
 def _layer(ckpt: Checkpoint, args: ModelArgs, index: int, blocks: Blocks) -> DecoderLayer:
-    """Layer `index` from the checkpoint: fused q/k/v and gate/up, every projection in blocks."""
+    """Layer `index` from the checkpoint: fused q/k/v and gate/up (or routed experts), every
+    projection in blocks."""
     name = f"model.layers.{index}"
     hidden, inter, d = args.hidden_size, args.intermediate_size, args.head_dim
     sizes = {"q": args.num_attention_heads * d, "k": args.num_key_value_heads * d}
@@ -74,20 +118,23 @@ def _layer(ckpt: Checkpoint, args: ModelArgs, index: int, blocks: Blocks) -> Dec
     bias = None
     if args.attention_bias:
         bias = np.concatenate([ckpt.take(f"{attn}.{p}_proj.bias", (n,)) for p, n in sizes.items()])
-    gate_up = [
-        ckpt.take_packed(f"{name}.mlp.{p}_proj.weight", (inter, hidden)) for p in ("gate", "up")
-    ]
-    o, down = f"{attn}.o_proj.weight", f"{name}.mlp.down_proj.weight"
+    experts = gate_up = down = None
+    if args.is_moe_layer(index):
+        experts = _experts(ckpt, args, f"{name}.mlp", blocks)
+    else:
+        gate_up, down = _mlp(ckpt, f"{name}.mlp", hidden, inter, blocks)
+    o = f"{attn}.o_proj.weight"
     return DecoderLayer(
         qkv=blocks.stacked(qkv, f"{attn}.qkv"),  # [(H + 2 KV) * D, hidden]
         o=blocks(ckpt.take_packed(o, (hidden, sizes["q"])), o),
-        gate_up=blocks.stacked(gate_up, f"{name}.mlp.gate_up"),  # [2 * inter, hidden]
-        down=blocks(ckpt.take_packed(down, (hidden, inter)), down),
+        gate_up=gate_up,
+        down=down,
         attn_norm=ckpt.take(f"{name}.input_layernorm.weight", (hidden,)),
         mlp_norm=ckpt.take(f"{name}.post_attention_layernorm.weight", (hidden,)),
         qkv_bias=bias,
         q_norm=ckpt.take(f"{attn}.q_norm.weight", (d,)) if args.qk_norm else None,
         k_norm=ckpt.take(f"{attn}.k_norm.weight", (d,)) if args.qk_norm else None,
+        experts=experts,
     )
 
 
