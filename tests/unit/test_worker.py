@@ -56,6 +56,9 @@ class CrashingRunner:
 
     started = 0
 
+    def __init__(self, **_: Any) -> None:  # RunnerProcess's options (log_format)
+        pass
+
     async def spawn(self, **_: Any) -> None:
         CrashingRunner.started += 1
 
