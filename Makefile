@@ -62,6 +62,8 @@ $(TEST_STAMP): $(RUN_STAMP) pyproject.toml Makefile
 	  echo "$$want" > $(LLAMA_STAMP); \
 	fi
 	@command -v ip >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q iproute2; } || true
+	@# the dashboard's browser test (tests/integration/test_dashboard.py) drives Debian's chromium
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; } || true
 	touch $(TEST_STAMP)
 
 run: $(RUN_STAMP)

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "shoal"
 
 # bottom first; a package may import its own layer and the ones below
 LAYERS: list[set[str]] = [
-    {"shoal", "types", "errors", "paths", "log", "settings"},
+    {"shoal", "types", "errors", "paths", "log", "settings", "dashboard"},  # dashboard: files
     {"models", "engines"},
     {"state", "net", "inference", "placement", "profile"},
     {"election", "master", "worker", "cluster", "reporter", "placer"},

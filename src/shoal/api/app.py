@@ -1,5 +1,6 @@
 """The FastAPI application: routers by resource, OpenAI-shaped errors, a body-size limit, API
-keys (api/auth.py), CORS for the origins it is given, and /metrics (api/metrics.py)."""
+keys (api/auth.py), CORS for the origins it is given, /metrics (api/metrics.py) and the
+dashboard at / (api/dashboard.py)."""
 
 from collections.abc import Callable, Iterable, Sequence
 
@@ -8,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
 from shoal import __version__
-from shoal.api import chat, completions, errors, health, instances, metrics, models
+from shoal.api import chat, completions, dashboard, errors, health, instances, metrics, models
 from shoal.api import cluster as cluster_routes
 from shoal.api.auth import ApiKeyAuth, ApiKeys
 from shoal.api.limits import BodyLimit
@@ -41,7 +42,7 @@ def create_app(
     app.state.profile_wait_s = profile_wait_s  # a layout waits this long for a named node
     app.state.models_json = None  # (state index, bytes): see api/models.py
     errors.install(app)
-    for module in (models, chat, completions, health, cluster_routes, instances):
+    for module in (models, chat, completions, health, cluster_routes, instances, dashboard):
         app.include_router(module.router)
     registry = registry if registry is not None else CollectorRegistry()
     metrics.install(app, registry, cluster, loads, fetched)

@@ -6,7 +6,8 @@ a line, `KEY` or `KEY user` or `KEY admin`, `#` comments. A request names its ke
 `Authorization: Bearer KEY` (what OpenAI clients send) or `x-api-key: KEY`.
 
 With no key configured the API is open (it binds 127.0.0.1 unless told otherwise). With keys,
-every route but `/healthz` needs one (401, OpenAI-shaped, `WWW-Authenticate: Bearer`), and a
+every route but `/healthz` and the dashboard's static files (`/`, `/dashboard/*`: they hold
+no data) needs one (401, OpenAI-shaped, `WWW-Authenticate: Bearer`), and a
 route that changes what the cluster runs (any method but GET/HEAD/OPTIONS outside the inference
 routes below: placing and deleting instances) needs an admin key (403). Keys are compared in
 constant time (`hmac.compare_digest`), against every key, whatever matches first.
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 Role = Literal["user", "admin"]
 
 OPEN_PATHS = frozenset({"/healthz"})
+# The dashboard's page and static files (api/dashboard.py) hold no data: open to GET and HEAD.
+# Every call the page makes for data needs the key like any client's.
+DASHBOARD_PATHS = frozenset({"/"})
+DASHBOARD_PREFIX = "/dashboard/"
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Writes a user key may make: inference, in every dialect shoal speaks or will (a path that
 # does not exist is a 404 all the same). Any other write is an admin's.
@@ -100,6 +105,14 @@ def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return bearer or api_key
 
 
+def is_open(method: str, path: str) -> bool:
+    """Whether a request needs no key: /healthz, and reading the dashboard's static files."""
+    if path in OPEN_PATHS:
+        return True
+    dashboard = path in DASHBOARD_PATHS or path.startswith(DASHBOARD_PREFIX)
+    return dashboard and method in ("GET", "HEAD")
+
+
 def needs_admin(method: str, path: str) -> bool:
     """Whether a request changes what the cluster runs (placing, deleting instances, …)."""
     return method not in READS and path.rstrip("/") not in INFERENCE
@@ -113,7 +126,9 @@ class ApiKeyAuth:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.required or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys.required:
+            return await self.app(scope, receive, send)
+        if is_open(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
         if scope["method"] == "OPTIONS":  # CORS preflights carry no key (CORSMiddleware answers)
             return await self.app(scope, receive, send)

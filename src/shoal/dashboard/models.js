@@ -1,0 +1,154 @@
+// The models view: the catalog with whether each model runs, and placing one with a preview.
+
+import { json, post } from "./api.js";
+import { badge, el, short, tokS } from "./format.js";
+
+// model id -> { options, chosen, error, busy }: what a "Place…" panel shows across redraws
+const open = new Map();
+let redraw = () => {};
+
+/** [state word, text] of a model's status, as /v1/models reports it. */
+export function modelState(model) {
+  switch (model.status) {
+    case "ready":
+      return ["ready", "ready: an instance serves it"];
+    case "available":
+      return ["available", "fits the cluster: placing it fetches any weights not here yet"];
+    case "downloading":
+    case "loading":
+      return [model.status, `${model.status}: its progress is under Instances`];
+    case "failed":
+      return ["failed", `failed: ${model.reason ?? "a runner failed"}`];
+    default:
+      return ["unavailable", `cannot run: ${model.reason ?? "no placement fits"}`];
+  }
+}
+
+function optionText(p) {
+  const nodes = p.nodes.map(short).join(" + ");
+  if (!p.fits) return `${nodes}: does not fit (${p.reason ?? "memory"})`;
+  const by = p.chosen_by.length ? ` [${p.chosen_by.join(", ")}]` : "";
+  return `${nodes}: ${tokS(p.predicted_tok_s)}${by}`;
+}
+
+async function showPreviews(id) {
+  open.set(id, { options: null, chosen: 0, busy: true });
+  redraw();
+  try {
+    const answer = await json(`/instance/previews?model_id=${encodeURIComponent(id)}`);
+    const options = answer.previews;
+    const first = Math.max(
+      0,
+      options.findIndex((p) => p.fits),
+    );
+    open.set(id, { options, chosen: first, busy: false });
+  } catch (err) {
+    open.set(id, { options: [], chosen: 0, busy: false, error: err.message });
+  }
+  redraw();
+}
+
+async function place(id) {
+  const panel = open.get(id);
+  const option = panel.options[panel.chosen];
+  // an option a policy picks is placed by that policy; any other by its layer split
+  const body = option.chosen_by.length
+    ? { model: id, policy: option.chosen_by[0] }
+    : { model: id, layers: option.stages.map((s) => `${s.node_id}:${s.start}-${s.end}`).join(",") };
+  open.set(id, { ...panel, busy: true, error: null });
+  redraw();
+  const response = await post("/instance", body);
+  if (response.ok) {
+    open.delete(id);
+  } else {
+    const answer = await response.json().catch(() => ({}));
+    open.set(id, { ...panel, busy: false, error: answer?.error?.message ?? response.statusText });
+  }
+  redraw();
+}
+
+function panel(id) {
+  const state = open.get(id);
+  if (!state) return null;
+  if (!state.options) return el("div", { class: "previews" }, "asking for placements…");
+  const select = el(
+    "select",
+    { "aria-label": `placement for ${id}` },
+    state.options.map((p, i) =>
+      el("option", { value: i, disabled: !p.fits, selected: i === state.chosen }, optionText(p)),
+    ),
+  );
+  select.addEventListener("change", () => {
+    state.chosen = Number(select.value);
+  });
+  const fits = state.options.some((p) => p.fits);
+  return el(
+    "div",
+    { class: "previews" },
+    state.options.length ? select : el("span", { class: "empty" }, "no placement options"),
+    el(
+      "button",
+      { type: "button", class: "primary", disabled: state.busy || !fits, onclick: () => place(id) },
+      "Place",
+    ),
+    el(
+      "button",
+      {
+        type: "button",
+        onclick: () => {
+          open.delete(id);
+          redraw();
+        },
+      },
+      "Cancel",
+    ),
+    state.error ? el("span", { role: "alert", class: "reason" }, state.error) : null,
+  );
+}
+
+function row(model) {
+  const [state, text] = modelState(model);
+  const placeable = model.runnable && model.status !== "failed";
+  return el(
+    "tr",
+    { dataset: { model: model.id, state } },
+    el(
+      "td",
+      {},
+      el("strong", {}, model.id),
+      el("br"),
+      el(
+        "span",
+        { class: "reason" },
+        `${model.architecture} · ${model.quantization} · ${model.layers} layers`,
+      ),
+    ),
+    el("td", {}, `${(model.storage_size_megabytes / 1000).toFixed(2)} GB`),
+    el("td", {}, badge(state), el("div", { class: "reason" }, text), panel(model.id)),
+    el(
+      "td",
+      {},
+      placeable && !open.has(model.id)
+        ? el(
+            "button",
+            {
+              type: "button",
+              "aria-label": `place ${model.id}`,
+              onclick: () => showPreviews(model.id),
+            },
+            "Place…",
+          )
+        : null,
+    ),
+  );
+}
+
+/** Draws the catalog; `again` redraws it from the last listing (after a panel changes). */
+export function renderModels(models, again) {
+  redraw = again;
+  const order = { ready: 0, loading: 1, downloading: 1, available: 2, failed: 3, unavailable: 4 };
+  const sorted = [...models].sort(
+    (a, b) => (order[a.status] ?? 5) - (order[b.status] ?? 5) || a.id.localeCompare(b.id),
+  );
+  document.querySelector("#model-table tbody").replaceChildren(...sorted.map(row));
+}
