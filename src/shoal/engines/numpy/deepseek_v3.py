@@ -19,7 +19,6 @@ used per head (H small matrices) where the block kernels take one matrix a call.
 import numpy as np
 
 from shoal.engines.args import ModelArgs
-from shoal.engines.base import ProgressFn
 from shoal.engines.checkpoint import Checkpoint
 from shoal.engines.numpy import llama
 from shoal.engines.numpy.llama import (
@@ -33,9 +32,7 @@ from shoal.engines.numpy.llama import (
     take_fused,
 )
 from shoal.engines.numpy.moe import Experts, route_sigmoid
-from shoal.engines.packed import Packed
 from shoal.engines.rope import mla_rope
-from shoal.types.shard import Shard
 
 ABSORB_BELOW = 2  # an item of fewer new rows than this attends in the latent space
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm, as transformers and mlx-lm build them
@@ -197,75 +194,24 @@ class MoE:
         return out
 
 
-class Block(llama.Block):
-    """llama's decoder layer with latent attention."""
-
-    def __init__(
-        self, args: ModelArgs, ckpt: Checkpoint, name: str, formats: Formats, mlp: FeedForward
-    ) -> None:
-        eps = args.rms_norm_eps
-        # llama.Block's call, with this file's attention in place of llama's
-        self.self_attn = Attention(args, ckpt, f"{name}.self_attn", formats)  # type: ignore[assignment]
-        self.mlp = mlp
-        self.input_layernorm = RMSNorm(ckpt, f"{name}.input_layernorm", args.hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(
-            ckpt, f"{name}.post_attention_layernorm", args.hidden_size, eps
-        )
-
-
 class Model(llama.Model):
-    """A deepseek_v3 shard: embedding, latent-attention layers, final norm and head."""
+    """A deepseek_v3 shard: llama's Model with latent attention, the MoE and YaRN rope."""
 
-    def __init__(
-        self,
-        args: ModelArgs,
-        shard: Shard,
-        ckpt: Checkpoint,
-        progress: ProgressFn | None = None,
-        formats: Formats | None = None,
-    ) -> None:
-        # llama.Model's parts, but for the layers and the rope
-        self.args, self.shard = args, shard
-        formats = formats or Formats()
-        hidden, vocab, eps = args.hidden_size, args.vocab_size, args.rms_norm_eps
-        total = shard.end - shard.start
-        if progress is not None:
-            progress(0, total)
-        first, last = shard.is_first, shard.is_last
-        embed = ckpt.take_packed("model.embed_tokens.weight", (vocab, hidden)) if first else None
-        self.embed_tokens: np.ndarray | Packed | None = embed  # [vocab, hidden]
-        self.layers: dict[int, llama.Block] = {}  # keyed by global index, as llama.Model's
-        for i in range(shard.start, shard.end):
-            name = f"model.layers.{i}"
-            mlp = self.layer_mlp(ckpt, f"{name}.mlp", formats, i)
-            self.layers[i] = Block(args, ckpt, name, formats, mlp)
-            if progress is not None:
-                progress(i - shard.start + 1, total)
-        self.norm = RMSNorm(ckpt, "model.norm", hidden, eps) if last else None
-        head = ckpt.take_packed("lm_head.weight", (vocab, hidden)) if last else None
-        self.lm_head = (  # 8-bit under int4, as llama.Model's
-            None if head is None else formats.projection(head, kind="q8", name="lm_head.weight")
-        )
-        rope = mla_rope(args)
+    def init_rope(self, args: ModelArgs) -> None:
+        rope = mla_rope(args)  # plain or YaRN, on the rotary part of q and k only
         self.inv_freq, self.attention_factor = rope.inv_freq, F32(rope.attention_factor)
+
+    def rotations(self, positions: np.ndarray, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [N, R/2] of the rows' positions [N], the attention factor applied."""
+        angles = positions.astype(F32)[:, None] * self.inv_freq  # [N, R/2]
+        return np.cos(angles) * self.attention_factor, np.sin(angles) * self.attention_factor
+
+    def layer_attention(
+        self, ckpt: Checkpoint, name: str, formats: Formats, layer: int
+    ) -> llama.LayerAttention:
+        return Attention(self.args, ckpt, name, formats)
 
     def layer_mlp(self, ckpt: Checkpoint, name: str, formats: Formats, layer: int) -> FeedForward:
         if self.args.is_moe_layer(layer):
             return MoE(self.args, ckpt, name, formats)
         return llama.MLP(self.args, ckpt, name, formats)
-
-    def __call__(
-        self, x: np.ndarray, positions: np.ndarray, ctx: Context, *, all_logits: bool = True
-    ) -> np.ndarray:
-        """ids [N] or hidden [N, hidden] → hidden [N, hidden], or logits (see llama.Model)."""
-        h = self.embed_tokens[x] if self.embed_tokens is not None else x  # [N, hidden]
-        angles = positions.astype(F32)[:, None] * self.inv_freq  # [N, R/2]
-        cos = np.cos(angles) * self.attention_factor  # [N, R/2]
-        sin = np.sin(angles) * self.attention_factor  # [N, R/2]
-        for layer, block in enumerate(self.layers.values()):
-            h = block(h, cos, sin, ctx, layer)  # [N, hidden]
-        if self.norm is None or self.lm_head is None:
-            return h
-        if not all_logits:
-            h = h[[rows.stop - 1 for rows in ctx.rows]]  # [items, hidden]
-        return self.lm_head(self.norm(h))  # [N or items, vocab]

@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -292,15 +292,28 @@ class MLP:
         return self.down_proj(act * up)  # [N, hidden]
 
 
+class LayerAttention(Protocol):
+    """A layer's attention: normed x [N, hidden] → [N, hidden], writing its items' caches."""
+
+    def __call__(
+        self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, ctx: Context, layer: int
+    ) -> np.ndarray: ...
+
+
 class Block:
-    """One decoder layer: pre-norm attention and pre-norm feed-forward `mlp` (built from the
-    checkpoint under `{name}.mlp`), each with a residual."""
+    """One decoder layer: pre-norm attention `attn` and pre-norm feed-forward `mlp` (built from
+    the checkpoint under `{name}.self_attn` and `{name}.mlp`), each with a residual."""
 
     def __init__(
-        self, args: ModelArgs, ckpt: Checkpoint, name: str, formats: Formats, mlp: FeedForward
+        self,
+        args: ModelArgs,
+        ckpt: Checkpoint,
+        name: str,
+        mlp: FeedForward,
+        attn: "LayerAttention",
     ) -> None:
         eps = args.rms_norm_eps
-        self.self_attn = Attention(args, ckpt, f"{name}.self_attn", formats)
+        self.self_attn = attn
         self.mlp = mlp
         self.input_layernorm = RMSNorm(ckpt, f"{name}.input_layernorm", args.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(
@@ -341,7 +354,8 @@ class Model:
         for i in range(shard.start, shard.end):
             name = f"model.layers.{i}"
             mlp = self.layer_mlp(ckpt, f"{name}.mlp", formats, i)
-            self.layers[i] = Block(args, ckpt, name, formats, mlp)
+            attn = self.layer_attention(ckpt, f"{name}.self_attn", formats, i)
+            self.layers[i] = Block(args, ckpt, name, mlp, attn)
             if progress is not None:
                 progress(i - shard.start + 1, total)
         self.norm = RMSNorm(ckpt, "model.norm", hidden, eps) if shard.is_last else None
@@ -358,13 +372,33 @@ class Model:
         if isinstance(embed, np.ndarray) and tied:
             assert isinstance(self.lm_head, Linear)
             self.embed_tokens = self.lm_head.weight.T
+        self.init_rope(args)
+
+    def init_rope(self, args: ModelArgs) -> None:
+        """The rotary frequencies (LongRoPE: both sets)."""
         self.inv_freq = rope_frequencies(args)  # [D/2]
         self.long_after = longrope_context(args)  # LongRoPE's original context, if it is that
         self.inv_freq_long = rope_frequencies(args, long=True)  # [D/2]
 
+    def rotations(self, positions: np.ndarray, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [N, D/2] of the rows' positions [N]."""
+        inv_freq = self.inv_freq  # [D/2]
+        if self.long_after is not None:  # an item whose pass reaches past it: the long factors
+            reaches = [positions[rows].max(initial=-1) >= self.long_after for rows in ctx.rows]
+            long = np.repeat(reaches, [rows.stop - rows.start for rows in ctx.rows])  # [N]
+            inv_freq = np.where(long[:, None], self.inv_freq_long, self.inv_freq)  # [N, D/2]
+        angles = positions.astype(F32)[:, None] * inv_freq  # [N, D/2]
+        return np.cos(angles), np.sin(angles)
+
     def layer_mlp(self, ckpt: Checkpoint, name: str, formats: Formats, layer: int) -> FeedForward:
         """The feed-forward of decoder layer `layer` (global index): a dense MLP here."""
         return MLP(self.args, ckpt, name, formats)
+
+    def layer_attention(
+        self, ckpt: Checkpoint, name: str, formats: Formats, layer: int
+    ) -> "LayerAttention":
+        """The attention of decoder layer `layer` (global index): grouped-query here."""
+        return Attention(self.args, ckpt, name, formats)
 
     def __call__(
         self, x: np.ndarray, positions: np.ndarray, ctx: Context, *, all_logits: bool = True
@@ -375,13 +409,7 @@ class Model:
         Writes each item's keys and values into its cache; the caller commits them.
         """
         h = self.embed_tokens[x] if self.embed_tokens is not None else x  # [N, hidden]
-        inv_freq = self.inv_freq  # [D/2]
-        if self.long_after is not None:  # an item whose pass reaches past it: the long factors
-            reaches = [positions[rows].max(initial=-1) >= self.long_after for rows in ctx.rows]
-            long = np.repeat(reaches, [rows.stop - rows.start for rows in ctx.rows])  # [N]
-            inv_freq = np.where(long[:, None], self.inv_freq_long, self.inv_freq)  # [N, D/2]
-        angles = positions.astype(F32)[:, None] * inv_freq  # [N, D/2]
-        cos, sin = np.cos(angles), np.sin(angles)  # [N, D/2]
+        cos, sin = self.rotations(positions, ctx)  # [N, D/2] (deepseek_v3: its own)
         for layer, block in enumerate(self.layers.values()):
             h = block(h, cos, sin, ctx, layer)  # [N, hidden]
         if self.norm is None or self.lm_head is None:

@@ -24,10 +24,16 @@ from torch import Tensor, nn
 from shoal.engines.args import ModelArgs
 from shoal.engines.rope import mla_rope
 from shoal.engines.torch import llama
-from shoal.engines.torch.llama import Context, FeedForward, Packs, RMSNorm, below
+from shoal.engines.torch.llama import (
+    Context,
+    FeedForward,
+    LayerAttention,
+    Packs,
+    RMSNorm,
+    below,
+)
 from shoal.engines.torch.moe import Experts, route_sigmoid
 from shoal.engines.torch.quant import Quant, pack
-from shoal.types.shard import Shard
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm, as transformers and mlx-lm build them
 
@@ -39,7 +45,7 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # [B, T, heads, R]
 
 
-class Attention(nn.Module):
+class Attention(LayerAttention):
     """Multi-head latent attention over the request's cached compressed kv plus the new chunk."""
 
     def __init__(self, args: ModelArgs) -> None:
@@ -231,44 +237,23 @@ class MoE(FeedForward):
 class Model(llama.Model):
     """A deepseek_v3 shard: llama's modules with latent attention, the MoE and YaRN rope."""
 
-    def __init__(self, args: ModelArgs, shard: Shard) -> None:
-        nn.Module.__init__(self)  # llama.Model's parts, built here: its rope does not apply
-        self.args, self.shard = args, shard
-        self.model = llama.LlamaModel(args, shard, self.layer_mlp)
-        for block in self.model.layers.values():
-            block.self_attn = Attention(args)  # in place of llama's (on the meta device: free)
-        self.lm_head: nn.Linear | None = (
-            nn.Linear(args.hidden_size, args.vocab_size, bias=False) if shard.is_last else None
-        )
-        self.head: nn.Module | None = None  # lm_head in the weight format: set by pack_head()
-        rope = mla_rope(args)
+    def register_rope(self, args: ModelArgs) -> None:
+        rope = mla_rope(args)  # plain or YaRN, on the rotary part of q and k only
         self.attention_factor = rope.attention_factor  # on cos and sin
         self.inv_freq: Tensor  # [R/2], on the CPU even under a meta-device context
         self.register_buffer("inv_freq", torch.from_numpy(rope.inv_freq), persistent=False)
+
+    def rotations(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin [B, T, 1, R/2] of positions [B, T], the attention factor applied."""
+        freqs = positions[..., None, None].float() * self.inv_freq  # [B, T, 1, R/2]
+        cos = (freqs.cos() * self.attention_factor).to(dtype)  # [B, T, 1, R/2]
+        sin = (freqs.sin() * self.attention_factor).to(dtype)  # [B, T, 1, R/2]
+        return cos, sin
+
+    def layer_attention(self, layer: int) -> LayerAttention:
+        return Attention(self.args)
 
     def layer_mlp(self, layer: int) -> FeedForward:
         if self.args.is_moe_layer(layer):
             return MoE(self.args)
         return llama.MLP(self.args)
-
-    def forward(
-        self, x: Tensor, positions: Tensor, ctx: Context, *, all_logits: bool = True
-    ) -> Tensor:
-        """ids [B, T] or hidden [B, T, hidden] → hidden, or logits [B, T or 1, vocab] if last."""
-        inner = self.model
-        h = inner.embed_tokens(x) if inner.embed_tokens is not None else x  # [B, T, hidden]
-        if ctx.positions is not None:  # as llama.Model: what a CUDA graph recomputes each replay
-            ctx.visible = [
-                torch.arange(c.capacity, device=h.device) <= p
-                for c, p in zip(ctx.caches, ctx.positions, strict=True)
-            ]
-        freqs = positions[..., None, None].float() * self.inv_freq  # [B, T, 1, R/2]
-        cos = (freqs.cos() * self.attention_factor).to(h.dtype)  # [B, T, 1, R/2]
-        sin = (freqs.sin() * self.attention_factor).to(h.dtype)  # [B, T, 1, R/2]
-        for layer, block in enumerate(inner.layers.values()):
-            h = block(h, cos, sin, ctx, layer)  # [B, T, hidden]
-        if inner.norm is None or self.head is None:
-            return h
-        if not all_logits:
-            h = h[:, -1:]  # [B, 1, hidden]
-        return self.head(inner.norm(h))  # [B, T or 1, vocab]

@@ -116,7 +116,17 @@ def attention_mask(start: int, t: int, device: torch.device) -> tuple[Tensor | N
     return cols[None, :] <= rows[:, None], False  # [T, S]
 
 
-class Attention(nn.Module):
+class LayerAttention(nn.Module):
+    """A layer's attention, normed x [B, T, hidden] → [B, T, hidden] writing its items' caches,
+    put in its format by pack()."""
+
+    def pack(
+        self, quant: Quant, device: torch.device, dtype: torch.dtype, packed: Packs = None
+    ) -> None:
+        raise NotImplementedError
+
+
+class Attention(LayerAttention):
     """Grouped-query attention over the request's cached prefix plus the new chunk."""
 
     def __init__(self, args: ModelArgs) -> None:
@@ -244,9 +254,11 @@ class Block(nn.Module):
     """One decoder layer: pre-norm attention and pre-norm feed-forward `mlp` (a dense MLP, or
     routed experts), each with a residual."""
 
-    def __init__(self, args: ModelArgs, mlp: FeedForward) -> None:
+    def __init__(
+        self, args: ModelArgs, mlp: FeedForward, attn: LayerAttention | None = None
+    ) -> None:
         super().__init__()
-        self.self_attn = Attention(args)
+        self.self_attn = attn if attn is not None else Attention(args)
         self.mlp = mlp
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -271,16 +283,22 @@ def below(packed: Packs, prefix: str) -> dict[str, Packed]:
 
 class LlamaModel(nn.Module):
     """The `model.` part of the checkpoint: embedding, the shard's layers, final norm.
-    mlp(i): the feed-forward of layer i (global index)."""
+    mlp(i), attn(i): the feed-forward and the attention of layer i (global index)."""
 
-    def __init__(self, args: ModelArgs, shard: Shard, mlp: Callable[[int], FeedForward]) -> None:
+    def __init__(
+        self,
+        args: ModelArgs,
+        shard: Shard,
+        mlp: Callable[[int], FeedForward],
+        attn: Callable[[int], LayerAttention],
+    ) -> None:
         super().__init__()
         self.embed_tokens: nn.Embedding | None = (
             nn.Embedding(args.vocab_size, args.hidden_size) if shard.is_first else None
         )
         # Keyed by global index: `model.layers.12.…` on a shard [10, 20) is layers["12"].
         self.layers = nn.ModuleDict(
-            {str(i): Block(args, mlp(i)) for i in range(shard.start, shard.end)}
+            {str(i): Block(args, mlp(i), attn(i)) for i in range(shard.start, shard.end)}
         )
         self.norm: RMSNorm | None = (
             RMSNorm(args.hidden_size, args.rms_norm_eps) if shard.is_last else None
@@ -294,21 +312,40 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.shard = shard
-        self.model = LlamaModel(args, shard, self.layer_mlp)
+        self.model = LlamaModel(args, shard, self.layer_mlp, self.layer_attention)
         self.lm_head: nn.Linear | None = (
             nn.Linear(args.hidden_size, args.vocab_size, bias=False) if shard.is_last else None
         )
         self.head: nn.Module | None = None  # lm_head in the weight format: set by pack_head()
-        # Built on the CPU even under a meta-device context; the engine moves it with the model.
+        self.register_rope(args)
+
+    def register_rope(self, args: ModelArgs) -> None:
+        """The rotary frequencies as buffers, built on the CPU even under a meta-device context
+        (the engine moves them with the model)."""
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
         self.long_after = longrope_context(args)  # LongRoPE's original context, if it is that
         self.inv_freq_long: Tensor
         self.register_buffer("inv_freq_long", rope_frequencies(args, long=True), persistent=False)
 
+    def rotations(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin [B, 1, T, D] (sin signed, see rotate()) of positions [B, T]."""
+        inv_freq = self.inv_freq  # [D/2]
+        if self.long_after is not None:  # an item whose pass reaches past it: the long factors
+            reaches = positions.amax(dim=1)[:, None, None] >= self.long_after  # [B, 1, 1]
+            inv_freq = torch.where(reaches, self.inv_freq_long, self.inv_freq)  # [B, 1, D/2]
+        freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
+        cos = torch.cat((freqs, freqs), dim=-1).cos()[:, None].to(dtype)  # [B, 1, T, D]
+        sin = torch.cat((-freqs, freqs), dim=-1).sin()[:, None].to(dtype)
+        return cos, sin
+
     def layer_mlp(self, layer: int) -> FeedForward:
         """The feed-forward of decoder layer `layer` (global index): a dense MLP here."""
         return MLP(self.args)
+
+    def layer_attention(self, layer: int) -> LayerAttention:
+        """The attention of decoder layer `layer` (global index): grouped-query here."""
+        return Attention(self.args)
 
     def forward(
         self, x: Tensor, positions: Tensor, ctx: Context, *, all_logits: bool = True
@@ -322,13 +359,7 @@ class Model(nn.Module):
                 torch.arange(c.capacity, device=h.device) <= p
                 for c, p in zip(ctx.caches, ctx.positions, strict=True)
             ]
-        inv_freq = self.inv_freq  # [D/2]
-        if self.long_after is not None:  # an item whose pass reaches past it: the long factors
-            reaches = positions.amax(dim=1)[:, None, None] >= self.long_after  # [B, 1, 1]
-            inv_freq = torch.where(reaches, self.inv_freq_long, self.inv_freq)  # [B, 1, D/2]
-        freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
-        cos = torch.cat((freqs, freqs), dim=-1).cos()[:, None].to(h.dtype)  # [B, 1, T, D]
-        sin = torch.cat((-freqs, freqs), dim=-1).sin()[:, None].to(h.dtype)  # signed: rotate()
+        cos, sin = self.rotations(positions, h.dtype)  # [B, 1, T, D] (deepseek_v3: its own)
         for layer, block in enumerate(inner.layers.values()):
             h = block(h, cos, sin, ctx, layer)  # [B, T, hidden]
         if inner.norm is None or self.head is None:
