@@ -47,6 +47,22 @@ def hf_config(layers: int, *, tie: bool = False) -> dict[str, Any]:
     }
 
 
+def qwen3_moe_config(layers: int) -> dict[str, Any]:
+    """hf_config's shape as a qwen3_moe: 8 experts, top 2 (renormalised), layer 1 dense."""
+    return {
+        **hf_config(layers),
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],
+        "rope_theta": 1e6,
+    }
+
+
 def write_tokenizer(path: Path) -> None:
     """A byte-level tokenizer.json (256 bytes + ChatML specials) and a chat template."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers

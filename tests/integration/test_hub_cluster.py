@@ -19,7 +19,7 @@ import pytest
 from shoal.models.hub import RepoListing, files_for_layers
 from tests.helpers.hub_server import HubServer
 from tests.helpers.mlx_repos import make_mlx_repo
-from tests.helpers.nodes import NodeProcess, profiled, start_cluster_node, start_node
+from tests.helpers.nodes import NodeProcess, place, profiled, ready, start_cluster_node, start_node
 from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -28,19 +28,6 @@ REPO = "shoal-test/tiny-llama-4bit"
 LAYERS = 4
 ARGS = ["--engine", "torch", "--quant", "int4", "--no-probe-engines"]
 ASK = {"messages": [{"role": "user", "content": "hello there"}], "temperature": 0}
-
-
-def place(node: NodeProcess, model: str, layers: str) -> str:
-    r = httpx.post(f"{node.url}/instance", json={"model": model, "layers": layers}, timeout=120)
-    assert r.status_code == 200, r.text
-    return str(r.json()["instance_id"])
-
-
-def ready(node: NodeProcess, instance_id: str) -> bool:
-    found = [i for i in node.get("/v1/instances")["data"] if i["instance_id"] == instance_id]
-    if found and any(r["status"]["kind"] == "failed" for r in found[0]["runners"].values()):
-        raise AssertionError(f"{instance_id} failed: {found[0]['runners']}\n{node.log()}")
-    return bool(found) and bool(found[0]["ready"])
 
 
 def chat(node: NodeProcess, model: str) -> str:

@@ -7,7 +7,6 @@ whole model gives when loaded in this process.
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -17,8 +16,8 @@ from shoal.engines.base import StepInput
 from shoal.models.safetensors import SafetensorsSource
 from shoal.types.ids import ModelId, RequestId
 from shoal.types.shard import Shard
-from tests.helpers.mlx_repos import hf_config, make_hf_repo
-from tests.helpers.nodes import NodeProcess, profiled, start_cluster_node
+from tests.helpers.mlx_repos import make_hf_repo, qwen3_moe_config
+from tests.helpers.nodes import NodeProcess, place, profiled, ready, start_cluster_node
 from tests.helpers.wait import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -27,35 +26,6 @@ LAYERS = 4
 ARGS = ["--engine", "torch", "--quant", "none", "--no-probe-engines"]
 MESSAGES = [{"role": "user", "content": "hello there"}]
 MAX_TOKENS = 12
-
-
-def moe_config() -> dict[str, Any]:
-    """A 4-layer qwen3_moe: 8 experts, top 2, layer 1 dense."""
-    return {
-        **hf_config(LAYERS),
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "model_type": "qwen3_moe",
-        "num_experts": 8,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 128,
-        "norm_topk_prob": True,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [1],
-        "rope_theta": 1e6,
-    }
-
-
-def place(node: NodeProcess, model: str, layers: str) -> str:
-    r = httpx.post(f"{node.url}/instance", json={"model": model, "layers": layers}, timeout=120)
-    assert r.status_code == 200, r.text
-    return str(r.json()["instance_id"])
-
-
-def ready(node: NodeProcess, instance_id: str) -> bool:
-    found = [i for i in node.get("/v1/instances")["data"] if i["instance_id"] == instance_id]
-    if found and any(r["status"]["kind"] == "failed" for r in found[0]["runners"].values()):
-        raise AssertionError(f"{instance_id} failed: {found[0]['runners']}\n{node.log()}")
-    return bool(found) and bool(found[0]["ready"])
 
 
 def chat(node: NodeProcess, model: str) -> str:
@@ -89,7 +59,7 @@ def greedy_in_process(repo: Path) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("moe-node")
-    repo = make_hf_repo(tmp / "tiny-moe", config=moe_config(), files=LAYERS)
+    repo = make_hf_repo(tmp / "tiny-moe", config=qwen3_moe_config(LAYERS), files=LAYERS)
     args = [*ARGS, "--model-path", str(repo)]
     nodes: list[NodeProcess] = []
     try:

@@ -463,22 +463,6 @@ def test_save_pretrained_files_load_as_the_model(tmp_path: Path, original: bool)
     assert np.abs(got - hf_logits(VARIANT, PROMPT)).max() < 1e-3
 
 
-def moe_config() -> dict[str, Any]:
-    """config.json of a 4-layer qwen3_moe that mlx-lm writes (hidden 128, groups of 64)."""
-    return {
-        **mlx_repos.hf_config(N_LAYERS),
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "model_type": "qwen3_moe",
-        "num_experts": 8,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 128,
-        "norm_topk_prob": True,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [1],
-        "rope_theta": 1e6,
-    }
-
-
 # mlx-lm keeps the routers 8-bit (its quant_predicate); one layer's experts' down_proj 8-bit too
 OVERRIDES: dict[str, int | bool] = {
     **{f"model.layers.{i}.mlp.gate": 8 for i in (0, 2, 3)},
@@ -494,7 +478,9 @@ MLX_BOUND = {"int4": 2e-3, "none": 1e-5}
 def mlx_q4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, dict]:
     """A 4-bit qwen3_moe written by mlx-lm, its float32 logits and dequantized weights."""
     root = tmp_path_factory.mktemp("moe")
-    repo = mlx_repos.make_mlx_repo(root / "q4", 4, config=moe_config(), overrides=OVERRIDES)
+    repo = mlx_repos.make_mlx_repo(
+        root / "q4", 4, config=mlx_repos.qwen3_moe_config(N_LAYERS), overrides=OVERRIDES
+    )
     want, weights = mlx_repos.mlx_reference(repo, MLX_TOKENS, root / "ref")
     return repo, want, weights
 
@@ -544,7 +530,9 @@ def test_mlx_4bit_logits_equal_mlx_lm(mlx_q4: tuple, kind: str, quant: str) -> N
 def mlx_bf16(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
     """An unquantized qwen3_moe written by mlx-lm (stacked bf16 experts), its float32 logits."""
     root = tmp_path_factory.mktemp("moe-bf16")
-    repo = mlx_repos.make_mlx_repo(root / "bf16", None, config=moe_config(), seed=1)
+    repo = mlx_repos.make_mlx_repo(
+        root / "bf16", None, config=mlx_repos.qwen3_moe_config(N_LAYERS), seed=1
+    )
     return repo, mlx_repos.mlx_logits(repo, MLX_TOKENS, root / "logits.npy")
 
 
@@ -561,7 +549,9 @@ def test_mlx_bf16_switch_mlp_logits_equal_mlx_lm(mlx_bf16: tuple, kind: str) -> 
 def test_a_stage_needs_only_its_files(tmp_path: Path) -> None:
     """files_for_layers picks a stage's shard files by the experts' names too, and the stage
     loads from those alone."""
-    repo = mlx_repos.make_hf_repo(tmp_path / "repo", config=moe_config(), files=4)
+    repo = mlx_repos.make_hf_repo(
+        tmp_path / "repo", config=mlx_repos.qwen3_moe_config(N_LAYERS), files=4
+    )
     listing = RepoListing(
         "org/moe",
         "a" * 40,
