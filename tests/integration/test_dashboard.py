@@ -70,6 +70,7 @@ async def test_the_page_and_its_files_need_no_key(app_client: httpx.AsyncClient)
     page = await app_client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]  # no clickjacking
     for name in ("main.js", "api.js", "style.css"):
         assert name in page.text or name != "main.js"
         asset = await app_client.get(f"/dashboard/{name}")

@@ -17,11 +17,14 @@ MEDIA_TYPES = {
     ".css": "text/css; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
 }
-# The page may load only files of this package, from this origin.
+# The page may load only files of this package, from this origin, and no other site may frame
+# it (its Place and Delete buttons must not be clicked through another page).
 HEADERS = {
     "content-security-policy": (
-        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'"
     ),
+    "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
     "cache-control": "no-cache",
 }
