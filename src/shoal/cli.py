@@ -278,34 +278,16 @@ def _model_rows(
     catalog: Any, listed: dict[str, Any], profiles: list[Any] | None, hub_root: Path
 ) -> list[dict[str, Any]]:
     """One row per model: the node's status where it runs one, else whether it can run here."""
-    from shoal.engines.registry import available_engines
-    from shoal.models.availability import availability, local_copies, machine_memory
-    from shoal.placement.memory import capacity, need_per_engine, offered_per_engine
-    from shoal.types.model_config import ARCHITECTURES
+    from shoal.serving.availability import Answers
 
-    if profiles is None:
-        engines = available_engines()
-        room = capacity(machine_memory())
-        offered = {e: room for e in engines}
-    else:
-        engines = sorted({e for p in profiles for e in p.engines})
-        offered = offered_per_engine(profiles, engines)
-    token = _hf_token()
+    answers = Answers(profiles, hub_root)
     rows = []
     ids = list(listed) or [card.id for card in catalog.all()]
     for model_id in ids:
         node = listed.get(model_id, {})
         if model_id in catalog:
             card = catalog.get(model_id)
-            answer = availability(
-                card,
-                architectures=ARCHITECTURES,
-                engines=engines,
-                local=local_copies(card, hub_root),
-                need=need_per_engine(card, engines),
-                memory=offered,
-                token=token,
-            )
+            answer = answers(card)
             line = answer.line
             row = {k: getattr(card, k) for k in ("id", "architecture", "quantization")}
             row["storage_bytes"] = card.storage_bytes
@@ -320,15 +302,6 @@ def _model_rows(
             line = f"failed on the cluster: {node.get('reason') or 'a runner failed'}"
         rows.append(row | {"availability": line})
     return rows
-
-
-def _hf_token() -> bool:
-    """Whether downloads would carry a Hugging Face token (HF_TOKEN or a saved login)."""
-    try:
-        from huggingface_hub import get_token
-    except ImportError:
-        return False
-    return get_token() is not None
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:

@@ -200,6 +200,7 @@ async def serve(settings: Settings) -> None:
         registry=registry,
         loads=service.loads,
         fetched=fetcher,
+        hub_root=hub.root,
     )
 
     def card_of(instance: Instance) -> ModelCard:

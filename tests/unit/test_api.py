@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -283,6 +284,28 @@ async def test_a_stream_whose_step_fails_ends_in_band_and_its_neighbour_streams_
 async def test_unknown_route_is_an_openai_404(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/nope")
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_models_say_whether_they_run_here(tmp_path: Path) -> None:
+    """With the node's Hub cache, /v1/models carries `shoal models`' answer for this machine:
+    the packaged SmolLM2 runs now, a Hub-only card after a download of its size."""
+    card = Catalog().get(MODEL)
+    service = CatalogService(SchedulerHandle(card, ByteTokenizer(), fake_scheduler(), 8192))
+    transport = httpx.ASGITransport(app=create_app(service, hub_root=tmp_path / "hub"))
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        models = {m["id"]: m for m in (await c.get("/v1/models")).json()["data"]}
+        one = (await c.get("/v1/models/qwen3-0.6b")).json()
+    assert models[MODEL]["availability_kind"] == "runs_here"
+    assert models[MODEL]["availability"] == "runs here now (gguf)"
+    qwen = models["qwen3-0.6b"]
+    assert qwen["availability_kind"] == "needs_download" and qwen["download_bytes"] > 0
+    assert qwen["availability"].startswith("runs after a download of ")
+    assert one["availability"] == qwen["availability"]
+    assert {m["availability_kind"] for m in models.values()} <= {
+        "runs_here",
+        "needs_download",
+        "cannot_run",
+    }
 
 
 async def test_models_and_healthz(client: httpx.AsyncClient) -> None:

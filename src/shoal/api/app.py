@@ -3,6 +3,7 @@ keys (api/auth.py), CORS for the origins it is given, /metrics (api/metrics.py) 
 dashboard at / (api/dashboard.py)."""
 
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -30,6 +31,7 @@ def create_app(
     registry: CollectorRegistry | None = None,  # this app's alone; None: a new one
     loads: Callable[[], Iterable[InstanceLoad]] = tuple,  # requests per instance, for /metrics
     fetched: metrics.FetchedBytes | None = None,  # the node's Fetcher, for /metrics
+    hub_root: Path | None = None,  # the node's Hub cache: /v1/models says what runs here
 ) -> FastAPI:
     """An app serving `service` (and `cluster`); the caller runs it and owns their lifetimes.
 
@@ -41,6 +43,7 @@ def create_app(
     app.state.cluster = cluster
     app.state.profile_wait_s = profile_wait_s  # a layout waits this long for a named node
     app.state.models_json = None  # (state index, bytes): see api/models.py
+    app.state.hub_root = hub_root
     errors.install(app)
     for module in (models, chat, completions, health, cluster_routes, instances, dashboard):
         app.include_router(module.router)

@@ -6,18 +6,32 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from shoal.inference.service import InferenceService
+from shoal.models.availability import CannotRun, NeedsDownload, RunsHere
+from shoal.serving.availability import Answers
 from shoal.types.model_card import ModelCard
 
 router = APIRouter()
 
+KINDS = {RunsHere: "runs_here", NeedsDownload: "needs_download", CannotRun: "cannot_run"}
 # Cards are data shipped with the release: one fixed "created" stamp (2025-01-01) for all of them.
 CARDS_CREATED = 1735689600
 
 
-def model_object(card: ModelCard, service: InferenceService) -> dict[str, Any]:
-    """OpenAI's model object plus the fields exo's clients read, plus whether it runs here now."""
+def model_object(
+    card: ModelCard, service: InferenceService, answers: Answers | None = None
+) -> dict[str, Any]:
+    """OpenAI's model object plus the fields exo's clients read, plus whether it runs on the
+    cluster now and (with `answers`) whether it runs here: now, after a download, or not."""
     status = service.status(card)
-    return {
+    here = {}
+    if answers is not None:
+        answer = answers(card)
+        here = {
+            "availability": answer.line,
+            "availability_kind": KINDS[type(answer)],
+            "download_bytes": answer.size if isinstance(answer, NeedsDownload) else 0,
+        }
+    return here | {
         "id": card.id,
         "object": "model",
         "created": CARDS_CREATED,
@@ -47,7 +61,9 @@ async def list_models(request: Request) -> Response:
     version = cluster.state.index if cluster is not None else None
     cached = request.app.state.models_json
     if cached is None or cached[0] != version or version is None:
-        listing = {"object": "list", "data": [model_object(c, service) for c in service.cards()]}
+        answers = _answers(request)
+        data = [model_object(c, service, answers) for c in service.cards()]
+        listing = {"object": "list", "data": data}
         cached = request.app.state.models_json = (version, json.dumps(listing).encode())
     return Response(cached[1], media_type="application/json")
 
@@ -55,4 +71,18 @@ async def list_models(request: Request) -> Response:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     service: InferenceService = request.app.state.service
-    return model_object(await service.resolve(model_id), service)
+    return model_object(await service.resolve(model_id), service, _answers(request))
+
+
+def _answers(request: Request) -> Answers | None:
+    """What runs on this machine, against the cluster's connected nodes (None: no Hub cache,
+    as in tests of the API alone)."""
+    hub_root = request.app.state.hub_root
+    if hub_root is None:
+        return None
+    cluster = request.app.state.cluster
+    profiles = []
+    if cluster is not None:
+        nodes = cluster.state.nodes.values()
+        profiles = [n.profile for n in nodes if n.connected and n.profile is not None]
+    return Answers(profiles, hub_root)

@@ -13,7 +13,8 @@ export function modelState(model) {
     case "ready":
       return ["ready", "ready: an instance serves it"];
     case "available":
-      return ["available", "fits the cluster: placing it fetches any weights not here yet"];
+      // this machine's answer (runs here now / after a download of N GB / cannot, why)
+      return ["available", model.availability ?? "fits the cluster"];
     case "downloading":
     case "loading":
       return [model.status, `${model.status}: its progress is under Instances`];
@@ -123,7 +124,8 @@ function row(model) {
         `${model.architecture} · ${model.quantization} · ${model.layers} layers`,
       ),
     ),
-    el("td", {}, `${(model.storage_size_megabytes / 1000).toFixed(2)} GB`),
+    // storage_size_megabytes is MiB (exo's field): shown as GiB, not as decimal GB
+    el("td", {}, `${(model.storage_size_megabytes / 1024).toFixed(2)} GiB`),
     el("td", {}, badge(state), el("div", { class: "reason" }, text), panel(model.id)),
     el(
       "td",
