@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from tests.helpers.tiny import randomize
+
 ROOT = Path(__file__).resolve().parents[2]
 HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 128, 256, 4, 2, 320
 BOS, EOS = 256, 257  # the tokenizer's <|im_start|> and <|im_end|>
@@ -189,16 +191,7 @@ def make_hf_repo(
         AutoConfig.for_model(config["model_type"], **hf_args)
     )
     model = model.to(torch.bfloat16).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # O(1) activations and logits, as tests/helpers/tiny.py does
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("embed_tokens.weight"):
-                param.copy_(noise)
-            else:
-                param.copy_(noise * param.shape[-1] ** -0.5)
+    randomize(model, torch.Generator().manual_seed(seed))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if tie:
         state.pop("lm_head.weight", None)

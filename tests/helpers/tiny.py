@@ -157,19 +157,27 @@ def tiny_hf(variant: str = "llama", seed: int = 0) -> "PreTrainedModel":
     config = AutoConfig.for_model(model_type, **{**BASE, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(seed)
+    randomize(model, torch.Generator().manual_seed(seed), biases=True)
+    return model.eval()
+
+
+def randomize(model: Any, generator: Any, *, biases: bool = False) -> None:
+    """Seeded random weights with O(1) activations and logits: norms near 1, embeddings of unit
+    scale, projections scaled by 1/sqrt(fan-in); biases at 0.1 if `biases`, else as the
+    projections."""
+    import torch
+
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("bias"):
+            elif biases and name.endswith("bias"):
                 param.copy_(0.1 * noise)
             elif name.endswith("embed_tokens.weight"):
                 param.copy_(noise)
             else:
                 param.copy_(noise * param.shape[-1] ** -0.5)
-    return model.eval()
 
 
 @cache

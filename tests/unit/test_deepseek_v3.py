@@ -20,7 +20,7 @@ from shoal.models.safetensors import SafetensorsSource, split_experts
 from shoal.types.ids import ModelId, RequestId
 from shoal.types.model_config import ModelConfig
 from shoal.types.shard import Shard
-from tests.helpers.tiny import DictSource
+from tests.helpers.tiny import DictSource, randomize
 
 LAYERS, VOCAB, RANK, ROPE = 4, 320, 64, 16
 CONFIG: dict[str, Any] = {
@@ -93,15 +93,8 @@ def hf_model(variant: str = "q_lora") -> Any:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(0)
+    randomize(model, generator)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("embed_tokens.weight"):
-                param.copy_(noise)
-            else:
-                param.copy_(noise * param.shape[-1] ** -0.5)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(0.3 * torch.randn(buffer.shape, generator=generator))
