@@ -75,6 +75,15 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="torch device: cpu, cuda, mps (default: best available)")
     p.add_argument(
+        "--devices",
+        help="GPUs this node offers, by index: 0,2; cpu for none (default: all)",
+    )
+    p.add_argument(
+        "--simulated-gpus",
+        metavar="COUNTxGIB",
+        help="for tests on a CPU machine: claim COUNT CUDA GPUs of GIB each, run on the CPU",
+    )
+    p.add_argument(
         "--dtype",
         choices=get_args(DType),
         help="torch activations and KV cache (default float32; SHOAL_DTYPE)",
@@ -315,13 +324,29 @@ def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**30:.1f}"
 
 
+def _gpu(g: dict[str, Any]) -> str:
+    """One GPU for people: "cuda:1 V100 15.2/16.0 GiB"."""
+    where = "mps" if g.get("backend") == "metal" else f"cuda:{g.get('index', 0)}"
+    return f"{where} {g['name']} {_gib(g.get('memory_free'))}/{_gib(g['memory_total'])} GiB"
+
+
+def _where(stage: dict[str, Any]) -> str:
+    """A stage's devices: "cuda:0", "cuda:1 + cpu 4 layers", "cuda 12/14" (llamacpp)."""
+    text = stage.get("device") or ""
+    if stage.get("gpu_split"):
+        text += " " + "/".join(str(n) for n in stage["gpu_split"])
+    if stage.get("cpu_layers"):
+        text += f" + cpu {stage['cpu_layers']} layers"
+    return text.strip()
+
+
 def _status(args: argparse.Namespace) -> None:
     data = _get(args.api, "/v1/nodes", _auth(args))
     table = Table(title=f"cluster at {args.api} (log index {data['index']})")
     for column in ("", "node", "OS/arch", "RAM free/total GiB", "GPUs", "engines", "seen"):
         table.add_column(column)
     for n in data["nodes"]:
-        gpus = ", ".join(f"{g['name']} {_gib(g['memory_total'])} GiB" for g in n.get("gpus", []))
+        gpus = ", ".join(_gpu(g) for g in n.get("gpus", []))
         ago = n["last_seen_s_ago"]
         seen = (
             "lost: " + (n["lost_reason"] or "")
@@ -347,7 +372,9 @@ def _status(args: argparse.Namespace) -> None:
             placed.add_column(column)
         for inst in instances:
             stages = ", ".join(
-                f"{s['node_id'][:14]}…[{s['start']},{s['end']})" for s in inst["stages"]
+                f"{s['node_id'][:14]}…[{s['start']},{s['end']})"
+                + (f" {where}" if (where := _where(s)) else "")
+                for s in inst["stages"]
             )
             placed.add_row(inst["instance_id"], inst["model_id"], stages, _instance_status(inst))
         Console().print(placed)
@@ -398,10 +425,11 @@ def _place(args: argparse.Namespace) -> None:
         raise CliError(f"cannot reach a shoal node at {args.api}: {exc}") from exc
     instance = _checked(r)
     table = Table(title=f"{instance['instance_id']} ({instance['policy']})")
-    for column in ("stage", "node", "layers", "engine"):
+    for column in ("stage", "node", "layers", "engine", "device"):
         table.add_column(column)
     for i, s in enumerate(instance["stages"]):
-        table.add_row(str(i), s["node_id"], f"[{s['start']}, {s['end']})", s["engine"])
+        layers = f"[{s['start']}, {s['end']})"
+        table.add_row(str(i), s["node_id"], layers, s["engine"], _where(s) or "default")
     Console().print(table)
     if instance.get("predicted_tok_s"):
         print(f"predicted decode speed: {instance['predicted_tok_s']:.1f} tok/s")

@@ -33,6 +33,7 @@ from shoal.net.zenoh_transport import ZenohTransport
 from shoal.paths import user_cards_dir
 from shoal.placer import make_placer
 from shoal.profile.actor import Profiler
+from shoal.profile.nvidia import parse_devices
 from shoal.serving import ClusterService
 from shoal.settings import Settings
 from shoal.state.model import State
@@ -145,6 +146,8 @@ async def serve(settings: Settings) -> None:
             f"engine {settings.engine!r} is not available here "
             f"(installed: {', '.join(available_engines())})"
         )
+    # --device cpu runs no stage on a GPU, so the node offers none
+    devices = frozenset() if settings.device == "cpu" else parse_devices(settings.devices)
     identity = Identity.load_or_create(settings.data_dir)
     creds = await credentials_for(settings.data_dir, settings.cluster, settings.join)
     if "cluster" in settings.model_fields_set and settings.cluster != creds.cluster:
@@ -221,6 +224,7 @@ async def serve(settings: Settings) -> None:
             advertise=advertise,
             credentials=settings.data_dir,
             device=settings.device,
+            simulated_gpus=settings.simulated_gpus is not None,
             dtype=settings.dtype,
             threads=settings.threads,
             cache_dir=settings.weights_cache or settings.data_dir / "weights-cache",
@@ -256,6 +260,8 @@ async def serve(settings: Settings) -> None:
         engines=[settings.engine] if settings.engine is not None else None,
         bench=settings.microbench,
         probe=settings.probe_engines,
+        devices=devices,
+        simulated_gpus=settings.simulated_gpus,
     )
     log.info(
         "shoal node %s: API on http://%s:%d, cluster-facing on %s (advertised %s), control port "

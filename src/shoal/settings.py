@@ -31,6 +31,8 @@ ENV: dict[str, str] = {
     "model_path": "SHOAL_MODEL_PATH",
     "engine": "SHOAL_ENGINE",
     "device": "SHOAL_DEVICE",
+    "devices": "SHOAL_DEVICES",
+    "simulated_gpus": "SHOAL_SIMULATED_GPUS",
     "dtype": "SHOAL_DTYPE",
     "quant": "SHOAL_QUANT",
     "threads": "SHOAL_THREADS",
@@ -79,6 +81,10 @@ class Settings(BaseModel):
     model_path: Path | None = None  # a GGUF file or safetensors directory to serve
     engine: str | None = None  # offer only this engine; None = every engine installed here
     device: str | None = None  # torch device; None = best available
+    # the GPUs this node offers: "0,2" (indexes as CUDA counts them), "cpu" (none), None: all
+    devices: str | None = None
+    # for tests on a CPU machine: "2x4" claims two 4 GiB CUDA GPUs; their stages run on the CPU
+    simulated_gpus: str | None = Field(default=None, pattern=r"^\d+x\d+(\.\d+)?$")
     dtype: DType = "float32"  # torch activations and caches
     quant: Quant | None = None  # torch weights; None = the card's
     threads: int | None = Field(default=None, ge=1)  # compute threads; None = all cores

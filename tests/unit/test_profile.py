@@ -15,13 +15,15 @@ from typing import Any
 
 import pytest
 
+from shoal.errors import BadRequest
 from shoal.profile import apple, bench
 from shoal.profile.actor import Profiler, changed, should_emit
 from shoal.profile.apple import MACMON_MISSING, AppleProbe
 from shoal.profile.bench import BenchResult, BenchSizes, cached_bench, fingerprint
 from shoal.profile.collect import ProfileCollector, collect_profile
 from shoal.profile.cpu import cpu_model
-from shoal.profile.nvidia import NvidiaProbe
+from shoal.profile.gpu_bench import keep_speeds
+from shoal.profile.nvidia import NvidiaProbe, parse_devices, simulated_gpus
 from shoal.types.ids import NodeId
 from shoal.types.profile import GpuInfo, NodeProfile
 
@@ -151,6 +153,7 @@ def fake_pynvml(devices: list[tuple[str | bytes, int, int]], fail_init: bool = F
     mod.nvmlDeviceGetCount = count
     mod.nvmlDeviceGetHandleByIndex = lambda i: i
     mod.nvmlDeviceGetName = lambda h: devices[h][0]
+    mod.nvmlDeviceGetUUID = lambda h: f"GPU-{h:04d}-uuid"
     mod.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
         total=devices[h][1], free=devices[h][2], used=devices[h][1] - devices[h][2]
     )
@@ -190,7 +193,7 @@ def test_nvml_devices_become_gpu_infos(monkeypatch: pytest.MonkeyPatch) -> None:
         GpuInfo(vendor="nvidia", name="NVIDIA H100 80GB HBM3", memory_total=80 * GiB,
                 memory_free=79 * GiB, backend="cuda"),
         GpuInfo(vendor="nvidia", name="NVIDIA A10", memory_total=24 * GiB, memory_free=0,
-                backend="cuda"),
+                backend="cuda", index=1),
     )  # fmt: skip
     assert probe.gpus() == gpus
     assert nvml.calls["init"] == 1 and nvml.calls["count"] == 1  # opened once, handles cached
@@ -353,3 +356,74 @@ async def test_profiler_heartbeat_with_a_fake_clock() -> None:
     collector = ScriptedCollector(start, [start], stop_after=4)
     emitted = await run_profiler(collector, clock=lambda: next(ticks))
     assert emitted == [start] * 3  # at 0 s, then 60 s and 120 s: nothing changed but time
+
+
+# --- devices: CUDA's indexes, CUDA_VISIBLE_DEVICES, --devices, simulated GPUs --------------------
+
+FOUR_GPUS: list[tuple[str | bytes, int, int]] = [(f"V100 {i}", 16 * GiB, (16 - i) * GiB) for i in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("visible", "offered", "expected"),
+    [(None, None, [("V100 0", 0), ("V100 1", 1), ("V100 2", 2), ("V100 3", 3)]),
+     ("2,3", None, [("V100 2", 0), ("V100 3", 1)]),  # CUDA counts the visible ones from 0
+     ("GPU-0003,1", None, [("V100 3", 0), ("V100 1", 1)]),  # UUID prefixes, in the given order
+     ("1,9,2", None, [("V100 1", 0)]),  # CUDA stops at the first entry it cannot use
+     (None, frozenset({0, 2}), [("V100 0", 0), ("V100 2", 2)]),  # --devices 0,2
+     ("2,3", frozenset({1}), [("V100 3", 1)]),
+     (None, frozenset(), [])],  # --devices cpu
+)  # fmt: skip
+def test_gpus_carry_the_index_runners_open_them_by(
+    monkeypatch: pytest.MonkeyPatch,
+    visible: str | None,
+    offered: frozenset[int] | None,
+    expected: list[tuple[str, int]],
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(FOUR_GPUS))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    probe = NvidiaProbe(offered)
+    gpus = probe.gpus()
+    probe.close()
+    assert [(g.name, g.index) for g in gpus] == expected
+    assert all(g.device == f"cuda:{g.index}" for g in gpus)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [(None, None), ("all", None), ("cpu", frozenset()), ("0,2", frozenset({0, 2})),
+     (" 1 ", frozenset({1}))],
+)  # fmt: skip
+def test_parse_devices(spec: str | None, expected: frozenset[int] | None) -> None:
+    assert parse_devices(spec) == expected
+
+
+def test_parse_devices_refuses_nonsense_in_one_line() -> None:
+    with pytest.raises(BadRequest, match="--devices 'gpu0'.*indexes"):
+        parse_devices("gpu0")
+
+
+def test_simulated_gpus_stand_in_for_cuda_devices(tmp_path: Path) -> None:
+    collector = ProfileCollector(
+        NodeId("n"), data_dir=tmp_path, api_url="", data_addr="", version="", bench=False,
+        probe=False, engines=["torch"], simulated_gpus="3x2", devices=frozenset({0, 2}),
+    )  # fmt: skip
+    gpus = collector.full().gpus
+    collector.close()
+    assert [(g.index, g.backend, g.memory_free) for g in gpus] == [(0, "cuda", 2 * GiB),
+                                                                  (2, "cuda", 2 * GiB)]  # fmt: skip
+    with pytest.raises(BadRequest, match="COUNTxGIB"):
+        simulated_gpus("two")
+
+
+def test_refresh_keeps_each_gpus_measured_speed() -> None:
+    old = (GpuInfo(vendor="nvidia", name="A", memory_total=GiB, memory_free=GiB, backend="cuda",
+                   index=1, memory_bandwidth_gbs=900.0, matmul_gflops=1e5),)  # fmt: skip
+    new = (old[0].model_copy(update={"memory_free": 0, "memory_bandwidth_gbs": None,
+                                     "matmul_gflops": None}),)  # fmt: skip
+    kept = keep_speeds(old, new)
+    assert kept[0].memory_free == 0 and kept[0].memory_bandwidth_gbs == 900.0
+    moved = new[0].model_copy(update={"index": 0})  # another GPU at that index: measured anew
+    assert keep_speeds(old, (moved,))[0].memory_bandwidth_gbs is None

@@ -21,6 +21,8 @@ class EngineOptions:
     dtype: DType = "float32"  # torch only
     quant: Quant = "none"  # torch, numpy, native: the projections' weight format
     threads: int | None = None  # numpy, native, llamacpp (torch's are set process-wide)
+    gpu_layers: int | None = None  # llamacpp: layers on the GPUs (None: all, unless device cpu)
+    gpu_split: tuple[int, ...] = ()  # llamacpp: layers per GPU, by index
 
 
 Kwargs = Callable[[EngineOptions], dict[str, Any]]
@@ -32,8 +34,13 @@ def _take(*names: str) -> Kwargs:
 
 
 def _llamacpp(options: EngineOptions) -> dict[str, Any]:
-    # offloads every layer it can, unless told to stay on the CPU
-    return {"n_threads": options.threads, "n_gpu_layers": 0 if options.device == "cpu" else -1}
+    # offloads every layer it can (or placement's count), unless told to stay on the CPU
+    gpu_layers = -1 if options.gpu_layers is None else options.gpu_layers
+    return {
+        "n_threads": options.threads,
+        "n_gpu_layers": 0 if options.device == "cpu" else gpu_layers,
+        "tensor_split": tuple(float(n) for n in options.gpu_split),
+    }
 
 
 def _native_compiles() -> bool:

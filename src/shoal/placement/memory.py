@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from shoal.errors import BadRequest
 from shoal.placement.shape import layer_shape, model_params, sparse_layers
 from shoal.types.model_card import HubWeights, ModelCard
-from shoal.types.profile import NodeProfile
+from shoal.types.profile import GpuInfo, NodeProfile
 from shoal.types.weights import Quant
 
 MIB = 1 << 20
@@ -64,6 +64,8 @@ HEADROOM_FIXED = 256 * MIB
 DEFAULT_DTYPE_BYTES = 4  # the torch engine's float32
 DEFAULT_CONTEXT = 4096  # tokens of KV cache planned when the caller names none
 GPU_ENGINES = frozenset({"torch", "mlx", "llamacpp"})  # engines that run on a node's GPUs
+# engines placed per CUDA GPU, a stage's last layers spilling to the CPU (placement/plans.py)
+SLOT_ENGINES = frozenset({"torch", "llamacpp"})
 # engines that hold weights in the card's quant
 FORMAT_ENGINES = frozenset({"torch", "numpy", "native"})
 # Bits per weight of the engines' block formats: Q8_0 (34 bytes per 32) and Q4_1 (20 per 32).
@@ -296,6 +298,19 @@ def usable_memory(profile: NodeProfile, engine: str) -> int:
     return sum(gpu.memory_free for gpu in profile.gpus)
 
 
+def cuda_gpus(profile: NodeProfile) -> tuple[GpuInfo, ...]:
+    """The node's CUDA GPUs (not Apple's unified memory), by index."""
+    return tuple(sorted((g for g in profile.gpus if g.backend == "cuda"), key=lambda g: g.index))
+
+
+def spill_memory(profile: NodeProfile, engine: str) -> int:
+    """Bytes of RAM a node adds for `engine` behind its CUDA GPUs (a stage's last layers on the
+    CPU); 0 where the engine's memory is the RAM already."""
+    if engine in SLOT_ENGINES and cuda_gpus(profile):
+        return profile.ram_available
+    return 0
+
+
 def need_per_engine(
     card: ModelCard, engines: Iterable[str], *, context: int | None = None
 ) -> dict[str, int]:
@@ -308,7 +323,11 @@ def offered_per_engine(profiles: Iterable[NodeProfile], engines: Iterable[str]) 
     pipeline splits the model), but the largest one alone for llama.cpp (whole models only)."""
     offered: dict[str, int] = {}
     for engine in engines:
-        room = [capacity(usable_memory(p, engine)) for p in profiles if engine in p.engines]
+        room = [
+            capacity(usable_memory(p, engine)) + capacity(spill_memory(p, engine))
+            for p in profiles
+            if engine in p.engines
+        ]
         offered[engine] = max(room, default=0) if engine == "llamacpp" else sum(room)
     return offered
 

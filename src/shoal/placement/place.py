@@ -3,7 +3,11 @@
 Memory is a hard cap (memory.py); speed decides the rest (speed.py). With one request in flight a
 pipeline is never faster than the sum of its stages plus its hops, so the latency policy (the
 default) runs the model on one node whenever it fits there (the fastest such node), and otherwise
-on the fewest nodes that fit, preferring the fastest, with layers split by speed. The throughput
+on the fewest nodes that fit, preferring the fastest, with layers split by speed. A node's CUDA
+GPUs are its devices: a model that fits one GPU runs there, else over all of the node's GPUs (a
+stage and a runner each, layers by speed within each one's memory). A node whose GPUs hold only
+part of the model may run the rest on its CPU (the last GPU stage's last layers); either policy
+takes that when its speed model says it beats every placement that fits. The throughput
 policy instead balances stage times over every node that raises 1 / (slowest stage): it may use
 more nodes. Overrides are validated (names, tiling, memory) and then honoured exactly, never
 re-split. Pure: the same inputs always give the same answer.
@@ -19,12 +23,15 @@ from shoal.placement.memory import MemoryModel, fmt_bytes, memory_model
 from shoal.placement.overrides import Overrides, check_tiling, parse_overrides, resolve_node
 from shoal.placement.plans import (
     Candidate,
+    Part,
     Plan,
     Profiles,
     Survey,
     evaluate,
     native_runs,
+    on_devices,
     over_memory,
+    spill,
     split,
     survey,
 )
@@ -58,8 +65,18 @@ class NoFit:
 def _single(
     mem: MemoryModel, ranked: Sequence[Candidate], links: Links | None, hop_s: float
 ) -> Plan | None:
-    fits = [c for c in ranked if mem.total_bytes() <= c.capacity]
-    return evaluate(mem, [(fits[0], 0, mem.n_layers)], links, hop_s) if fits else None
+    """The fastest node that holds the whole model (on one of its GPUs, or over all of them)."""
+    for c in ranked:
+        if mem.total_bytes() <= c.capacity and (plan := split(mem, [c], links, hop_s)):
+            return plan
+    return None
+
+
+def _spilled(
+    mem: MemoryModel, ranked: Sequence[Candidate], links: Links | None, hop_s: float
+) -> list[Plan]:
+    """The whole model on each node whose GPUs hold only part of it, the rest on its CPU."""
+    return [plan for c in ranked if (plan := spill(mem, c, links, hop_s)) is not None]
 
 
 def _groups(ranked: Sequence[Candidate], k: int) -> Iterator[tuple[Candidate, ...]]:
@@ -95,7 +112,11 @@ def _fewest(
 def _latency(
     mem: MemoryModel, ranked: Sequence[Candidate], links: Links | None, hop_s: float
 ) -> Plan | None:
-    return _single(mem, ranked, links, hop_s) or _fewest(mem, ranked, links, hop_s)
+    plan = _single(mem, ranked, links, hop_s) or _fewest(mem, ranked, links, hop_s)
+    spilled = max(_spilled(mem, ranked, links, hop_s), key=lambda p: p.tok_s, default=None)
+    if spilled is not None and (plan is None or spilled.tok_s > plan.tok_s):
+        return spilled  # a GPU node's CPU beats every placement that fits (or none fits)
+    return plan
 
 
 def _throughput(
@@ -110,6 +131,9 @@ def _throughput(
         if plan is not None and (
             best is None or plan.pipeline_tok_s > best.pipeline_tok_s * (1 + 1e-9)
         ):
+            best = plan
+    for plan in _spilled(mem, ranked, links, hop_s):
+        if best is None or plan.pipeline_tok_s > best.pipeline_tok_s * (1 + 1e-9):
             best = plan
     return best or _latency(mem, ranked, links, hop_s)
 
@@ -177,7 +201,7 @@ def _overridden(
     except BadRequest as e:
         return str(e)
     usable = {c.node_id: c for c in nodes.ranked}
-    parts = []
+    parts: list[Part] = []
     for item, node_id in zip(items, resolved, strict=True):
         if node_id not in usable:
             return f"{item}: {node_id} {nodes.skipped[node_id]}"
@@ -187,7 +211,11 @@ def _overridden(
                 f"{item}: {node_id} runs engine {node.engine!r}, which runs whole models only "
                 f"(layers 0-{mem.n_layers} on one node)"
             )
-        parts.append((node, item.start, item.end))
+        # over its devices as placement would; what cannot fit is named by over_memory below
+        placed = on_devices(mem, node, item.start, item.end) or on_devices(
+            mem, node, item.start, item.end, capped=False
+        )
+        parts += placed or [Part(node, node.units[0], item.start, item.end)]
     plan = evaluate(mem, parts, links, hop_s)
     over = over_memory(plan, [usable[n] for n in dict.fromkeys(resolved)])
     return "; ".join(over) if over else plan

@@ -88,7 +88,9 @@ def _option(
 
 
 def _key(p: Preview) -> tuple[object, ...]:
-    return tuple((s.node_id, s.start, s.end) for s in p.stages) or (p.reason,)
+    return tuple((s.node_id, s.start, s.end, s.device, s.cpu_layers) for s in p.stages) or (
+        p.reason,
+    )
 
 
 def previews(

@@ -25,11 +25,14 @@ from dataclasses import dataclass
 
 from shoal.placement.memory import MemoryModel
 from shoal.types.ids import NodeId
-from shoal.types.profile import NodeProfile
+from shoal.types.profile import GpuInfo, NodeProfile
 
 DEFAULT_BANDWIDTH_GBS = 10.0
 DEFAULT_MATMUL_GFLOPS = 50.0
 DEFAULT_HOP_S = 0.3e-3
+# a GPU that has not measured itself (profile/gpu_bench.py): a modest one, about a T4's
+DEFAULT_GPU_BANDWIDTH_GBS = 250.0
+DEFAULT_GPU_GFLOPS = 8000.0
 
 Links = Mapping[tuple[NodeId, NodeId], float]
 
@@ -54,6 +57,19 @@ def node_speed(profile: NodeProfile) -> NodeSpeed:
     if gflops is None or gflops <= 0:
         gflops = DEFAULT_MATMUL_GFLOPS
         notes.append(f"{profile.node_id}: matmul speed unmeasured, assuming {gflops:g} GFLOP/s")
+    return NodeSpeed(bandwidth, gflops, tuple(notes))
+
+
+def gpu_speed(node_id: NodeId, gpu: GpuInfo) -> NodeSpeed:
+    """A GPU's measured figures, or the GPU defaults (with a note) where it has none."""
+    bandwidth, gflops = gpu.memory_bandwidth_gbs, gpu.matmul_gflops
+    notes: list[str] = []
+    if bandwidth is None or bandwidth <= 0 or gflops is None or gflops <= 0:
+        bandwidth, gflops = DEFAULT_GPU_BANDWIDTH_GBS, DEFAULT_GPU_GFLOPS
+        notes.append(
+            f"{node_id}: {gpu.device} speed unmeasured, assuming {bandwidth:g} GB/s and "
+            f"{gflops:g} GFLOP/s"
+        )
     return NodeSpeed(bandwidth, gflops, tuple(notes))
 
 

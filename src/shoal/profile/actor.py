@@ -3,7 +3,7 @@
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -72,6 +72,8 @@ class Profiler:
         engines: Sequence[str] | None = None,
         bench: bool = True,
         probe: bool = True,
+        devices: Collection[int] | None = None,
+        simulated_gpus: str | None = None,
         collector: Collector | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -88,6 +90,8 @@ class Profiler:
             engines=engines,
             bench=bench,
             probe=probe,
+            devices=devices,
+            simulated_gpus=simulated_gpus,
         )
         self._stop = asyncio.Event()
         self._refresh_failed = False

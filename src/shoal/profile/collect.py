@@ -24,8 +24,10 @@ from shoal.paths import cache_dir
 from shoal.profile.apple import AppleProbe
 from shoal.profile.bench import BenchSizes, cached_bench, fingerprint
 from shoal.profile.cpu import cpu_model, host_info
+from shoal.profile.gpu_bench import keep_speeds, with_speeds
 from shoal.profile.memory import ram
-from shoal.profile.nvidia import NvidiaProbe
+from shoal.profile.nvidia import NvidiaProbe, offered
+from shoal.profile.nvidia import simulated_gpus as parse_simulated
 from shoal.types.ids import NodeId
 from shoal.types.profile import GpuInfo, NodeProfile
 
@@ -179,7 +181,11 @@ class ProfileCollector:
         probe: bool = True,
         probe_cache: Path | None = None,
         probe_timeout_s: float = TIMEOUT_S,
+        devices: Collection[int] | None = None,
+        simulated_gpus: str | None = None,
     ) -> None:
+        """devices: the GPU indexes this node offers (None: all; empty: none, the CPU only).
+        simulated_gpus: GPUs that are not there (profile/nvidia.py `simulated_gpus`), for tests."""
         self._node_id = node_id
         self._data_dir = data_dir
         self._where = (api_url, data_addr, version)
@@ -189,12 +195,17 @@ class ProfileCollector:
         self._probe = probe
         self._probe_cache = probe_cache or cache_dir() / PROBE_CACHE_FILE
         self._probe_timeout_s = probe_timeout_s
-        self._nvidia = NvidiaProbe()
+        self._devices = devices
+        self._nvidia = NvidiaProbe(devices)
         self._apple = AppleProbe()
+        self._simulated = parse_simulated(simulated_gpus) if simulated_gpus else None
 
     def gpus(self) -> tuple[GpuInfo, ...]:
-        """Every GPU found, with its free memory read now."""
-        return self._nvidia.gpus() + self._apple.gpus()
+        """Every GPU offered, with its free memory read now."""
+        if self._simulated is not None:
+            return offered(self._simulated, self._devices)
+        apple = self._apple.gpus() if self._devices is None or self._devices else ()
+        return self._nvidia.gpus() + apple
 
     def engines(self) -> tuple[str, ...]:
         """The engines asked for (default: all installed), less any whose probe fails."""
@@ -226,7 +237,7 @@ class ProfileCollector:
             cpu_cores=host.cpu_cores,
             ram_total=memory.total,
             ram_available=memory.available,
-            gpus=self.gpus(),
+            gpus=with_speeds(self.gpus(), self._data_dir) if self._bench else self.gpus(),
             engines=engines,
             memory_bandwidth_gbs=speed.memory_bandwidth_gbs if speed else None,
             matmul_gflops=speed.matmul_gflops if speed else None,
@@ -238,7 +249,7 @@ class ProfileCollector:
     def refresh(self, profile: NodeProfile) -> NodeProfile:
         """The profile with RAM available and GPUs re-read; the rest (benchmark too) kept."""
         fields = dict(profile)
-        fields.update(ram_available=ram().available, gpus=self.gpus())
+        fields.update(ram_available=ram().available, gpus=keep_speeds(profile.gpus, self.gpus()))
         return NodeProfile(**fields)
 
     def close(self) -> None:

@@ -9,13 +9,25 @@ from shoal.types.message import Message
 
 
 class GpuInfo(Message):
-    """One accelerator; memory in bytes (unified memory on Apple Silicon)."""
+    """One accelerator; memory in bytes (unified memory on Apple Silicon).
+
+    index: the device index a runner on this node opens it by (`cuda:{index}`): CUDA's, in PCI
+    bus order, counting only the devices CUDA_VISIBLE_DEVICES leaves visible. The speed figures
+    are measured once per GPU (profile/gpu_bench.py) and None until then."""
 
     vendor: Literal["nvidia", "apple", "amd", "other"]
     name: str
     memory_total: int = Field(ge=0)
     memory_free: int = Field(ge=0)
     backend: Literal["cuda", "metal", "rocm", "other"]
+    index: int = Field(default=0, ge=0)
+    memory_bandwidth_gbs: float | None = None
+    matmul_gflops: float | None = None  # fp16
+
+    @property
+    def device(self) -> str:
+        """The torch device name of this GPU ("cuda:1", "mps")."""
+        return "mps" if self.backend == "metal" else f"cuda:{self.index}"
 
 
 class NodeProfile(Message):

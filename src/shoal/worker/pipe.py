@@ -33,6 +33,8 @@ class RunnerConfig(Message):
     n_layers: int
     engine: str = "torch"
     device: str | None = None
+    cpu_layers: int = Field(default=0, ge=0)  # the last layers on the CPU (engines/split.py)
+    gpu_split: tuple[int, ...] = ()  # llamacpp: layers per GPU (tensor_split)
     dtype: DType = "float32"  # torch only
     quant: Quant = "none"  # torch, numpy, native: engines/torch/quant.py, engines/native/
     host: str = "127.0.0.1"
@@ -68,13 +70,21 @@ class RunnerConfig(Message):
     @property
     def engine_options(self) -> EngineOptions:
         """The options every engine is built from (each takes those it knows: the registry)."""
+        gpu_layers = self.end - self.start - self.cpu_layers if self.cpu_layers else None
         return EngineOptions(
-            device=self.device, dtype=self.dtype, quant=self.quant, threads=self.threads
+            device=self.device,
+            dtype=self.dtype,
+            quant=self.quant,
+            threads=self.threads,
+            gpu_layers=gpu_layers,
+            gpu_split=self.gpu_split,
         )
 
     @model_validator(mode="after")
     def _check_shard(self) -> "RunnerConfig":
         self.shard  # noqa: B018 -- Shard checks the layer range
+        if self.cpu_layers >= self.end - self.start and self.cpu_layers:
+            raise ValueError("cpu_layers must leave at least one layer on the device")
         return self
 
 

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from shoal.engines.args import ModelArgs
 from shoal.engines.base import Engine, WeightSource
 from shoal.engines.registry import available_engines, build_engine, create_engine
+from shoal.engines.split import SplitEngine
 from shoal.log import configure as configure_logging
 from shoal.models.source import open_weights
 from shoal.models.weight_cache import CachedWeights
@@ -74,7 +75,14 @@ def build(config: RunnerConfig, model: ModelConfig) -> Engine:
     blocks of 32, kernels that did not compile, a node --quant that is no block format) runs on
     torch on the CPU, or numpy, which the ready status then names."""
     options = config.engine_options
-    if config.engine == "native" and not _native_runs(config.quant, model):
+    if config.cpu_layers and config.engine != "llamacpp":  # llama.cpp offloads layers itself
+        # the first layers on the device, the rest on the CPU in the same engine (torch there
+        # hands an int8/int4 part to native, as any CPU shard)
+        on_device = build_engine(config.engine, options)
+        on_cpu = build_engine(config.engine, dataclasses.replace(options, device="cpu"))
+        layers = config.end - config.start
+        return SplitEngine([(on_device, layers - config.cpu_layers), (on_cpu, config.cpu_layers)])
+
         fallback = "torch" if "torch" in available_engines() else "numpy"
         log.warning("native cannot run %s in %s here: running it on %s", model.architecture,
                     config.quant, fallback)  # fmt: skip
@@ -89,7 +97,10 @@ def _native_runs(quant: str, model: ModelConfig) -> bool:
 
 
 def running(engine: Engine) -> str:
-    """The engine that runs the shard: torch and numpy hand an int8/int4 CPU shard to native."""
+    """The engine that runs the shard: torch and numpy hand an int8/int4 CPU shard to native.
+    A GPU + CPU split names its device part's."""
+    if isinstance(engine, SplitEngine):
+        return running(engine.engines[0])
     # their handle on it is private (engines/torch/engine.py, numpy/engine.py `_native`)
     return "native" if getattr(engine, "_native", None) is not None else engine.name
 

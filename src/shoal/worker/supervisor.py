@@ -84,6 +84,8 @@ class RunnerProcess:
         env = dict(os.environ if self._env is None else self._env)
         if threads is not None:  # numpy/BLAS read it at import
             env.setdefault("OMP_NUM_THREADS", str(threads))
+        # CUDA counts GPUs in PCI bus order, as NVML does: the profile's indexes (profile/nvidia.py)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         self._proc = await asyncio.create_subprocess_exec(
             self._python,
             "-m",

@@ -21,7 +21,7 @@ from shoal.settings import LogFormat
 from shoal.state.model import State
 from shoal.types.events import Event, RunnerStatusChanged
 from shoal.types.ids import NodeId
-from shoal.types.instance import Instance
+from shoal.types.instance import Instance, StagePlan
 from shoal.types.runner import Downloading, Failed, Loading, Ready, RunnerStatus
 from shoal.types.weights import DType, Quant
 from shoal.worker.pipe import RunnerConfig, RunnerExited, RunnerFailed, RunnerLoading, RunnerReady
@@ -44,7 +44,8 @@ class RunnerOptions:
 
     host: str = "127.0.0.1"
     advertise: str | None = None  # the address others reach this node's runners at (None: host)
-    device: str | None = None
+    device: str | None = None  # for stages placed on no device in particular
+    simulated_gpus: bool = False  # the node's GPUs are simulated: their stages run on the CPU
     dtype: DType = "float32"
     threads: int | None = None
     wire_dtype: WireDType = "float32"
@@ -225,7 +226,9 @@ class Worker:
             end=stage.end,
             n_layers=assignment.instance.n_layers,
             engine=stage.engine,
-            device=options.device,
+            device=self._device(stage),
+            cpu_layers=stage.cpu_layers,
+            gpu_split=stage.gpu_split,
             dtype=options.dtype,
             quant=self._quant(assignment.instance),
             host=options.host,
@@ -255,6 +258,14 @@ class Worker:
         item.watcher = asyncio.create_task(self._watch(item), name=f"runner {key}")
         if key not in plan(self._state(), self._me):  # unplaced while it started
             await self._stop(self._running.pop(key))
+
+    def _device(self, stage: StagePlan) -> str | None:
+        """The device the stage's runner opens: placement's, else the node's --device."""
+        device = stage.device or self._options.device
+        if self._options.simulated_gpus and device is not None and device.startswith("cuda"):
+            log.info("%s is a simulated GPU: the stage runs on the CPU", device)
+            return "cpu"
+        return device
 
     async def _watch(self, item: _Running) -> None:
         """Turn the runner's statuses into events; its exit into Failed."""

@@ -133,6 +133,11 @@ class _Native:
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = engine.n_gpu_layers
+        if engine.tensor_split:  # the share of the offloaded layers each GPU holds, by index
+            shares = list(engine.tensor_split)[: llama_cpp.LLAMA_MAX_DEVICES]
+            shares += [0.0] * (llama_cpp.LLAMA_MAX_DEVICES - len(shares))
+            self._split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*shares)  # kept alive
+            mparams.tensor_split = self._split
         if progress is not None:
             mparams.progress_callback = progress
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
@@ -207,8 +212,10 @@ class LlamaCppEngine:
         n_ctx: int = 4096,
         n_threads: int | None = None,
         n_seq_max: int = 16,
+        tensor_split: Sequence[float] = (),
     ) -> None:
         self.n_gpu_layers = n_gpu_layers  # layers offloaded to the GPU: -1 all, 0 none (CPU)
+        self.tensor_split = tuple(tensor_split)  # per GPU index; () = llama.cpp's own split
         self.n_ctx = n_ctx  # KV cache cells, shared by all requests
         self.n_threads = n_threads or os.cpu_count() or 1
         self.n_seq_max = n_seq_max  # requests holding a cache at once
@@ -241,9 +248,11 @@ class LlamaCppEngine:
             raise UnsupportedModel(f"llama.cpp reads {native.n_layers} layers in {path.name}")
         self._native, self._pool = native, SequencePool(native.n_seq)
         log.info(
-            "loaded %s with llama.cpp (%d GPU layers, %d-token context, %d sequences, %d threads)",
+            "loaded %s with llama.cpp (%d GPU layers%s, %d-token context, %d sequences, "
+            "%d threads)",
             shard,
             self.n_gpu_layers,
+            f" split {list(self.tensor_split)}" if self.tensor_split else "",
             native.n_ctx,
             native.n_seq,
             self.n_threads,
