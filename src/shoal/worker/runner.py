@@ -75,6 +75,12 @@ def build(config: RunnerConfig, model: ModelConfig) -> Engine:
     blocks of 32, kernels that did not compile, a node --quant that is no block format) runs on
     torch on the CPU, or numpy, which the ready status then names."""
     options = config.engine_options
+    if options.device is not None and options.device.startswith("cuda:"):
+        # the placed GPU is the process's current device, so anything torch makes without
+        # naming one (CUDA graphs' pools and streams among them) lands there too
+        import torch
+
+        torch.cuda.set_device(torch.device(options.device))
     if config.cpu_layers and config.engine != "llamacpp":  # llama.cpp offloads layers itself
         # the first layers on the device, the rest on the CPU in the same engine (torch there
         # hands an int8/int4 part to native, as any CPU shard)
