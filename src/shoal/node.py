@@ -33,6 +33,7 @@ from shoal.net.zenoh_transport import ZenohTransport
 from shoal.paths import user_cards_dir
 from shoal.placer import make_placer
 from shoal.profile.actor import Profiler
+from shoal.profile.links import LinkMonitor
 from shoal.profile.nvidia import parse_devices
 from shoal.serving import ClusterService
 from shoal.settings import Settings
@@ -249,6 +250,7 @@ async def serve(settings: Settings) -> None:
     async def publish_profile(profile: NodeProfile) -> None:
         await cluster.report(NodeProfiled(profile=profile))
 
+    links = LinkMonitor(cluster.ping, cluster.transport.peers)
     profiler = Profiler(
         identity.node_id,
         settings.data_dir,
@@ -262,6 +264,7 @@ async def serve(settings: Settings) -> None:
         probe=settings.probe_engines,
         devices=devices,
         simulated_gpus=settings.simulated_gpus,
+        links=links.links,
     )
     log.info(
         "shoal node %s: API on http://%s:%d, cluster-facing on %s (advertised %s), control port "
@@ -283,6 +286,7 @@ async def serve(settings: Settings) -> None:
             for coroutine in cluster.coroutines():
                 group.create_task(coroutine)
             group.create_task(profiler.run(), name="profiler")
+            group.create_task(links.run(settings.profile_interval_s), name="links")
             group.create_task(worker.run(), name="worker")
             group.create_task(_prune(service, cluster), name="prune")
             if preload is not None:

@@ -8,6 +8,7 @@ to tell the API whether a model could run before anything is placed.
 from shoal.master import Placer
 from shoal.models.catalog import Catalog
 from shoal.placement.place import NoFit, place
+from shoal.profile.links import hop_seconds
 from shoal.state.model import State
 from shoal.types.commands import PlaceModel
 from shoal.types.ids import InstanceId
@@ -51,6 +52,7 @@ def make_placer(catalog: Catalog) -> Placer:
         found = place(
             card,
             usable,
+            links=hop_seconds(usable),
             policy=command.policy,
             overrides=command.layers,
             engine=command.engine,

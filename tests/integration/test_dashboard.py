@@ -206,6 +206,14 @@ def test_the_page_shows_the_nodes_and_the_split_instance(
     assert stages.count() == 2
     assert [stages.nth(i).get_attribute("data-node") for i in range(2)] == ids[-2:]
     assert "[0, 15)" in stages.nth(0).inner_text() and "[15, 30)" in stages.nth(1).inner_text()
+    # each node's round trips to the other two, as it measured them
+    for node_id in ids:
+        links = page.locator(f'#nodes li.card[data-node="{node_id}"] dd.links li[data-peer]')
+        expect(links).to_have_count(SIZE - 1, timeout=15_000)
+        assert re.fullmatch(r"\S+ \d+\.\d\d ms", links.first.inner_text())
+    # this node's own load on the instance: running, waiting, live tokens a second
+    load = row.locator(".load").inner_text()
+    assert re.fullmatch(r"\d+ running · \d+ waiting · \d+\.\d tok/s from this node", load), load
     shot(page, "#topology", "topology")
     shot(page, "#instances", "instances")
 
@@ -258,6 +266,37 @@ def test_placing_a_model_from_the_page_creates_the_instance(
     page.click(f'button[aria-label="delete {placed}"]')
     until(lambda: placed not in instances(cluster["nodes"][0]), 30, "the instance deleted")
     page.wait_for_selector(row, state="detached", timeout=10_000)
+
+
+@browser_test
+def test_a_split_typed_into_the_place_panel_is_placed_as_typed(
+    page: Any, cluster: dict[str, Any]
+) -> None:
+    ids, before = cluster["ids"], set(instances(cluster["nodes"][0]))
+    page.click(f'button[aria-label="place {MODEL}"]')
+    typed = page.locator(f'input[aria-label="manual split for {MODEL}"]')
+    typed.wait_for(timeout=10_000)
+    assert re.fullmatch(r"\S+:0-30(,\S+:\d+-30)?|\S+:0-\d+(,\S+:\d+-\d+)+",
+                        typed.get_attribute("placeholder") or "")  # fmt: skip
+    typed.fill(f"{ids[0][:14]}:0-10,{ids[1][:14]}:10-30")  # unique prefixes do
+    page.locator(f'#model-table tr[data-model="{MODEL}"] button:text-is("Place")').click()
+    until(lambda: len(set(instances(cluster["nodes"][0])) - before) == 1, 30, "a new instance")
+    (placed,) = set(instances(cluster["nodes"][0])) - before
+    stages = instances(cluster["nodes"][0])[placed]["stages"]
+    assert [(s["node_id"], s["start"], s["end"]) for s in stages] == [
+        (ids[0], 0, 10), (ids[1], 10, 30)]  # fmt: skip
+    row = f'#instance-list li[data-instance="{placed}"]'
+    page.wait_for_selector(row, timeout=10_000)
+    page.click(f'button[aria-label="delete {placed}"]')
+    until(lambda: placed not in instances(cluster["nodes"][0]), 30, "the instance deleted")
+    # a split that names no node is the placer's one-line reason, on the page
+    page.click(f'button[aria-label="place {MODEL}"]')
+    typed.wait_for(timeout=10_000)
+    typed.fill("nosuchnode:0-30")
+    page.locator(f'#model-table tr[data-model="{MODEL}"] button:text-is("Place")').click()
+    alert = page.locator(f'#model-table tr[data-model="{MODEL}"] [role=alert]')
+    expect(alert).to_contain_text("nosuchnode", timeout=10_000)
+    page.locator(f'#model-table tr[data-model="{MODEL}"] button:text-is("Cancel")').click()
 
 
 @browser_test

@@ -10,6 +10,7 @@ from shoal.cluster import ClusterNode
 from shoal.errors import BadRequest, ModelNotFound
 from shoal.placement.overrides import parse_overrides
 from shoal.placement.previews import previews
+from shoal.profile.links import hop_seconds
 from shoal.serving import ClusterService, profiles_of
 from shoal.state.model import State
 from shoal.types.commands import DeleteInstance
@@ -87,7 +88,8 @@ async def instance_previews(
         raise ModelNotFound("give ?model=MODEL_ID")
     service = _service(request)
     card = await service.resolve(wanted)
-    options = previews(card, profiles_of(request.app.state.cluster.state))
+    profiles = profiles_of(request.app.state.cluster.state)
+    options = previews(card, profiles, links=hop_seconds(profiles))
     return {"model": card.id, "previews": [p.to_json() for p in options]}
 
 
@@ -95,14 +97,22 @@ async def instance_previews(
 async def list_instances(request: Request) -> dict[str, Any]:
     """Every instance in the cluster with its runners, and how many requests this node has on it."""
     service = _service(request)
+    loads = service.loads()  # a moved handle still finishing requests on it counts too
     rows = []
     for iid, record in request.app.state.cluster.state.instances.items():
+        mine = [load for load in loads if load.instance == iid]
         rows.append(
             {
                 **record.instance.model_dump(mode="json"),
                 "ready": record.ready,
                 "runners": {str(k): v.model_dump(mode="json") for k, v in record.runners.items()},
                 "local_requests": service.instance_load(iid),
+                # what this node's own requests do on it now (each node sees its own)
+                "load": {
+                    "running": sum(load.running for load in mine),
+                    "waiting": sum(load.waiting for load in mine),
+                    "tok_s": round(sum(load.tok_s for load in mine), 2),
+                },
             }
         )
     return {"object": "list", "data": rows}

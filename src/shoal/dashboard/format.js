@@ -57,6 +57,14 @@ export function badge(text, state = text) {
   return el("span", { class: "badge", dataset: { state } }, text);
 }
 
+/** Where a stage runs: "cuda:0", "cuda:1 + cpu 4 layers", "cuda 10/14" (llama.cpp), or "". */
+export function where(stage) {
+  let text = stage.device ?? "";
+  if (stage.gpu_split?.length) text += ` ${stage.gpu_split.join("/")}`;
+  if (stage.cpu_layers) text += ` + cpu ${stage.cpu_layers} layers`;
+  return text.trim();
+}
+
 export function tokS(value) {
   return value === null || value === undefined ? "?" : `${value.toFixed(1)} tok/s`;
 }

@@ -1,7 +1,7 @@
 // The instances view: each instance's stages as layer bars across nodes, each runner's state.
 
 import { call } from "./api.js";
-import { badge, bytes, colour, el, short, tokS } from "./format.js";
+import { badge, bytes, colour, el, short, tokS, where } from "./format.js";
 
 /** [state word, detail] of one stage's runner (none yet: pending). */
 export function runnerState(runner) {
@@ -29,12 +29,13 @@ function stageBar(instance, runners) {
     { class: "layers", role: "img", "aria-label": `layers of ${instance.instance_id}` },
     instance.stages.map((stage, i) => {
       const [state, detail] = runnerState(runners[i]);
-      const text = `${short(stage.node_id)} [${stage.start}, ${stage.end})`;
+      const device = where(stage);
+      const text = `${short(stage.node_id)} [${stage.start}, ${stage.end})${device ? ` ${device}` : ""}`;
       return el(
         "div",
         {
           class: "stage",
-          dataset: { state, node: stage.node_id },
+          dataset: { state, node: stage.node_id, device: stage.device ?? "" },
           style: { flex: String(stage.end - stage.start), backgroundColor: colour(stage.node_id) },
           title: `${text} ${stage.engine}: ${detail}`,
         },
@@ -87,7 +88,12 @@ function row(instance) {
       instance.predicted_tok_s
         ? el("span", {}, `predicted ${tokS(instance.predicted_tok_s)}`)
         : null,
-      el("span", { class: "load" }, `${instance.local_requests} request(s) from this node`),
+      el(
+        "span",
+        { class: "load", title: "this node's own requests on the instance" },
+        `${instance.load.running} running · ${instance.load.waiting} waiting · ` +
+          `${tokS(instance.load.tok_s)} from this node`,
+      ),
       el("span", { class: "spacer" }),
       del,
     ),
@@ -103,7 +109,7 @@ function row(instance) {
           "li",
           { dataset: { stage: String(i) } },
           `${short(stage.node_id)} layers [${stage.start}, ${stage.end}) ` +
-            `${stage.engine}: ${states[i][1]}`,
+            `${stage.engine}${where(stage) ? ` on ${where(stage)}` : ""}: ${states[i][1]}`,
         ),
       ),
     ),

@@ -49,13 +49,27 @@ async function showPreviews(id) {
   redraw();
 }
 
+/** An option's layers as a manual split: "NODE:START-END,..." (a node's GPUs share its part). */
+function splitText(option) {
+  const parts = [];
+  for (const s of option?.stages ?? []) {
+    const last = parts[parts.length - 1];
+    if (last && last.node === s.node_id && last.end === s.start) last.end = s.end;
+    else parts.push({ node: s.node_id, start: s.start, end: s.end });
+  }
+  return parts.map((p) => `${p.node}:${p.start}-${p.end}`).join(",");
+}
+
 async function place(id) {
   const panel = open.get(id);
   const option = panel.options[panel.chosen];
-  // an option a policy picks is placed by that policy; any other by its layer split
-  const body = option.chosen_by.length
-    ? { model: id, policy: option.chosen_by[0] }
-    : { model: id, layers: option.stages.map((s) => `${s.node_id}:${s.start}-${s.end}`).join(",") };
+  const manual = (panel.layers ?? "").trim();
+  // a split typed in wins; an option a policy picks is placed by that policy; any other by
+  // its layer split
+  let body;
+  if (manual) body = { model: id, layers: manual };
+  else if (option.chosen_by.length) body = { model: id, policy: option.chosen_by[0] };
+  else body = { model: id, layers: splitText(option) };
   open.set(id, { ...panel, busy: true, error: null });
   redraw();
   const response = await post("/instance", body);
@@ -81,17 +95,33 @@ function panel(id) {
   );
   select.addEventListener("change", () => {
     state.chosen = Number(select.value);
+    manual.placeholder = splitText(state.options[state.chosen]) || "NODE:START-END,…";
   });
-  const fits = state.options.some((p) => p.fits);
+  // a free-form split, NODE:START-END,... (a node id or a unique prefix of one)
+  const manual = el("input", {
+    type: "text",
+    class: "manual-split",
+    "aria-label": `manual split for ${id}`,
+    placeholder: splitText(state.options[state.chosen]) || "NODE:START-END,…",
+    value: state.layers ?? "",
+    spellcheck: "false",
+  });
+  const fits = () => state.options.some((p) => p.fits) || Boolean((state.layers ?? "").trim());
+  const button = el(
+    "button",
+    { type: "button", class: "primary", disabled: state.busy || !fits(), onclick: () => place(id) },
+    "Place",
+  );
+  manual.addEventListener("input", () => {
+    state.layers = manual.value;
+    button.disabled = state.busy || !fits();
+  });
   return el(
     "div",
     { class: "previews" },
     state.options.length ? select : el("span", { class: "empty" }, "no placement options"),
-    el(
-      "button",
-      { type: "button", class: "primary", disabled: state.busy || !fits, onclick: () => place(id) },
-      "Place",
-    ),
+    el("label", {}, "or split ", manual),
+    button,
     el(
       "button",
       {
@@ -148,6 +178,8 @@ function row(model) {
 /** Draws the catalog; `again` redraws it from the last listing (after a panel changes). */
 export function renderModels(models, again) {
   redraw = again;
+  // a redraw would take the caret out of a split being typed: the next one draws it
+  if (document.activeElement?.classList?.contains("manual-split")) return;
   const order = { ready: 0, loading: 1, downloading: 1, available: 2, failed: 3, unavailable: 4 };
   const sorted = [...models].sort(
     (a, b) => (order[a.status] ?? 5) - (order[b.status] ?? 5) || a.id.localeCompare(b.id),

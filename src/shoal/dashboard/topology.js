@@ -34,11 +34,28 @@ function card(record, isMaster, self) {
   if (p) {
     rows.push(el("dt", {}, "host"), el("dd", {}, p.hostname));
     rows.push(el("dt", {}, "system"), el("dd", {}, `${p.os} ${p.arch} · ${p.cpu_cores} cores`));
-    const gpus = p.gpus.map((g) => `${g.name} (${g.backend})`);
+    const device = (g) => (g.backend === "metal" ? "mps" : `cuda:${g.index ?? 0}`);
+    const gpus = p.gpus.map((g) => `${device(g)} ${g.name}`);
     rows.push(el("dt", {}, "devices"), el("dd", {}, ["CPU: " + p.cpu_model, ...gpus].join(" · ")));
     rows.push(...memory("RAM", p.ram_total, p.ram_available));
-    for (const gpu of p.gpus) rows.push(...memory(gpu.name, gpu.memory_total, gpu.memory_free));
+    for (const gpu of p.gpus)
+      rows.push(...memory(`${device(gpu)} ${gpu.name}`, gpu.memory_total, gpu.memory_free));
     rows.push(el("dt", {}, "engines"), el("dd", {}, p.engines.join(", ") || "none"));
+    const links = (p.links ?? []).map((l) =>
+      el(
+        "li",
+        { dataset: { peer: l.peer }, style: { color: colour(l.peer) } },
+        `${short(l.peer)} ${l.rtt_ms.toFixed(2)} ms`,
+      ),
+    );
+    rows.push(
+      el("dt", {}, "links"),
+      el(
+        "dd",
+        { class: "links" },
+        links.length ? el("ul", { "aria-label": "round trips to peers" }, links) : "none measured",
+      ),
+    );
   } else {
     rows.push(el("dt", {}, "profile"), el("dd", { class: "empty" }, "not reported yet"));
   }

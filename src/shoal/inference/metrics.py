@@ -5,7 +5,9 @@ labelled by `model_name`. They live in a registry the caller owns (one per node,
 one process do not share counts); the gauges read at scrape time are api/metrics.py's.
 """
 
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -24,13 +26,18 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 EndReason = FinishReason | Literal["error"]  # cancelled: vLLM's abort
 
 
+RATE_WINDOW_S = 5.0  # the live tokens per second are over the last this many seconds
+
+
 class InstanceLoad(NamedTuple):
-    """The requests one node has on one instance now (a scrape reads these)."""
+    """The requests one node has on one instance now (a scrape reads these), and the tokens a
+    second they generate (over the last RATE_WINDOW_S)."""
 
     model: ModelId
     instance: InstanceId
     running: int
     waiting: int
+    tok_s: float = 0.0
 
 
 class RequestMetrics:
@@ -90,6 +97,7 @@ class ModelMetrics:
 
     of: RequestMetrics
     model_name: str
+    _recent: deque[float] = field(default_factory=deque, repr=False)  # token times, monotonic
 
     def __post_init__(self) -> None:
         m, name = self.of, self.model_name
@@ -111,6 +119,18 @@ class ModelMetrics:
         self._generated.inc()
         if gap_s is not None:
             self._itl.observe(gap_s)
+        now = time.monotonic()
+        self._recent.append(now)
+        self._forget(now)
+
+    def tok_s(self) -> float:
+        """Tokens generated a second over the last RATE_WINDOW_S."""
+        self._forget(time.monotonic())
+        return len(self._recent) / RATE_WINDOW_S
+
+    def _forget(self, now: float) -> None:
+        while self._recent and self._recent[0] < now - RATE_WINDOW_S:
+            self._recent.popleft()
 
     def ended(self, reason: EndReason, e2e_s: float | None, tpot_s: float | None) -> None:
         """A request ended (e2e_s, tpot_s: None where they do not apply)."""

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Protocol
 
 from shoal.profile.collect import ProfileCollector
+from shoal.profile.links import links_moved
 from shoal.types.ids import NodeId
-from shoal.types.profile import NodeProfile
+from shoal.types.profile import Link, NodeProfile
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,13 @@ class Collector(Protocol):
 def _steady(p: NodeProfile) -> NodeProfile:
     # The profile with its noisy fields blanked, so the rest compares exactly.
     gpus = tuple(g.model_copy(update={"memory_free": 0}) for g in p.gpus)
-    return p.model_copy(update={"ram_available": 0, "gpus": gpus})
+    return p.model_copy(update={"ram_available": 0, "gpus": gpus, "links": ()})
 
 
 def changed(old: NodeProfile, new: NodeProfile) -> bool:
     """Whether new differs from old beyond measurement noise."""
-    if _steady(old) != _steady(new):
-        return True  # anything but free memory: GPUs, engines, addresses, totals
+    if _steady(old) != _steady(new) or links_moved(old.links, new.links):
+        return True  # anything but free memory and round-trip noise
     # RAM counts as moved when it passes either bar: 2 % of total, or 256 MiB.
     ram_bar = min(RAM_NOISE_FRACTION * new.ram_total, RAM_NOISE_BYTES)
     if abs(new.ram_available - old.ram_available) > ram_bar:
@@ -74,6 +75,7 @@ class Profiler:
         probe: bool = True,
         devices: Collection[int] | None = None,
         simulated_gpus: str | None = None,
+        links: Callable[[], tuple[Link, ...]] = tuple,  # the latest round trips to peers
         collector: Collector | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -93,6 +95,7 @@ class Profiler:
             devices=devices,
             simulated_gpus=simulated_gpus,
         )
+        self._links = links
         self._stop = asyncio.Event()
         self._refresh_failed = False
 
@@ -117,6 +120,8 @@ class Profiler:
             last_at = self._clock()
             while not await self._stopped_within(self._interval_s):
                 new = await self._refresh(last)
+                if new is not None:
+                    new = new.model_copy(update={"links": self._links()})
                 now = self._clock()
                 if new is not None and should_emit(
                     last, new, now=now, last_emit_at=last_at, heartbeat_s=self._heartbeat_s

@@ -9,7 +9,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from shoal.inference.metrics import RequestMetrics
+from shoal.inference.metrics import ModelMetrics, RequestMetrics
 from shoal.inference.pipeline import PipelineBroken
 from shoal.inference.remote import RemotePipeline
 from shoal.inference.request import GenerationRequest
@@ -31,6 +31,12 @@ class InstanceHandle:
     scheduler: Scheduler
     pipeline: RemotePipeline
     task: asyncio.Task[None]
+    metrics: ModelMetrics | None = None  # what its scheduler counts (the live tok/s too)
+
+    @property
+    def tok_s(self) -> float:
+        """Tokens a second it generated for this node's requests lately."""
+        return self.metrics.tok_s() if self.metrics is not None else 0.0
 
     @property
     def context_length(self) -> int:
@@ -73,6 +79,7 @@ async def open_handle(
     async def on_broken(exc: PipelineBroken) -> RemotePipeline:
         return await recover(handle, exc)
 
+    counts = metrics.model(card.id) if metrics is not None else None
     scheduler = Scheduler(
         pipeline,
         tokenizer,
@@ -83,9 +90,9 @@ async def open_handle(
         max_queue=max_queue,
         prefill_chunk=prefill_chunk,
         recover=on_broken,
-        metrics=metrics.model(card.id) if metrics is not None else None,
+        metrics=counts,
     )
     iid = record.instance.instance_id
     task = asyncio.create_task(scheduler.run(), name=f"scheduler {iid}")
-    handle = InstanceHandle(card, tokenizer, iid, scheduler, pipeline, task)
+    handle = InstanceHandle(card, tokenizer, iid, scheduler, pipeline, task, counts)
     return handle

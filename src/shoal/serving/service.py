@@ -132,7 +132,9 @@ class ClusterService:
     def loads(self) -> list[InstanceLoad]:
         """The requests running and waiting on every instance this node drives now."""
         return [
-            InstanceLoad(h.card.id, h.instance_id, h.scheduler.running, h.scheduler.waiting)
+            InstanceLoad(
+                h.card.id, h.instance_id, h.scheduler.running, h.scheduler.waiting, h.tok_s
+            )
             for h in [*self._handles.values(), *self._orphans]
         ]
 

@@ -30,6 +30,13 @@ class GpuInfo(Message):
         return "mps" if self.backend == "metal" else f"cuda:{self.index}"
 
 
+class Link(Message):
+    """The control-plane round trip from a node to a peer, as it last measured it."""
+
+    peer: NodeId
+    rtt_ms: float = Field(ge=0)
+
+
 class NodeProfile(Message):
     """A node's self-description, refreshed every few seconds."""
 
@@ -49,3 +56,4 @@ class NodeProfile(Message):
     api_url: str = ""  # http://host:port of this node's API
     data_addr: str = ""  # host:port of its file server (model files for members, mutual TLS)
     version: str = ""
+    links: tuple[Link, ...] = ()  # to each connected peer (profile/links.py), by peer id
