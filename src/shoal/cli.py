@@ -502,52 +502,6 @@ def _add_pull(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_pull)
 
 
-def _pull_source(model: str, data_dir: Path) -> tuple[str, str | None, str]:
-    """(repo, one file or None, revision) a catalog id or repo id downloads from."""
-    from shoal.errors import ModelNotFound
-    from shoal.models.catalog import Catalog
-    from shoal.paths import user_cards_dir
-    from shoal.types.model_card import HubWeights
-
-    try:
-        card = Catalog([user_cards_dir(data_dir)]).get(model)
-    except ModelNotFound:
-        if "/" not in model:
-            raise
-        return model, None, "main"
-    for where in card.weights:
-        if isinstance(where, HubWeights):
-            return where.repo, where.file, getattr(where, "revision", "main")
-    raise CliError(f"{model}'s card names no Hugging Face repo: nothing to pull")
-
-
-def _pull_layers(spec: str) -> tuple[int, int]:
-    start, sep, end = spec.partition("-")
-    if not (sep and start.isdigit() and end.isdigit() and int(start) < int(end)):
-        raise CliError(f"--layers {spec!r}: give START-END with START < END, e.g. 0-14")
-    return int(start), int(end)
-
-
-def _pull_paths(hub: Any, listing: Any, file: str | None, layers: str | None) -> list[str]:
-    """What to fetch: a card's one file, or the files of the layers (all), or every file."""
-    from shoal.models.hub import INDEX_FILE, files_for_layers, repo_dir, small_files
-    from shoal.models.hub_card import card_from_config
-
-    if file is not None:
-        return [*small_files(listing), file]
-    if not listing.has("config.json"):
-        return [f.path for f in listing.files]
-    for path in [*small_files(listing), *([INDEX_FILE] if listing.has(INDEX_FILE) else [])]:
-        hub.download(listing, path)
-    directory = repo_dir(hub.root, listing.repo, listing.commit)
-    config = json.loads((directory / "config.json").read_text())
-    n_layers = card_from_config(listing.repo, config, listing).layers
-    start, end = _pull_layers(layers) if layers else (0, n_layers)
-    if end > n_layers:
-        raise CliError(f"--layers {layers}: {listing.repo} has {n_layers} layers")
-    return files_for_layers(listing, directory, start, end, n_layers)
-
-
 def _pull(args: argparse.Namespace) -> None:
     from rich.progress import (
         BarColumn,
@@ -558,16 +512,16 @@ def _pull(args: argparse.Namespace) -> None:
         TransferSpeedColumn,
     )
 
-    from shoal.models.hub import CorruptFile, Hub, repo_dir
+    from shoal.models.catalog import Catalog
+    from shoal.models.hub import Hub, RepoListing
+    from shoal.models.pull import parse_layers, pull, source_of
+    from shoal.paths import user_cards_dir
     from shoal.settings import load_settings
 
     settings = load_settings({"data_dir": args.data_dir})
     hub = Hub(settings.data_dir / "hub")
-    repo, file, revision = _pull_source(args.model, settings.data_dir)
-    listing = hub.listing(repo, args.revision or revision)
-    held = {f.path for f in listing.files if hub.local(listing, f.path) is not None}
-    paths = _pull_paths(hub, listing, file, args.layers)
-    missing = [p for p in paths if hub.local(listing, p) is None]
+    source = source_of(args.model, Catalog([user_cards_dir(settings.data_dir)]))
+    layers = parse_layers(args.layers) if args.layers else None
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -575,25 +529,35 @@ def _pull(args: argparse.Namespace) -> None:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True), disable=not missing) as bars:
-        total = bars.add_task("total", total=sum(listing.file(p).size for p in missing))
-        finished = 0
-        for path in missing:
-            task = bars.add_task(path, total=listing.file(path).size)
+    bars = Progress(*columns, console=Console(stderr=True))
+    tasks: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    done: dict[str, int] = {}
 
-            def moved(done: int, _size: int, task: Any = task, base: int = finished) -> None:
-                bars.update(task, completed=done)
-                bars.update(total, completed=base + done)
+    def planned(paths: list[str], listing: RepoListing) -> None:
+        if not paths:
+            return
+        bars.start()
+        for path in paths:
+            sizes[path] = listing.file(path).size
+            tasks[path] = bars.add_task(path, total=sizes[path])
+        tasks[""] = bars.add_task("total", total=sum(sizes.values()))
 
-            try:
-                hub.download(listing, path, moved)
-            except CorruptFile as exc:  # a bad transfer: once more from the start
-                bars.console.print(f"{exc}: fetching it again")
-                hub.download(listing, path, moved)
-            finished += listing.file(path).size
-    fetched = len([p for p in paths if p not in held])
-    where = repo_dir(hub.root, repo, listing.commit)
-    print(f"{repo} at {listing.commit[:12]}: {len(paths)} files ({fetched} fetched now) in {where}")
+    def moved(path: str, n: int, _size: int) -> None:
+        done[path] = n
+        bars.update(tasks[path], completed=n)
+        bars.update(tasks[""], completed=sum(done.values()))
+
+    try:
+        result = pull(hub, source, revision=args.revision, layers=layers, progress=moved,
+                      planned=planned)  # fmt: skip
+    finally:
+        if tasks:  # started: the bars are on the screen
+            bars.stop()
+    print(
+        f"{result.repo} at {result.commit[:12]}: {len(result.paths)} files ({result.fetched} "
+        f"fetched now) in {result.directory}"
+    )
 
 
 # --- entry point ----------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from shoal.profile.actor import Profiler
 from shoal.profile.links import LinkMonitor
 from shoal.profile.nvidia import parse_devices
 from shoal.serving import ClusterService
+from shoal.serving.pulls import Pulls
 from shoal.settings import Settings
 from shoal.state.model import State
 from shoal.state.store import StateStore
@@ -193,6 +194,7 @@ async def serve(settings: Settings) -> None:
         tokenizer_files=lambda card: fetcher.stage(card, None, None),
         metrics=RequestMetrics(registry),
     )
+    pull_files = Pulls(hub, catalog)
     app = create_app(
         service,
         cluster=cluster,
@@ -205,6 +207,7 @@ async def serve(settings: Settings) -> None:
         loads=service.loads,
         fetched=fetcher,
         hub_root=hub.root,
+        pull_files=pull_files,
     )
 
     def card_of(instance: Instance) -> ModelCard:
@@ -295,6 +298,7 @@ async def serve(settings: Settings) -> None:
         pass
     finally:
         await service.close()
+        await pull_files.close()
         await worker.shutdown()
         await files.stop()
         await peer_files.aclose()

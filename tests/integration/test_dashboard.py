@@ -38,6 +38,7 @@ KEY = "sk-dashboard-admin-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SHOTS = os.environ.get("SHOAL_SCREENSHOTS")  # a folder to save each view's screenshot in
 SIZE = 3
+PULLED, PULLED_REPO = "qwen3-0.6b", "mlx-community/Qwen3-0.6B-4bit"  # the card's first source
 T = TypeVar("T")
 
 
@@ -329,3 +330,37 @@ def test_without_keys_the_page_asks_for_none(browser: Any, tmp_path: Path) -> No
         tab.close()
     finally:
         node.stop()
+
+
+@browser_test
+def test_a_model_pulled_from_the_page_shows_its_progress_and_then_runs_here(
+    browser: Any, tmp_path: Path
+) -> None:
+    from tests.helpers.hub_server import HubServer
+    from tests.helpers.mlx_repos import make_hf_repo
+
+    pytest.importorskip("transformers")
+    repo = make_hf_repo(tmp_path / "tiny", layers=2, files=2)
+    with HubServer({PULLED_REPO: repo}) as hub:
+        hub.rate = 300_000  # bytes/s: slow enough to see the bar move
+        node = start_cluster_node(tmp_path, env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})
+        try:
+            node.wait_ready()
+            tab = browser.new_page(viewport={"width": 1280, "height": 900})
+            tab.goto(node.url)
+            tab.wait_for_selector("#link[data-state=live]", timeout=10_000)
+            row = tab.locator(f'#model-table tr[data-model="{PULLED}"]')
+            status = row.locator("td").nth(2)
+            expect(status).to_contain_text("runs after a download")
+            row.locator(f'button[aria-label="pull {PULLED}"]').click()
+            bar = row.locator('.pull[data-pull="downloading"] progress')
+            bar.wait_for(timeout=10_000)
+            expect(row.locator(".pull")).to_contain_text(re.compile(r"pulling \d+%"))
+            shot(tab, "#models", "pull")
+            hub.rate = None
+            row.locator('[data-pull="done"]').wait_for(timeout=60_000)
+            expect(status).to_contain_text("runs here now", timeout=10_000)
+            assert row.locator(f'button[aria-label="pull {PULLED}"]').count() == 0
+            tab.close()
+        finally:
+            node.stop()

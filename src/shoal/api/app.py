@@ -10,13 +10,24 @@ from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
 from shoal import __version__
-from shoal.api import chat, completions, dashboard, errors, health, instances, metrics, models
+from shoal.api import (
+    chat,
+    completions,
+    dashboard,
+    errors,
+    health,
+    instances,
+    metrics,
+    models,
+    pulls,
+)
 from shoal.api import cluster as cluster_routes
 from shoal.api.auth import ApiKeyAuth, ApiKeys
 from shoal.api.limits import BodyLimit
 from shoal.cluster import ClusterNode
 from shoal.inference.metrics import InstanceLoad
 from shoal.inference.service import InferenceService
+from shoal.serving.pulls import Pulls
 
 
 def create_app(
@@ -32,6 +43,7 @@ def create_app(
     loads: Callable[[], Iterable[InstanceLoad]] = tuple,  # requests per instance, for /metrics
     fetched: metrics.FetchedBytes | None = None,  # the node's Fetcher, for /metrics
     hub_root: Path | None = None,  # the node's Hub cache: /v1/models says what runs here
+    pull_files: Pulls | None = None,  # fetches models into that cache (POST /v1/pulls)
 ) -> FastAPI:
     """An app serving `service` (and `cluster`); the caller runs it and owns their lifetimes.
 
@@ -44,8 +56,9 @@ def create_app(
     app.state.profile_wait_s = profile_wait_s  # a layout waits this long for a named node
     app.state.models_json = None  # (state index, bytes): see api/models.py
     app.state.hub_root = hub_root
+    app.state.pulls = pull_files
     errors.install(app)
-    for module in (models, chat, completions, health, cluster_routes, instances, dashboard):
+    for module in (models, chat, completions, health, cluster_routes, instances, pulls, dashboard):
         app.include_router(module.router)
     registry = registry if registry is not None else CollectorRegistry()
     metrics.install(app, registry, cluster, loads, fetched)

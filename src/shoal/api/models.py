@@ -55,13 +55,16 @@ def model_object(
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
-    """Every card; the JSON is rebuilt only when the cluster state changes (read often)."""
+    """Every card; the JSON is rebuilt only when the cluster state changes, or a pull into this
+    node's cache ends (read often)."""
     service: InferenceService = request.app.state.service
     cluster = request.app.state.cluster
-    version = cluster.state.index if cluster is not None else None
+    pulls = request.app.state.pulls
+    ended = pulls.ended if pulls is not None else 0
+    version = (cluster.state.index, ended) if cluster is not None else None
     cached = request.app.state.models_json
     if cached is None or cached[0] != version or version is None:
-        answers = _answers(request)
+        answers = answers_here(request)
         data = [model_object(c, service, answers) for c in service.cards()]
         listing = {"object": "list", "data": data}
         cached = request.app.state.models_json = (version, json.dumps(listing).encode())
@@ -71,10 +74,10 @@ async def list_models(request: Request) -> Response:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     service: InferenceService = request.app.state.service
-    return model_object(await service.resolve(model_id), service, _answers(request))
+    return model_object(await service.resolve(model_id), service, answers_here(request))
 
 
-def _answers(request: Request) -> Answers | None:
+def answers_here(request: Request) -> Answers | None:
     """What runs on this machine, against the cluster's connected nodes (None: no Hub cache,
     as in tests of the API alone)."""
     hub_root = request.app.state.hub_root

@@ -9,9 +9,12 @@ import { renderTopology } from "./topology.js";
 
 const DEBOUNCE_MS = 150; // a burst of entries is one read
 const FALLBACK_MS = 5000; // liveness: the page notices a node it cannot reach even with no entries
+const PULL_MS = 1000; // while this node pulls a model, its progress is read this often
 
 let self = null;
 let models = [];
+let pulls = [];
+let pulling = null; // the timer that reads /v1/pulls while one runs
 let timer = null;
 let reading = false;
 let again = false;
@@ -55,7 +58,21 @@ async function refresh() {
 }
 
 function drawModels() {
-  renderModels(models, drawModels);
+  renderModels(models, drawModels, pulls, readPulls);
+}
+
+/** This node's pulls; read again every PULL_MS while one is under way, then the models. */
+async function readPulls() {
+  clearTimeout(pulling);
+  try {
+    pulls = (await json("/v1/pulls")).data;
+  } catch {
+    pulls = []; // a node without a Hub cache pulls nothing
+  }
+  drawModels();
+  const active = pulls.some((p) => p.status === "starting" || p.status === "downloading");
+  if (active) pulling = setTimeout(readPulls, PULL_MS);
+  else if (pulls.length) soon(); // one ended: what runs here has changed
 }
 
 function soon() {
@@ -64,6 +81,7 @@ function soon() {
 }
 
 setupChat();
+readPulls();
 document.getElementById("change-key").addEventListener("click", () => changeKey().then(refresh));
 refresh();
 setInterval(refresh, FALLBACK_MS);

@@ -1,11 +1,42 @@
 // The models view: the catalog with whether each model runs, and placing one with a preview.
 
 import { json, post } from "./api.js";
-import { badge, el, short, tokS } from "./format.js";
+import { badge, bytes, el, short, tokS } from "./format.js";
 
 // model id -> { options, chosen, error, busy }: what a "Place…" panel shows across redraws
 const open = new Map();
 let redraw = () => {};
+let pullsByModel = new Map(); // model id -> this node's latest pull of it
+let pullsChanged = () => {};
+const pullErrors = new Map(); // model id -> why POST /v1/pulls was refused
+
+async function startPull(id) {
+  pullErrors.delete(id);
+  const response = await post("/v1/pulls", { model: id });
+  if (!response.ok) {
+    const answer = await response.json().catch(() => ({}));
+    pullErrors.set(id, answer?.error?.message ?? response.statusText);
+  }
+  pullsChanged();
+}
+
+/** A pull's progress, or why it failed (null: none). */
+function pullLine(id) {
+  if (pullErrors.has(id)) return el("div", { role: "alert", class: "reason" }, pullErrors.get(id));
+  const p = pullsByModel.get(id);
+  if (!p) return null;
+  if (p.status === "failed")
+    return el("div", { role: "alert", class: "reason" }, `pull failed: ${p.reason}`);
+  if (p.status === "done")
+    return el("div", { class: "reason", dataset: { pull: "done" } }, "pulled to this node");
+  const pct = p.total ? Math.floor((100 * p.done) / p.total) : 0;
+  return el(
+    "div",
+    { class: "pull", dataset: { pull: p.status } },
+    el("progress", { max: p.total || 1, value: p.done, "aria-label": `pulling ${id}` }),
+    ` pulling ${pct}% (${bytes(p.done)} of ${bytes(p.total)})`,
+  );
+}
 
 /** [state word, text] of a model's status, as /v1/models reports it. */
 export function modelState(model) {
@@ -156,10 +187,29 @@ function row(model) {
     ),
     // storage_size_megabytes is MiB (exo's field): shown as GiB, not as decimal GB
     el("td", {}, `${(model.storage_size_megabytes / 1024).toFixed(2)} GiB`),
-    el("td", {}, badge(state), el("div", { class: "reason" }, text), panel(model.id)),
     el(
       "td",
       {},
+      badge(state),
+      el("div", { class: "reason" }, text),
+      pullLine(model.id),
+      panel(model.id),
+    ),
+    el(
+      "td",
+      {},
+      model.availability_kind === "needs_download" && !pulling(model.id)
+        ? el(
+            "button",
+            {
+              type: "button",
+              "aria-label": `pull ${model.id}`,
+              title: "download its files to this node",
+              onclick: () => startPull(model.id),
+            },
+            "Pull",
+          )
+        : null,
       placeable && !open.has(model.id)
         ? el(
             "button",
@@ -175,9 +225,18 @@ function row(model) {
   );
 }
 
-/** Draws the catalog; `again` redraws it from the last listing (after a panel changes). */
-export function renderModels(models, again) {
+function pulling(id) {
+  const p = pullsByModel.get(id);
+  return p && (p.status === "starting" || p.status === "downloading");
+}
+
+/** Draws the catalog; `again` redraws it from the last listing (after a panel changes);
+ * `pulls` are this node's (GET /v1/pulls), `readPulls` reads them again. */
+export function renderModels(models, again, pulls = [], readPulls = () => {}) {
   redraw = again;
+  pullsChanged = readPulls;
+  pullsByModel = new Map();
+  for (const p of [...pulls].reverse()) pullsByModel.set(p.model, p); // newest wins
   // a redraw would take the caret out of a split being typed: the next one draws it
   if (document.activeElement?.classList?.contains("manual-split")) return;
   const order = { ready: 0, loading: 1, downloading: 1, available: 2, failed: 3, unavailable: 4 };
