@@ -16,7 +16,7 @@ from shoal import __version__
 from shoal.api.app import create_app
 from shoal.api.auth import ApiKeys
 from shoal.api.limits import header_timeout_protocol
-from shoal.api.metrics import RestartsCollector
+from shoal.api.metrics import RunnersCollector, StageCache
 from shoal.cluster import ClusterNode
 from shoal.engines.registry import available_engines
 from shoal.errors import BadRequest, ShoalError
@@ -31,6 +31,7 @@ from shoal.net.identity import Identity
 from shoal.net.transport import DuplicateNodeId
 from shoal.net.zenoh_transport import ZenohTransport
 from shoal.paths import user_cards_dir
+from shoal.placement.memory import default_context
 from shoal.placer import make_placer
 from shoal.profile.actor import Profiler
 from shoal.profile.links import LinkMonitor
@@ -235,7 +236,19 @@ async def serve(settings: Settings) -> None:
             log_format=settings.log_format,
         ),
     )
-    registry.register(RestartsCollector(lambda: worker.restarts))
+    def stage_caches() -> list[StageCache]:
+        return [
+            StageCache(
+                u.assignment.instance.model_id,
+                u.assignment.key.instance_id,
+                u.assignment.key.stage,
+                u.positions,
+                default_context(card_of(u.assignment.instance)),  # placement plans one sequence
+            )
+            for u in worker.kv_usage()
+        ]
+
+    registry.register(RunnersCollector(lambda: worker.restarts, stage_caches))
     config = uvicorn.Config(
         app,
         host=settings.host,

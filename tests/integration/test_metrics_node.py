@@ -2,6 +2,7 @@
 whole and a streamed request, and the node's log read back line by line."""
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,30 @@ def test_the_node_logs_one_json_object_a_line(node: NodeProcess) -> None:
     assert any("prompt tokens, TTFT" in r["message"] for r in summaries)
     loaded = [r for r in records if r["logger"].startswith("shoal.engines.")]
     assert any(r["message"].startswith("loaded ") for r in loaded)  # the runner's own line
+
+
+def test_kv_cache_use_follows_a_running_request(node: NodeProcess) -> None:
+    def held() -> float:
+        found = samples(httpx.get(f"{node.url}/metrics", timeout=10).text)
+        return total(found, "shoal:kv_cache_positions", model_name=MODEL)
+
+    def until(check: Any, what: str) -> None:
+        for _ in range(100):
+            if check():
+                return
+            time.sleep(0.1)
+        raise AssertionError(what)
+
+    story = [{"role": "user", "content": "Write a long story about the sea."}]
+    ask = {"model": MODEL, "messages": story, "temperature": 0, "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", f"{node.url}/v1/chat/completions", json=ask, timeout=120) as r:
+        lines = r.iter_lines()
+        for _ in range(5):
+            next(lines)
+        until(lambda: held() > 0, "the runner's caches never showed in /metrics")
+        found = samples(httpx.get(f"{node.url}/metrics", timeout=10).text)
+        (usage,) = [v for _, v in found["shoal:kv_cache_usage_perc"]]
+        assert 0 < usage < 1  # a few hundred positions of the 4096 placement planned
+        for _ in lines:
+            pass
+    until(lambda: held() == 0, "the finished request's caches were not freed")

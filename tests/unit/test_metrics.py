@@ -432,14 +432,21 @@ def test_log_format_comes_from_the_flag_or_shoal_log_format_and_configures_the_r
             lg.setLevel(level)
 
 
-def test_runner_restarts_are_read_from_the_worker_at_each_scrape() -> None:
+def test_runner_restarts_and_kv_caches_are_read_from_the_worker_at_each_scrape() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
-    from shoal.api.metrics import RestartsCollector
+    from shoal.api.metrics import RunnersCollector, StageCache
 
     restarts = [0]
+    caches = [StageCache("m", "m-1", 0, 1024, 4096), StageCache("m", "m-1", 1, 6144, 4096)]
     registry = CollectorRegistry()
-    registry.register(RestartsCollector(lambda: restarts[0]))
+    registry.register(RunnersCollector(lambda: restarts[0], lambda: caches))
     restarts[0] = 3
     text = generate_latest(registry).decode()
     assert "shoal:runner_restarts_total 3.0" in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    usage = {s.labels["stage"]: s.value for s in families["shoal:kv_cache_usage_perc"].samples}
+    assert usage == {"0": 0.25, "1": 1.5}  # over 1: more cached than placement planned
+    held = families["shoal:kv_cache_positions"].samples
+    assert [(s.labels["instance"], s.value) for s in held] == [("m-1", 1024.0), ("m-1", 6144.0)]

@@ -8,7 +8,7 @@ a copy in step. Behind the API key like every route but /healthz: a user key may
 """
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
@@ -134,15 +134,46 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"shoal:{name}", doc, value=value)
 
 
-class RestartsCollector:
-    """Runners this node's worker restarted after a crash, read from it at each scrape."""
+class StageCache(NamedTuple):
+    """One stage this node runs: the positions its KV caches hold, and the positions placement
+    planned its cache for (the context, times the sequences)."""
 
-    def __init__(self, restarts: Callable[[], int]) -> None:
+    model: str
+    instance: str
+    stage: int
+    positions: int
+    planned: int
+
+
+class RunnersCollector:
+    """This node's runners, read from its worker at each scrape: restarts after a crash, and
+    each stage's KV cache use (vLLM's kv_cache_usage_perc: the share of the planned cache held;
+    over 1 when more is cached than placement planned for, as caches grow per request)."""
+
+    def __init__(
+        self, restarts: Callable[[], int], caches: Callable[[], Iterable[StageCache]] = tuple
+    ) -> None:
         self._restarts = restarts
+        self._caches = caches
 
     def collect(self) -> Iterator[Metric]:
         doc = "Runner subprocesses this node restarted after a crash."
         yield CounterMetricFamily("shoal:runner_restarts", doc, value=self._restarts())
+        labels = ["model_name", "instance", "stage"]
+        usage = GaugeMetricFamily(
+            "shoal:kv_cache_usage_perc",
+            "KV cache a stage holds here, as a share of what placement planned (1 = 100%).",
+            labels=labels,
+        )
+        held = GaugeMetricFamily(
+            "shoal:kv_cache_positions", "Token positions a stage's KV caches hold.", labels=labels
+        )
+        for c in self._caches():
+            names = [c.model, c.instance, str(c.stage)]
+            usage.add_metric(names, c.positions / c.planned if c.planned else 0.0)
+            held.add_metric(names, c.positions)
+        yield usage
+        yield held
 
 
 def install(

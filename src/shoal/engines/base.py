@@ -79,6 +79,14 @@ class Engine(Protocol):
         """Drop the request's cache; unknown ids are ignored."""
         ...
 
+    def cache_length(self, request_id: RequestId) -> int:
+        """Positions cached for the request (0 if none)."""
+        ...
+
+    def cached_positions(self) -> int:
+        """Positions the caches of every request hold together (the KV cache's use)."""
+        ...
+
     def close(self) -> None:
         """Release every cache and the weights."""
         ...

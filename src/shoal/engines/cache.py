@@ -163,3 +163,8 @@ class CacheStore(Generic[A]):
     @property
     def nbytes(self) -> int:
         return sum(cache.nbytes for cache in self._caches.values())
+
+    @property
+    def positions(self) -> int:
+        """Positions cached over all requests."""
+        return sum(cache.length for cache in list(self._caches.values()))

@@ -99,6 +99,10 @@ class FakeEngine:
         state = self._states.get(request_id)
         return state.length if state is not None else 0
 
+    def cached_positions(self) -> int:
+        """Positions the caches of every request hold together."""
+        return sum(state.length for state in list(self._states.values()))
+
     def _draw(self, part: int, shape: tuple[int, int], scale: float) -> np.ndarray:
         rng = np.random.default_rng([self.seed, part])
         return (rng.standard_normal(shape) * scale).astype(np.float32)

@@ -56,6 +56,14 @@ class SplitEngine:
             ]
         return self.engines[-1].forward(items, all_logits=all_logits)
 
+    def cache_length(self, request_id: RequestId) -> int:
+        """Positions cached for the request (every part holds the same)."""
+        return self.engines[0].cache_length(request_id)
+
+    def cached_positions(self) -> int:
+        """Positions the caches of every request hold together (in each part)."""
+        return self.engines[0].cached_positions()
+
     def free(self, request_id: RequestId) -> None:
         for engine in self.engines:
             engine.free(request_id)

@@ -132,6 +132,13 @@ class RunnerReady(Message):
     engine: str
 
 
+class RunnerUsage(Message):
+    """Positions the shard's KV caches hold now, every request together (sent when it moves)."""
+
+    kind: Literal["usage"] = "usage"
+    positions: int = Field(ge=0)
+
+
 class RunnerFailed(Message):
     """Could not load or listen; `reason` in one line. The runner exits 1."""
 
@@ -139,7 +146,9 @@ class RunnerFailed(Message):
     reason: str
 
 
-FromRunner = Annotated[RunnerLoading | RunnerReady | RunnerFailed, Field(discriminator="kind")]
+FromRunner = Annotated[
+    RunnerLoading | RunnerReady | RunnerUsage | RunnerFailed, Field(discriminator="kind")
+]
 
 
 @dataclass(frozen=True)
@@ -156,7 +165,9 @@ class RunnerExited:
 # ---- decoding ----
 
 _DOWN: TypeAdapter[RunnerConfig | Route | Revoke | Stop] = TypeAdapter(ToRunner)
-_UP: TypeAdapter[RunnerLoading | RunnerReady | RunnerFailed] = TypeAdapter(FromRunner)
+_UP: TypeAdapter[RunnerLoading | RunnerReady | RunnerUsage | RunnerFailed] = TypeAdapter(
+    FromRunner
+)
 
 
 T = TypeVar("T")
@@ -192,7 +203,9 @@ def down_decoder(log: logging.Logger) -> LineDecoder[RunnerConfig | Route | Revo
     return LineDecoder(_DOWN, log, "command")
 
 
-def up_decoder(log: logging.Logger) -> LineDecoder[RunnerLoading | RunnerReady | RunnerFailed]:
+def up_decoder(
+    log: logging.Logger,
+) -> LineDecoder[RunnerLoading | RunnerReady | RunnerUsage | RunnerFailed]:
     """Decodes what a runner reports."""
     return LineDecoder(_UP, log, "status")
 

@@ -39,6 +39,7 @@ from shoal.worker.pipe import (
     RunnerFailed,
     RunnerLoading,
     RunnerReady,
+    RunnerUsage,
     Stop,
     brief,
     down_decoder,
@@ -140,6 +141,23 @@ def tls_contexts(config: RunnerConfig) -> tuple[ssl.SSLContext | None, ssl.SSLCo
 # ---- the process ----
 
 
+USAGE_EVERY_S = 1.0  # how often the KV caches' use is looked at (sent only when it moved)
+
+
+async def report_usage(engine: Engine, every_s: float = USAGE_EVERY_S) -> None:
+    """Tell the worker the positions the caches hold whenever it moves (for /metrics)."""
+    last = -1
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            positions = engine.cached_positions()
+        except RuntimeError:  # the caches changed while they were counted: next time
+            continue
+        if positions != last:
+            emit(RunnerUsage(positions=positions))
+            last = positions
+
+
 async def read_commands(stdin: asyncio.StreamReader, control: Control) -> None:
     """Apply the parent's commands until stop or EOF; bad lines are dropped (logged once)."""
     decode = down_decoder(log)
@@ -219,7 +237,9 @@ async def serve() -> int:
     if runs != config.engine:
         log.warning("placed on %s, %s runs on %s", config.engine, config.shard, runs)
     emit(RunnerReady(data_addr=addr, engine=runs))
+    usage = asyncio.create_task(report_usage(engine))
     await stopped
+    usage.cancel()
     server.close()
     await stage.close()
     await loop.run_in_executor(executor, engine.close)

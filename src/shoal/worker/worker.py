@@ -24,7 +24,14 @@ from shoal.types.ids import NodeId
 from shoal.types.instance import Instance, StagePlan
 from shoal.types.runner import Downloading, Failed, Loading, Ready, RunnerStatus
 from shoal.types.weights import DType, Quant
-from shoal.worker.pipe import RunnerConfig, RunnerExited, RunnerFailed, RunnerLoading, RunnerReady
+from shoal.worker.pipe import (
+    RunnerConfig,
+    RunnerExited,
+    RunnerFailed,
+    RunnerLoading,
+    RunnerReady,
+    RunnerUsage,
+)
 from shoal.worker.plan import Assignment, StageKey, plan
 from shoal.worker.supervisor import RunnerProcess
 
@@ -67,6 +74,14 @@ class Watch:
     backoff_s: float = 0.5  # before the first restart, doubled for each next one
 
 
+@dataclass(frozen=True)
+class StageUsage:
+    """One running stage and the positions its KV caches hold."""
+
+    assignment: Assignment
+    positions: int
+
+
 @dataclass
 class _Running:
     assignment: Assignment
@@ -106,6 +121,7 @@ class Worker:
         self._done: set[StageKey] = set()  # given up on: not restarted (no crash loops)
         self._crashes: dict[StageKey, int] = {}
         self.restarts = 0  # runners restarted after a crash since the node started (/metrics)
+        self._usage: dict[StageKey, int] = {}  # positions each runner's caches hold (/metrics)
         self._retry_at: dict[StageKey, float] = {}  # crashed runners wait here before a restart
         self._revoked: tuple[NodeId, ...] = ()  # what the runners were last told
 
@@ -259,6 +275,14 @@ class Worker:
         if key not in plan(self._state(), self._me):  # unplaced while it started
             await self._stop(self._running.pop(key))
 
+    def kv_usage(self) -> list[StageUsage]:
+        """The positions each running stage's KV caches hold, as its runner last said."""
+        return [
+            StageUsage(item.assignment, self._usage[key])
+            for key, item in self._running.items()
+            if key in self._usage
+        ]
+
     def _device(self, stage: StagePlan) -> str | None:
         """The device the stage's runner opens: placement's, else the node's --device."""
         device = stage.device or self._options.device
@@ -283,9 +307,12 @@ class Worker:
                         port = addr.rpartition(":")[2]
                         log.info("runner %s ready on port %s (%s)", a.key, port, engine)
                         await self._status(a, Ready(engine=engine), f"{self._advertise}:{port}")
+                    case RunnerUsage(positions=positions):
+                        self._usage[a.key] = positions
                     case RunnerFailed():
                         failed = status
         finally:
+            self._usage.pop(a.key, None)
             code = await item.process.stop()  # reaps it (it has exited, or is made to)
             if self._running.get(a.key) is item:  # not stopped on purpose: a crash or failure
                 del self._running[a.key]

@@ -298,6 +298,10 @@ class LlamaCppEngine:
         """Positions cached for the request (0 if none)."""
         return self._pool.length(request_id)
 
+    def cached_positions(self) -> int:
+        """Positions the caches of every request hold together."""
+        return self._pool.total()
+
     def _loaded(self) -> _Native:
         if self._native is None:
             raise RuntimeError("LlamaCppEngine.forward before load()")

@@ -75,6 +75,10 @@ class MlxEngine:
         caches = self._caches.get(request_id)
         return int(caches[0].offset) if caches else 0
 
+    def cached_positions(self) -> int:
+        """Positions the caches of every request hold together."""
+        return sum(int(c[0].offset) for c in list(self._caches.values()) if c)
+
     def _loaded(self) -> ShardModel:
         if self._model is None:
             raise RuntimeError("MlxEngine.forward before load()")

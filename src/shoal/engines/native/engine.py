@@ -132,6 +132,10 @@ class NativeEngine:
         """Positions cached for the request (0 if none)."""
         return self._caches.length(request_id) if self._caches is not None else 0
 
+    def cached_positions(self) -> int:
+        """Positions the caches of every request hold together."""
+        return self._caches.positions if self._caches is not None else 0
+
     def _loaded(self) -> tuple[Model, CacheStore[np.ndarray]]:
         if self._model is None or self._caches is None:
             raise RuntimeError("NativeEngine.forward before load()")

@@ -141,6 +141,12 @@ class NumpyEngine:
             return self._native.cache_length(request_id)
         return self._caches.length(request_id) if self._caches is not None else 0
 
+    def cached_positions(self) -> int:
+        """Positions the caches of every request hold together."""
+        if self._native is not None:
+            return self._native.cached_positions()
+        return self._caches.positions if self._caches is not None else 0
+
     def _loaded(self) -> tuple[Model, CacheStore[np.ndarray]]:
         if self._model is None or self._caches is None:
             raise RuntimeError("NumpyEngine.forward before load()")

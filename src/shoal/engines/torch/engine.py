@@ -172,6 +172,12 @@ class TorchEngine:
             return self._native.cache_length(request_id)
         return self._caches.length(request_id) if self._caches is not None else 0
 
+    def cached_positions(self) -> int:
+        """Positions the caches of every request hold together."""
+        if self._native is not None:
+            return self._native.cached_positions()
+        return self._caches.positions if self._caches is not None else 0
+
     def _hands_to_native(self, args: ModelArgs) -> bool:
         """Whether the shard runs on the native engine: int8/int4 on the CPU in float32."""
         cpu = self.device.type == "cpu" and self.dtype == torch.float32
