@@ -149,6 +149,23 @@ def test_free_then_reuse(engine: LlamaCppEngine, source: GGUFSource) -> None:
     engine.free(rid("r"))
 
 
+def test_a_fork_continues_as_the_source_would(engine: LlamaCppEngine, source: GGUFSource) -> None:
+    tokens = encode(source, [{"role": "user", "content": "Name a colour."}])
+    k = len(tokens) - 1
+    engine.free(rid("r"))
+    engine.forward([StepInput(rid("r"), tokens[:k], 0)])
+    engine.free(rid("copy"))
+    engine.fork(rid("r"), rid("copy"), k)
+    assert engine.cache_length(rid("copy")) == k
+    last = tokens[k:]
+    a, b = engine.forward([StepInput(rid("r"), last, k), StepInput(rid("copy"), last, k)])
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="holds"):
+        engine.fork(rid("r"), rid("other"), len(tokens) + 5)
+    engine.free(rid("r"))
+    engine.free(rid("copy"))
+
+
 def test_progress_and_sequence_ids_lent_and_given_back(source: GGUFSource) -> None:
     e = LlamaCppEngine(n_ctx=256, n_threads=1, n_seq_max=2)  # llama.cpp pads to 256
     progress: list[tuple[int, int]] = []

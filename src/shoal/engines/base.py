@@ -87,6 +87,11 @@ class Engine(Protocol):
         """Positions the caches of every request hold together (the KV cache's use)."""
         ...
 
+    def fork(self, source: RequestId, target: RequestId, length: int) -> None:
+        """target's cache := source's first `length` positions (the choices of one request share
+        its prompt's prefill); ValueError when source holds fewer or the engine cannot."""
+        ...
+
     def close(self) -> None:
         """Release every cache and the weights."""
         ...

@@ -168,3 +168,18 @@ class CacheStore(Generic[A]):
     def positions(self) -> int:
         """Positions cached over all requests."""
         return sum(cache.length for cache in list(self._caches.values()))
+
+    def fork(self, source: RequestId, target: RequestId, length: int) -> None:
+        """Make target's cache a copy of source's first `length` positions (the choices of one
+        request share its prompt's prefill); ValueError if source holds fewer."""
+        held = self.length(source)
+        if held < length:
+            raise ValueError(f"cannot fork {length} positions of {source}: it holds {held}")
+        copy = KVCache(*self._shape, zeros=self._zeros, value_dim=self._value_dim)
+        copy.reserve(length)
+        if length:
+            src = self._caches[source]
+            copy.k[:, :, :length] = src.k[:, :, :length]
+            copy.v[:, :, :length] = src.v[:, :, :length]
+        copy.advance(length)
+        self._caches[target] = copy

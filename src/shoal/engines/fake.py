@@ -103,6 +103,15 @@ class FakeEngine:
         """Positions the caches of every request hold together."""
         return sum(state.length for state in list(self._states.values()))
 
+    def fork(self, source: RequestId, target: RequestId, length: int) -> None:
+        """target := source, when `length` is all source holds (its state is a running sum, not
+        per position: a shorter copy cannot be made)."""
+        state = self._states.get(source)
+        held = state.length if state is not None else 0
+        if state is None or length != held:
+            raise ValueError(f"the fake engine copies whole caches only ({source} holds {held})")
+        self._states[target] = _State(held, state.memory.copy())
+
     def _draw(self, part: int, shape: tuple[int, int], scale: float) -> np.ndarray:
         rng = np.random.default_rng([self.seed, part])
         return (rng.standard_normal(shape) * scale).astype(np.float32)

@@ -64,6 +64,11 @@ class SplitEngine:
         """Positions the caches of every request hold together (in each part)."""
         return self.engines[0].cached_positions()
 
+    def fork(self, source: RequestId, target: RequestId, length: int) -> None:
+        """target := source's first `length` positions, in every part."""
+        for engine in self.engines:
+            engine.fork(source, target, length)
+
     def free(self, request_id: RequestId) -> None:
         for engine in self.engines:
             engine.free(request_id)

@@ -195,6 +195,10 @@ class _Native:
         """Drop the sequence's cached positions from start on."""
         llama_cpp.llama_memory_seq_rm(self.memory, seq, start, -1)
 
+    def copy(self, source: int, target: int, length: int) -> None:
+        """Positions [0, length) of sequence `source` become sequence `target`'s too."""
+        llama_cpp.llama_memory_seq_cp(self.memory, source, target, 0, length)
+
     def close(self) -> None:
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
@@ -301,6 +305,21 @@ class LlamaCppEngine:
     def cached_positions(self) -> int:
         """Positions the caches of every request hold together."""
         return self._pool.total()
+
+    def fork(self, source: RequestId, target: RequestId, length: int) -> None:
+        """target := source's first `length` positions: llama.cpp copies them to target's
+        sequence (in the unified cache the cells are shared, not duplicated)."""
+        native = self._loaded()
+        held = self._pool.length(source)
+        if source not in self._pool or held < length:
+            raise ValueError(f"cannot fork {length} positions of {source}: it holds {held}")
+        if target in self._pool:
+            self.free(target)
+        if not self._pool.spare():
+            raise ValueError(f"no sequence is free for {target} (at most {self._pool.size})")
+        seq = self._pool.take(target)
+        native.copy(self._pool.take(source), seq, length)
+        self._pool.advance(target, length)
 
     def _loaded(self) -> _Native:
         if self._native is None:

@@ -79,6 +79,10 @@ class MlxEngine:
         """Positions the caches of every request hold together."""
         return sum(int(c[0].offset) for c in list(self._caches.values()) if c)
 
+    def fork(self, source: RequestId, target: RequestId, length: int) -> None:
+        """Not for mlx-lm's caches: ValueError (the choice is prefilled on its own instead)."""
+        raise ValueError("the mlx engine cannot copy a request's cache")
+
     def _loaded(self) -> ShardModel:
         if self._model is None:
             raise RuntimeError("MlxEngine.forward before load()")

@@ -136,6 +136,11 @@ class NativeEngine:
         """Positions the caches of every request hold together."""
         return self._caches.positions if self._caches is not None else 0
 
+    def fork(self, source: RequestId, target: RequestId, length: int) -> None:
+        """target's cache := source's first `length` positions (n choices of one prompt share its
+        prefill); ValueError if source holds fewer."""
+        self._loaded()[1].fork(source, target, length)
+
     def _loaded(self) -> tuple[Model, CacheStore[np.ndarray]]:
         if self._model is None or self._caches is None:
             raise RuntimeError("NativeEngine.forward before load()")

@@ -147,6 +147,14 @@ class NumpyEngine:
             return self._native.cached_positions()
         return self._caches.positions if self._caches is not None else 0
 
+    def fork(self, source: RequestId, target: RequestId, length: int) -> None:
+        """target's cache := source's first `length` positions (n choices of one prompt share its
+        prefill); ValueError if source holds fewer."""
+        if self._native is not None:
+            self._native.fork(source, target, length)
+            return
+        self._loaded()[1].fork(source, target, length)
+
     def _loaded(self) -> tuple[Model, CacheStore[np.ndarray]]:
         if self._model is None or self._caches is None:
             raise RuntimeError("NumpyEngine.forward before load()")

@@ -178,6 +178,14 @@ class TorchEngine:
             return self._native.cached_positions()
         return self._caches.positions if self._caches is not None else 0
 
+    def fork(self, source: RequestId, target: RequestId, length: int) -> None:
+        """target's cache := source's first `length` positions (n choices of one prompt share its
+        prefill); ValueError if source holds fewer."""
+        if self._native is not None:
+            self._native.fork(source, target, length)
+            return
+        self._loaded()[1].fork(source, target, length)
+
     def _hands_to_native(self, args: ModelArgs) -> bool:
         """Whether the shard runs on the native engine: int8/int4 on the CPU in float32."""
         cpu = self.device.type == "cpu" and self.dtype == torch.float32
