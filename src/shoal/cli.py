@@ -104,6 +104,12 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         help="prompt tokens per step, run beside the other requests' decode (default 256)",
     )
     p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        help="MiB of finished requests' KV caches each stage keeps, so a prompt that begins the "
+        "same way (the chat so far, a system prompt) skips that prefill (default 256; 0: off)",
+    )
+    p.add_argument(
         "--http-timeout",
         dest="http_timeout_s",
         type=float,

@@ -21,6 +21,7 @@ from shoal.cluster import ClusterNode
 from shoal.engines.registry import available_engines
 from shoal.errors import BadRequest, ShoalError
 from shoal.inference.metrics import RequestMetrics
+from shoal.inference.prefix import DEFAULT_ENTRIES
 from shoal.models.catalog import Catalog
 from shoal.models.hub import Hub
 from shoal.models.local_card import card_for_path
@@ -190,6 +191,7 @@ async def serve(settings: Settings) -> None:
         max_batch=settings.max_batch,
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
+        prefix_entries=DEFAULT_ENTRIES if settings.prefix_cache_mb else 0,
         tls=creds.client_ssl_context(),  # the data plane: runners take members only
         resolve=fetcher.card,
         tokenizer_files=lambda card: fetcher.stage(card, None, None),
@@ -234,8 +236,10 @@ async def serve(settings: Settings) -> None:
             threads=settings.threads,
             cache_dir=settings.weights_cache or settings.data_dir / "weights-cache",
             log_format=settings.log_format,
+            prefix_cache_bytes=settings.prefix_cache_mb << 20,
         ),
     )
+
     def stage_caches() -> list[StageCache]:
         return [
             StageCache(

@@ -39,6 +39,7 @@ ENV: dict[str, str] = {
     "max_batch": "SHOAL_MAX_BATCH",
     "max_queue": "SHOAL_MAX_QUEUE",
     "prefill_chunk": "SHOAL_PREFILL_CHUNK",
+    "prefix_cache_mb": "SHOAL_PREFIX_CACHE_MB",
     "http_timeout_s": "SHOAL_HTTP_TIMEOUT_S",
     "max_body_bytes": "SHOAL_MAX_BODY_BYTES",
     "auto_load": "SHOAL_AUTO_LOAD",
@@ -94,6 +95,9 @@ class Settings(BaseModel):
     max_queue: int = Field(default=64, ge=1)  # requests waiting per instance; then 429
     # prompt tokens per step, run beside the decodes
     prefill_chunk: int = Field(default=256, ge=1, le=4096)
+    # finished requests' KV caches each stage keeps for later prompts that begin the same way
+    # (inference/prefix.py); 0: none kept
+    prefix_cache_mb: int = Field(default=256, ge=0)
     http_timeout_s: float = Field(default=30.0, gt=0)  # to send a request's headers, its body
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     auto_load: bool = True  # a request for a model not loaded loads it

@@ -84,10 +84,16 @@ def test_header_layout_is_fixed_little_endian() -> None:
     raw = frames.encode(frame)
     assert HEADER.size == 36
     magic, version, kind, dtype, flags, session, step, meta_len, data_len = HEADER.unpack(raw[:36])
-    assert (magic, version, kind, dtype, flags) == (b"SHDP", 1, Kind.RESULT, DType.NONE, 0)
+    assert (magic, version, kind, dtype, flags) == (
+        b"SHDP",
+        frames.VERSION,
+        Kind.RESULT,
+        DType.NONE,
+        0,
+    )
     assert (session, step, data_len) == (0x0102030405060708, 3, 0)
     assert raw[8:16] == bytes([8, 7, 6, 5, 4, 3, 2, 1])
-    assert json.loads(raw[36 : 36 + meta_len]) == {"tokens": [1]}
+    assert json.loads(raw[36 : 36 + meta_len]) == {"tokens": [1], "logprobs": []}
 
 
 def test_incremental_feeding_byte_by_byte() -> None:
@@ -109,7 +115,7 @@ def test_incremental_feeding_byte_by_byte() -> None:
 def header(**overrides: int | bytes) -> bytes:
     fields: dict[str, int | bytes] = {
         "magic": b"SHDP",
-        "version": 1,
+        "version": frames.VERSION,
         "kind": Kind.FREE,
         "dtype": 0,
         "flags": 0,
@@ -126,7 +132,7 @@ def header(**overrides: int | bytes) -> bytes:
     ("raw", "match"),
     [
         (header(magic=b"HTTP"), "magic"),
-        (header(version=2), "v2"),
+        (header(version=frames.VERSION + 1), f"v{frames.VERSION + 1}"),
         (header(kind=99), "kind"),
         (header(dtype=42), "dtype"),
         (header(meta=(1 << 20) + 1), "oversized"),

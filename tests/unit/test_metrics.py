@@ -36,6 +36,7 @@ from shoal.worker.fetch import Fetcher
 from tests.helpers.cluster import memory_cluster
 from tests.helpers.fakes import ByteTokenizer, fake_engine
 from tests.helpers.inprocess import OneModelService, SchedulerHandle
+from tests.helpers.pipelines import Wrapping
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -200,23 +201,18 @@ def request(rid: str, prompt: str, max_tokens: int) -> GenerationRequest:
     return GenerationRequest(RequestId(rid), ModelId(MODEL), tokens, params)
 
 
-class Breaking:
+class Breaking(Wrapping):
     """A pipeline that breaks (as a lost stage does) on its nth forward."""
 
     def __init__(self, at: int) -> None:
-        self.inner, self.at, self.calls = LocalPipeline([fake_engine()]), at, 0
+        super().__init__(LocalPipeline([fake_engine()]))
+        self.at, self.calls = at, 0
 
     async def forward(self, steps: Any) -> Any:
         self.calls += 1
         if self.calls == self.at:
             raise PipelineBroken("stage 127.0.0.1:9 lost")
         return await self.inner.forward(steps)
-
-    async def free(self, rid: RequestId) -> None:
-        await self.inner.free(rid)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 async def until(condition: Callable[[], bool]) -> None:

@@ -360,7 +360,8 @@ async def test_profiler_heartbeat_with_a_fake_clock() -> None:
 
 # --- devices: CUDA's indexes, CUDA_VISIBLE_DEVICES, --devices, simulated GPUs --------------------
 
-FOUR_GPUS: list[tuple[str | bytes, int, int]] = [(f"V100 {i}", 16 * GiB, (16 - i) * GiB) for i in range(4)]
+GpuRow = tuple[str | bytes, int, int]
+FOUR_GPUS: list[GpuRow] = [(f"V100 {i}", 16 * GiB, (16 - i) * GiB) for i in range(4)]
 
 
 @pytest.mark.parametrize(

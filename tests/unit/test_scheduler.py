@@ -11,6 +11,7 @@ from shoal.inference.request import Finished, GenerationRequest, SamplingParams,
 from shoal.inference.scheduler import Scheduler
 from shoal.types.ids import ModelId, RequestId
 from tests.helpers.fakes import ByteTokenizer, fake_engine, fake_scheduler
+from tests.helpers.pipelines import Wrapping
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -124,23 +125,18 @@ async def test_engine_failure_fails_the_request_not_the_scheduler() -> None:
     assert len(ids) == 12
 
 
-class Breaking:
+class Breaking(Wrapping):
     """A pipeline that breaks (like a lost stage) on its nth forward."""
 
     def __init__(self, inner: LocalPipeline, at: int) -> None:
-        self.inner, self.at, self.calls = inner, at, 0
+        super().__init__(inner)
+        self.at, self.calls = at, 0
 
     async def forward(self, steps):
         self.calls += 1
         if self.calls == self.at:
             raise PipelineBroken("stage 127.0.0.1:9 lost")
         return await self.inner.forward(steps)
-
-    async def free(self, rid):
-        await self.inner.free(rid)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 async def test_a_broken_pipeline_is_replaced_and_requests_replayed_without_a_seam() -> None:
@@ -178,12 +174,13 @@ async def test_no_capacity_coming_back_fails_the_requests_with_the_reason() -> N
 # ---- one request never hurts another ----
 
 
-class Poisoned:
+class Poisoned(Wrapping):
     """A pipeline whose whole step fails whenever a poisoned request is in it (as an engine
     would on one bad input), after the stages before the failure wrote their caches."""
 
     def __init__(self, inner: LocalPipeline, poison: str) -> None:
-        self.inner, self.poison, self.failures = inner, poison, 0
+        super().__init__(inner)
+        self.poison, self.failures = poison, 0
 
     async def forward(self, steps):
         if any(s.item.request_id == self.poison for s in steps):
@@ -191,12 +188,6 @@ class Poisoned:
             self.failures += 1
             raise ValueError("a bad input somewhere in this batch")
         return await self.inner.forward(steps)
-
-    async def free(self, rid):
-        await self.inner.free(rid)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "seed": 11}])

@@ -1,5 +1,7 @@
 """What a stage accepts from a peer: frame caps from the model, item checks, live-cache owners."""
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -97,3 +99,69 @@ def test_a_connection_that_takes_a_request_over_keeps_it_when_the_old_one_closes
     assert live.release(old) == []
     assert live.release(new, [RequestId("x"), RequestId("q")]) == ["x"]
     assert len(live) == 0
+
+
+# ---- sampling fields: masks, penalty tokens, logit_bias ----
+
+
+def sampled(**fields: Any) -> Frame:
+    wire = frames.WireSampling(
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        **fields.pop("sampling", {}),
+    )
+    one = WireItem(rid=RequestId("a"), start=0, length=2, sampling=wire, **fields)
+    return frames.forward(1, 1, [one], np.array([1, 2]))
+
+
+def test_every_item_at_its_largest_sampling_fields_fits_the_meta_cap() -> None:
+    full = frames.encode_mask(np.full(4, 0xFFFFFFFF, np.uint32))  # ceil(100 / 32) words
+    bias: Any = {"logit_bias": tuple((99, -100.123456789) for _ in range(frames.MAX_LOGIT_BIAS))}
+    items = [
+        WireItem(
+            rid=RequestId(f"request-{i:040d}"),
+            start=0,
+            length=8,
+            sampling=frames.WireSampling(
+                temperature=1.0, top_p=1.0, top_k=0, seed=2**63 - 1, logprobs=20, **bias
+            ),
+            fork=RequestId(f"request-{i:040d}.127"),
+            mask=full,
+            tokens=(99,) * 8,
+            prompt_len=63,
+        )
+        for i in range(4)
+    ]
+    frame = frames.forward(1, 1, items, np.full(32, 99))
+    (back,) = FIRST.reader().feed(frames.encode(frame))
+    FIRST.check(back)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"mask": frames.encode_mask(np.zeros(5, np.uint32))}, "mask of 5 words"),
+        ({"mask": "not base64!"}, "base64"),
+        ({"tokens": (1, 2, 3)}, "3 penalty tokens"),
+        ({"tokens": (1, 100)}, "outside"),
+        ({"sampling": {"logit_bias": ((100, 1.0),)}}, "outside"),
+    ],
+)
+def test_sampling_fields_outside_the_model_fail_the_step(
+    fields: dict[str, object], match: str
+) -> None:
+    with pytest.raises(LimitExceeded, match=match):
+        FIRST.check(sampled(**fields))
+
+
+def test_a_frame_past_the_meta_cap_is_refused_by_the_reader() -> None:
+    huge = frames.encode_mask(np.zeros(LATER.max_meta_bytes // 4, np.uint32))
+    frame = frames.forward(
+        1,
+        1,
+        [WireItem(rid=RequestId("a"), start=0, length=1, mask=huge)],
+        np.zeros((1, 16), np.float32),
+    )
+    with pytest.raises(FrameError, match="oversized"):
+        LATER.reader().feed(frames.encode(frame))

@@ -64,6 +64,12 @@ class RequestMetrics:
             "Broken pipelines (a stage lost), by outcome: resumed on another, or failed.",
             ("model_name", "outcome"),
         )
+        self.prefix_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache (vLLM's name)."
+        )
+        self.prefix_hits = counter(
+            "prefix_cache_hits", "Prompt tokens started from a kept cache instead of prefilled."
+        )
         self.stream_replays = counter(
             "stream_replays", "Running requests replayed onto a new pipeline after a break."
         )
@@ -108,6 +114,13 @@ class ModelMetrics:
         self._tpot = m.tpot.labels(name)
         self._e2e = m.e2e.labels(name)
         self._replays = m.stream_replays.labels(name)
+        self._prefix_queries = m.prefix_queries.labels(name)
+        self._prefix_hits = m.prefix_hits.labels(name)
+
+    def prefix(self, prompt_tokens: int, reused: int) -> None:
+        """A prompt was looked up in the prefix cache; `reused` of its tokens were held."""
+        self._prefix_queries.inc(prompt_tokens)
+        self._prefix_hits.inc(reused)
 
     def first_token(self, prompt_tokens: int, ttft_s: float) -> None:
         """A request sampled its first token: its prompt is prefilled."""

@@ -23,7 +23,8 @@ from typing import Literal
 import numpy as np
 
 from shoal.errors import ShoalError
-from shoal.inference.pipeline import PipelineBroken, Step
+from shoal.inference.pipeline import PipelineBroken, Sampled, Step
+from shoal.inference.request import SamplingParams, TokenLogprob
 from shoal.net import frames
 from shoal.net.frames import Frame, FrameError, FrameReader, Kind, WireDType
 from shoal.types.ids import RequestId
@@ -112,6 +113,7 @@ class RemotePipeline:
         if not stage_addrs:
             raise ValueError("a pipeline needs at least one stage")
         self.stage_addrs = list(stage_addrs)
+        self.depth = len(self.stage_addrs)  # batches sent at once overlap across the stages
         self.tls = tls
         self.wire_dtype = wire_dtype  # for hidden states fed to stage 0 (token ids go as int64)
         self.connect_timeout_s = connect_timeout_s
@@ -119,7 +121,7 @@ class RemotePipeline:
         self.session = secrets.randbits(64)
         self._client: _Link | None = None
         self._listener: _Link | None = None
-        self._pending: dict[int, asyncio.Future[list[int | None]]] = {}
+        self._pending: dict[int, asyncio.Future[list[Sampled | None]]] = {}
         self._step = 0
         self._lock = asyncio.Lock()
         self._lost: StageLost | None = None
@@ -140,34 +142,48 @@ class RemotePipeline:
             link.task = asyncio.get_running_loop().create_task(self._watch(link))
         log.debug("pipeline session %x connected to %s", self.session, self.stage_addrs)
 
-    async def forward(self, steps: Sequence[Step]) -> list[int | None]:
+    async def forward(self, steps: Sequence[Step]) -> list[Sampled | None]:
         """Send one batch through every stage; the sampled token per step (None for prefill)."""
+        (tokens,) = await self.forward_all([steps])
+        return tokens
+
+    async def forward_all(self, batches: Sequence[Sequence[Step]]) -> list[list[Sampled | None]]:
+        """Send several batches at once, in order, then wait for all their results: each stage
+        runs batch i while the next runs batch i - 1 (a long prompt's chunks, pipelined)."""
         async with self._lock:
             client = self._ready()
-            self._step += 1
-            frame = _forward_frame(self.session, self._step, steps, self.wire_dtype)
-            future = asyncio.get_running_loop().create_future()
-            self._pending[frame.step] = future
+            loop = asyncio.get_running_loop()
+            futures: dict[int, asyncio.Future[list[Sampled | None]]] = {}
             try:
-                await client.send(frame)
-                tokens = await asyncio.wait_for(future, self.result_timeout_s)
+                for steps in batches:
+                    self._step += 1
+                    frame = _forward_frame(self.session, self._step, steps, self.wire_dtype)
+                    futures[frame.step] = self._pending[frame.step] = loop.create_future()
+                    await client.send(frame)
+                async with asyncio.timeout(self.result_timeout_s * len(batches)):
+                    results = [await future for future in futures.values()]
             except ConnectionError as exc:
                 raise self._lose(StageLost(client.addr, f"send failed: {exc}")) from None
             except TimeoutError:
                 why = f"no result in {self.result_timeout_s:g} s"
                 raise self._lose(StageLost(" -> ".join(self.stage_addrs), why)) from None
             finally:
-                self._pending.pop(frame.step, None)
-        if len(tokens) != len(steps):
-            raise ShoalError(f"the last stage answered {len(tokens)} tokens for {len(steps)} items")
-        return tokens
+                for step in futures:
+                    self._pending.pop(step, None)
+        for tokens, steps in zip(results, batches, strict=True):
+            if len(tokens) != len(steps):
+                raise ShoalError(
+                    f"the last stage answered {len(tokens)} tokens for {len(steps)} items"
+                )
+        return results
 
-    async def free(self, request_id: RequestId) -> None:
-        """Drop the request's caches on every stage (fire and forget, in order with forwards)."""
+    async def free(self, request_id: RequestId, keep: bool = False) -> None:
+        """Drop the request's caches on every stage (fire and forget, in order with forwards);
+        keep: hold them for later requests to start from."""
         async with self._lock:
             client = self._ready()
             try:
-                await client.send(frames.free(self.session, request_id))
+                await client.send(frames.free(self.session, request_id, keep))
             except ConnectionError as exc:
                 raise self._lose(StageLost(client.addr, f"send failed: {exc}")) from None
 
@@ -201,7 +217,7 @@ class RemotePipeline:
     def _on_frame(self, link: _Link, frame: Frame) -> None:
         future = self._pending.get(frame.step)
         if isinstance(frame.meta, frames.ResultMeta) and future is not None and not future.done():
-            future.set_result(list(frame.meta.tokens))
+            future.set_result(_sampled(frame.meta))
         elif isinstance(frame.meta, frames.ErrorMeta):
             meta = frame.meta
             if frame.flags & frames.FLAG_STAGE_LOST:
@@ -229,23 +245,55 @@ class RemotePipeline:
         return self._lost
 
 
+def wire_sampling(params: SamplingParams) -> frames.WireSampling:
+    """What the last stage needs of a request's sampling parameters."""
+    return frames.WireSampling(
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        top_k=params.top_k,
+        seed=params.seed,
+        presence_penalty=float(params.presence_penalty),
+        frequency_penalty=float(params.frequency_penalty),
+        repetition_penalty=float(params.repetition_penalty),
+        min_p=float(params.min_p),
+        logit_bias=tuple((int(t), float(b)) for t, b in params.logit_bias),
+        logprobs=params.logprobs,
+    )
+
+
+def _wire_item(s: Step) -> frames.WireItem:
+    penalized = s.prompt_len is not None
+    return frames.WireItem(
+        rid=s.item.request_id,
+        start=s.item.start,
+        length=s.item.length,
+        sampling=None if s.sampling is None else wire_sampling(s.sampling),
+        fork=s.fork,
+        mask=None if s.mask is None else frames.encode_mask(s.mask),
+        tokens=tuple(int(t) for t in s.item.data) if penalized else (),
+        prompt_len=s.prompt_len,
+    )
+
+
 def _forward_frame(session: int, step: int, steps: Sequence[Step], wire_dtype: WireDType) -> Frame:
     """One FORWARD frame of a batch of steps."""
-    items = [
-        frames.WireItem(
-            rid=s.item.request_id,
-            start=s.item.start,
-            length=s.item.length,
-            sampling=None
-            if s.sampling is None
-            else frames.WireSampling(
-                temperature=float(s.sampling.temperature),
-                top_p=float(s.sampling.top_p),
-                top_k=s.sampling.top_k,
-                seed=s.sampling.seed,
-            ),
-        )
-        for s in steps
-    ]
+    items = [_wire_item(s) for s in steps]
     data = np.concatenate([s.item.data for s in steps])
     return frames.forward(session, step, items, data, wire_dtype)
+
+
+def _sampled(meta: frames.ResultMeta) -> list[Sampled | None]:
+    """A RESULT's tokens, with their logprobs where the stage sent them."""
+    logprobs = (
+        meta.logprobs if len(meta.logprobs) == len(meta.tokens) else (None,) * len(meta.tokens)
+    )
+    out: list[Sampled | None] = []
+    for token, lp in zip(meta.tokens, logprobs, strict=True):
+        if token is None:
+            out.append(None)
+        elif lp is None:
+            out.append(Sampled(token))
+        else:
+            top = tuple(zip(lp.top_ids, lp.top_logprobs, strict=False))
+            out.append(Sampled(token, TokenLogprob(token, lp.logprob, top)))
+    return out

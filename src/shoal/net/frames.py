@@ -8,8 +8,14 @@ A frame is a fixed little-endian header, a small JSON meta and raw data bytes:
 FORWARD data is the batch's token ids (int64 [sum T]) or hidden states ([sum T, hidden], float32
 by default, float16/bfloat16 on request) concatenated along the token axis in item order. The
 format is engine-neutral: any engine on any machine can read what any other one wrote.
+
+The meta of a FORWARD says, per item, how the last stage samples (WireSampling), and may carry a
+constraint's mask, the token ids a penalty counts, and the request whose cache to copy first;
+a RESULT's, the sampled tokens and, when asked, their logprobs.
 """
 
+import base64
+import binascii
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +30,7 @@ from shoal.types.ids import RequestId
 from shoal.types.message import Message
 
 MAGIC = b"SHDP"
-VERSION = 1
+VERSION = 2  # 2: penalties, logit_bias, min_p, logprobs, masks and forks in the meta
 HEADER = struct.Struct("<4sBBBBQQIQ")  # 36 bytes
 MAX_META_BYTES = 1 << 20
 # The default for readers that trust their peer; a stage runner sets a cap from its model
@@ -67,6 +73,10 @@ class FrameError(ShoalError):
     """Bytes that are not a frame this side understands; the connection must be closed."""
 
 
+MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias
+MAX_LOGPROBS = 20  # top logprobs of one token
+
+
 class WireSampling(Message):
     """What the last stage needs to pick a token (stops and lengths stay with the caller)."""
 
@@ -74,15 +84,59 @@ class WireSampling(Message):
     top_p: float
     top_k: int
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    logit_bias: tuple[tuple[int, float], ...] = Field(default=(), max_length=MAX_LOGIT_BIAS)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 class WireItem(Message):
-    """One request's slice of a FORWARD: `length` rows of the data, starting at `start`."""
+    """One request's slice of a FORWARD: `length` rows of the data, starting at `start`.
+
+    fork: first make this request's cache a copy of the first `start` positions of fork's.
+    mask: the tokens the last stage may sample (base64 of little-endian uint32 bitmask words).
+    tokens, prompt_len: for penalties, the item's token ids and its prompt's length.
+    """
 
     rid: RequestId
     start: int = Field(ge=0)
     length: int = Field(gt=0)
     sampling: WireSampling | None = None
+    fork: RequestId | None = None
+    mask: str | None = None
+    tokens: tuple[int, ...] = ()
+    prompt_len: int | None = Field(default=None, ge=0)
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """A uint32 bitmask as the meta carries it."""
+    return base64.b64encode(mask.astype("<u4", copy=False).tobytes()).decode("ascii")
+
+
+def decode_mask(text: str) -> np.ndarray:
+    """The uint32 bitmask of encode_mask's text; FrameError when it is not one."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise FrameError("a mask that is not base64") from None
+    if len(raw) % 4:
+        raise FrameError(f"a mask of {len(raw)} B is not whole uint32 words")
+    return np.frombuffer(raw, dtype="<u4")
+
+
+def mask_chars(vocab_size: int) -> int:
+    """The base64 length of a full mask for a vocabulary."""
+    return 4 * -(-4 * -(-vocab_size // 32) // 3)
+
+
+class WireLogprob(Message):
+    """The sampled token's raw logprob and the top ones' (ids and logprobs, most likely first)."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
 
 
 class HelloMeta(Message):
@@ -99,15 +153,20 @@ class ForwardMeta(Message):
 
 
 class ResultMeta(Message):
-    """One sampled token per item; None where no token was asked for."""
+    """One sampled token per item; None where no token was asked for. Logprobs, when any item
+    asked for them, one per item (None where not asked)."""
 
     tokens: tuple[int | None, ...]
+    logprobs: tuple[WireLogprob | None, ...] = ()
 
 
 class FreeMeta(Message):
-    """Drop this request's cache (and sampler) on every stage."""
+    """Drop this request's cache (and sampler) on every stage; keep: hold the cache for later
+    requests to start from (prefix caching: inference/prefix.py), as long as the stage's budget
+    allows."""
 
     rid: RequestId
+    keep: bool = False
 
 
 class ErrorMeta(Message):
@@ -184,14 +243,20 @@ def forward(
     return Frame(Kind.FORWARD, ForwardMeta(items=tuple(items)), session, step, dtype, raw)
 
 
-def result(session: int, step: int, tokens: Sequence[int | None]) -> Frame:
-    """The sampled tokens of one step, in item order."""
-    return Frame(Kind.RESULT, ResultMeta(tokens=tuple(tokens)), session, step)
+def result(
+    session: int,
+    step: int,
+    tokens: Sequence[int | None],
+    logprobs: Sequence[WireLogprob | None] = (),
+) -> Frame:
+    """The sampled tokens of one step (and their logprobs, if asked), in item order."""
+    meta = ResultMeta(tokens=tuple(tokens), logprobs=tuple(logprobs))
+    return Frame(Kind.RESULT, meta, session, step)
 
 
-def free(session: int, rid: RequestId) -> Frame:
-    """Free one request on every stage."""
-    return Frame(Kind.FREE, FreeMeta(rid=rid), session)
+def free(session: int, rid: RequestId, keep: bool = False) -> Frame:
+    """Free one request on every stage (keep: hold its cache as a prefix for later ones)."""
+    return Frame(Kind.FREE, FreeMeta(rid=rid, keep=keep), session)
 
 
 def error(session: int, step: int, message: str, *, lost_stage: str | None = None) -> Frame:

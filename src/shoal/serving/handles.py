@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from shoal.inference.metrics import ModelMetrics, RequestMetrics
 from shoal.inference.pipeline import PipelineBroken
+from shoal.inference.prefix import PrefixIndex
 from shoal.inference.remote import RemotePipeline
 from shoal.inference.request import GenerationRequest
 from shoal.inference.scheduler import RequestStream, Scheduler
@@ -69,6 +70,7 @@ async def open_handle(
     max_batch: int,
     max_queue: int,
     prefill_chunk: int,
+    prefix_entries: int = 0,
     metrics: RequestMetrics | None = None,
 ) -> InstanceHandle:
     """Connect to the record's stages and start a Scheduler over them (PipelineBroken if down)."""
@@ -89,6 +91,7 @@ async def open_handle(
         max_batch=max_batch,
         max_queue=max_queue,
         prefill_chunk=prefill_chunk,
+        prefix=PrefixIndex(prefix_entries) if prefix_entries else None,
         recover=on_broken,
         metrics=counts,
     )

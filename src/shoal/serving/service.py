@@ -67,6 +67,7 @@ class ClusterService:
         max_batch: int = 8,
         max_queue: int = 64,
         prefill_chunk: int = 256,
+        prefix_entries: int = 0,  # kept caches an instance's scheduler starts prompts from
         wire_dtype: WireDType = "float32",
         tls: ssl.SSLContext | None = None,  # the data plane's client context (RemotePipeline)
         ready_timeout_s: float = 300.0,
@@ -85,6 +86,7 @@ class ClusterService:
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._prefill_chunk = prefill_chunk
+        self._prefix_entries = prefix_entries
         self._wire_dtype = wire_dtype
         self._tls = tls
         self._ready_timeout = ready_timeout_s
@@ -282,6 +284,7 @@ class ClusterService:
             max_batch=self._max_batch,
             max_queue=self._max_queue,
             prefill_chunk=self._prefill_chunk,
+            prefix_entries=self._prefix_entries,
             metrics=self._metrics,
         )
         self._handles[handle.instance_id] = handle

@@ -9,7 +9,16 @@ one client can neither exhaust the runner nor leave caches behind when it goes.
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-from shoal.net.frames import DType, Frame, FrameReader
+from shoal.net.frames import (
+    MAX_LOGIT_BIAS,
+    DType,
+    Frame,
+    FrameError,
+    FrameReader,
+    WireItem,
+    decode_mask,
+    mask_chars,
+)
 from shoal.types.ids import RequestId
 from shoal.types.model_config import ModelConfig
 
@@ -17,6 +26,7 @@ INT64_BYTES = 8  # the first stage receives token ids
 WIDEST_HIDDEN_BYTES = 4  # float32, the widest wire dtype of hidden states
 META_BASE_BYTES = 4096
 META_ITEM_BYTES = 1024  # an item's rid, positions and sampling in JSON take a few hundred
+LOGIT_BIAS_ENTRY_BYTES = 32  # "[151935,-100.0]," with room for a long float
 
 
 class LimitExceeded(ValueError):
@@ -34,6 +44,7 @@ class StageLimits:
     max_step_tokens: int = 8192
     max_items: int = 256
     max_live_requests: int = 64
+    keep_positions: int = 0  # cache positions kept for prefixes, all kept caches together
 
     @classmethod
     def of(
@@ -64,7 +75,13 @@ class StageLimits:
 
     @property
     def max_meta_bytes(self) -> int:
-        return META_BASE_BYTES + self.max_items * META_ITEM_BYTES
+        """Every item with a full mask and logit_bias, plus every token id of the step once
+        (penalties carry them)."""
+        item = (
+            META_ITEM_BYTES + mask_chars(self.vocab_size) + MAX_LOGIT_BIAS * LOGIT_BIAS_ENTRY_BYTES
+        )
+        token = len(str(self.vocab_size)) + 1
+        return META_BASE_BYTES + self.max_items * item + self.max_step_tokens * token
 
     def reader(self) -> FrameReader:
         """A FrameReader that refuses, from the header, any frame larger than these limits."""
@@ -84,6 +101,7 @@ class StageLimits:
                     f"request {item.rid}: positions [{item.start}, {item.start + item.length}) "
                     f"run past the context length {self.context_length}"
                 )
+            self._check_sampling(item)
         if self.first:
             if frame.dtype != DType.INT64:
                 raise LimitExceeded(
@@ -97,6 +115,25 @@ class StageLimits:
             raise LimitExceeded("this stage takes hidden states, got token ids")
         elif (width := len(frame.data) // (rows * _itemsize(frame.dtype))) != self.hidden_size:
             raise LimitExceeded(f"hidden states {width} wide, the model's are {self.hidden_size}")
+
+    def _check_sampling(self, item: WireItem) -> None:
+        """Masks, penalty tokens and logit_bias ids fit the vocabulary."""
+        vocab = self.vocab_size
+        if item.mask is not None:
+            try:
+                words = decode_mask(item.mask).shape[0]
+            except FrameError as exc:
+                raise LimitExceeded(f"request {item.rid}: {exc}") from None
+            if words > -(-vocab // 32):
+                raise LimitExceeded(f"request {item.rid}: a mask of {words} words for {vocab}")
+        if item.tokens and len(item.tokens) != item.length:
+            raise LimitExceeded(
+                f"request {item.rid}: {len(item.tokens)} penalty tokens, not {item.length}"
+            )
+        bias = item.sampling.logit_bias if item.sampling is not None else ()
+        ids = [*item.tokens, *(t for t, _ in bias)]
+        if ids and not 0 <= min(ids) <= max(ids) < vocab:
+            raise LimitExceeded(f"request {item.rid}: a token id outside [0, {vocab})")
 
 
 def _itemsize(dtype: DType) -> int:

@@ -53,6 +53,8 @@ class RunnerConfig(Message):
     max_step_tokens: int = Field(default=8192, gt=0)
     max_items: int = Field(default=256, gt=0)
     max_live_requests: int = Field(default=64, gt=0)
+    # finished requests' caches kept for later ones to start from (prefix caching), bytes
+    prefix_cache_bytes: int = Field(default=0, ge=0)
     max_connections: int = Field(default=64, gt=0)
     hello_timeout_s: float = Field(default=5.0, gt=0)
     frame_timeout_s: float = Field(default=10.0, gt=0)
@@ -165,9 +167,7 @@ class RunnerExited:
 # ---- decoding ----
 
 _DOWN: TypeAdapter[RunnerConfig | Route | Revoke | Stop] = TypeAdapter(ToRunner)
-_UP: TypeAdapter[RunnerLoading | RunnerReady | RunnerUsage | RunnerFailed] = TypeAdapter(
-    FromRunner
-)
+_UP: TypeAdapter[RunnerLoading | RunnerReady | RunnerUsage | RunnerFailed] = TypeAdapter(FromRunner)
 
 
 T = TypeVar("T")

@@ -20,6 +20,7 @@ chain, when it closes.
 """
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 from collections.abc import Callable
@@ -29,8 +30,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from shoal.engines.args import ModelArgs
 from shoal.engines.base import Engine, StepInput
-from shoal.inference.pipeline import Sampler
+from shoal.engines.cache import cache_dims
+from shoal.inference.pipeline import Sampled, Sampler
+from shoal.inference.prefix import Retained, budget_positions
 from shoal.inference.request import SamplingParams
 from shoal.net import frames
 from shoal.net.credentials import BadCertificate, peer_node_id
@@ -71,20 +75,47 @@ def one_line(exc: BaseException) -> str:
 
 
 def stage_limits(config: RunnerConfig, model: ModelConfig) -> StageLimits:
-    """What the runner of config accepts from a peer, for a shard of model."""
-    return StageLimits.of(
+    """What the runner of config accepts from a peer, for a shard of model, and the positions
+    its prefix cache keeps (config's byte budget over what one position costs the shard)."""
+    limits = StageLimits.of(
         model,
         first=config.shard.is_first,
         max_step_tokens=config.max_step_tokens,
         max_items=config.max_items,
         max_live_requests=config.max_live_requests,
     )
+    dims = cache_dims(ModelArgs.from_config(model))
+    layers = config.end - config.start
+    keep = budget_positions(config.prefix_cache_bytes, layers, *dims)
+    return dataclasses.replace(limits, keep_positions=keep)
 
 
 def wire(sampling: frames.WireSampling) -> SamplingParams:
     """The sampler's view of an item's wire sampling."""
     s = sampling
-    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+    return SamplingParams(
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        seed=s.seed,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty,
+        min_p=s.min_p,
+        logit_bias=s.logit_bias,
+        logprobs=s.logprobs,
+    )
+
+
+def wire_logprob(token: Sampled | None) -> frames.WireLogprob | None:
+    """A sampled token's logprobs as a RESULT carries them."""
+    lp = None if token is None else token.logprob
+    if lp is None:
+        return None
+    ids = tuple(t for t, _ in lp.top)
+    return frames.WireLogprob(
+        logprob=lp.logprob, top_ids=ids, top_logprobs=tuple(v for _, v in lp.top)
+    )
 
 
 class StageServer:
@@ -105,6 +136,7 @@ class StageServer:
         self.config = config
         self.limits = limits
         self._live = LiveRequests(limits.max_live_requests)  # request caches, by connection
+        self._retained = Retained(limits.keep_positions)  # kept for prefixes (inference/prefix.py)
         self.control = control
         self._executor = executor
         self._engine_lock = asyncio.Lock()  # one engine call at a time, inline or on the thread
@@ -248,7 +280,8 @@ class StageServer:
             self._origins[frame.session] = origin
             await self._forward(frame, origin)
         elif isinstance(frame.meta, frames.FreeMeta):
-            await self._on_engine(self._free, frame.meta.rid, inline=True)  # whoever owns it
+            # whoever owns it; kept (prefix caching) as the budget allows
+            await self._on_engine(self._free, frame.meta.rid, frame.meta.keep, inline=True)
             if not self.shard.is_last:
                 await self._send_next(frame, origin, report=False)
         else:
@@ -302,6 +335,12 @@ class StageServer:
             StepInput(item.rid, data, item.start)
             for item, data in zip(items, frame.arrays(), strict=True)
         ]
+        for item in items:
+            if item.fork is not None:  # from its prompt's prefill (n choices), or a kept prefix
+                self._retained.touch(item.fork)
+                self.engine.fork(item.fork, item.rid, item.start)
+            if self.shard.is_last and item.prompt_len is not None:
+                self._sampler.observe(item.rid, item.start, item.tokens, item.prompt_len)
         outputs = self.engine.forward(inputs)
         if not self.shard.is_last:
             hidden = np.concatenate(outputs)  # [sum T, hidden]
@@ -309,15 +348,29 @@ class StageServer:
         tokens = [
             None
             if item.sampling is None
-            else self._sampler(item.rid, logits, wire(item.sampling), item.start + item.length)
+            else self._sampler(
+                item.rid,
+                logits,
+                wire(item.sampling),
+                item.start + item.length,
+                None if item.mask is None else frames.decode_mask(item.mask),
+            )
             for item, logits in zip(items, outputs, strict=True)
         ]
-        return frames.result(frame.session, frame.step, tokens)
+        logprobs = [wire_logprob(t) for t in tokens]
+        if all(lp is None for lp in logprobs):
+            logprobs = []
+        return frames.result(frame.session, frame.step, tokens, logprobs)
 
-    def _free(self, rid: RequestId) -> None:
-        self.engine.free(rid)
+    def _free(self, rid: RequestId, keep: bool = False) -> None:
+        """Free the request's cache, or keep it for later requests to start from (it is then
+        no longer live; the least recently used kept caches go past the budget)."""
         self._sampler.free(rid)
         self._live.forget(rid)
+        self._retained.discard(rid)
+        gone = self._retained.keep(rid, self.engine.cache_length(rid)) if keep else [rid]
+        for old in gone:
+            self.engine.free(old)
 
     async def _release(
         self, owner: asyncio.StreamWriter, rids: list[RequestId] | None = None

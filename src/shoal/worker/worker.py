@@ -62,6 +62,7 @@ class RunnerOptions:
     credentials: Path | None = None
     keep_spare: bool = True  # one process with its engine imported, so a restart skips that
     log_format: LogFormat = "text"  # the runners' log lines, as the node's (log.py)
+    prefix_cache_bytes: int = 0  # each runner keeps finished requests' caches up to this
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,7 @@ class Worker:
             cache_dir=str(options.cache_dir) if options.cache_dir is not None else None,
             credentials=str(options.credentials) if options.credentials is not None else None,
             revoked=self._revoked,
+            prefix_cache_bytes=options.prefix_cache_bytes,
         )
         log.info(
             "starting runner %s: layers [%d, %d) of %s on %s",
