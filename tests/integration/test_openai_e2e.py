@@ -138,7 +138,9 @@ BAD_INPUTS = [
     ("empty messages", {**GOOD, "messages": []}, 400, "messages"),
     ("bad role", {**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ("negative max_tokens", {**GOOD, "max_tokens": -1}, 400, "max_tokens"),
-    ("n > 1", {**GOOD, "n": 2}, 400, "n=1"),
+    ("n past the batch", {**GOOD, "n": 100}, 400, "n must be"),
+    ("presence_penalty 5", {**GOOD, "presence_penalty": 5.0}, 400, "presence_penalty"),
+    ("audio", {**GOOD, "audio": {"voice": "alloy"}}, 400, "audio is not supported"),
     ("unknown model", {**GOOD, "model": "no-such-model"}, 404, "no-such-model"),
     ("model not runnable here", {**GOOD, "model": "deepseek-v3.1-4bit"}, 503, "deepseek"),
     (

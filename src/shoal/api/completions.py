@@ -6,11 +6,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from shoal.api.choices import collect_choices, completion_logprobs, usage_of
 from shoal.api.errors import error_body, status_of
 from shoal.api.generation import (
     check_context,
     check_token_ids,
-    collect,
     events,
     new_request_id,
     now,
@@ -33,6 +33,7 @@ async def completions(
     service: InferenceService = request.app.state.service
     handle = await service.acquire(body.model)
     sampling = body.sampling(body.max_tokens)
+    check_token_ids(handle, [t for t, _ in sampling.logit_bias], param="logit_bias")
     tokenizer = handle.tokenizer
     if isinstance(body.prompt[0], int):
         prompt = [int(t) for t in body.prompt]
@@ -44,28 +45,51 @@ async def completions(
     if not prompt:
         raise BadRequest("the prompt is empty", param="prompt")
     check_context(handle, len(prompt), body.max_tokens, param="prompt")
-    req = GenerationRequest(new_request_id("cmpl"), handle.card.id, tuple(prompt), sampling)
+    req = GenerationRequest(
+        new_request_id("cmpl"), handle.card.id, tuple(prompt), sampling, n=body.n
+    )
     stream = handle.generate(req)  # admitted now: a full queue is a 429, not a broken stream
     echo = text_prompt if body.echo else ""
     if body.stream:
         chunks = _chunks(handle, req, stream, echo, body.include_usage)
         return StreamingResponse(sse_stream(chunks), media_type="text/event-stream")
-    text, done = await collect(stream, request)
-    return _completion(req, handle, echo + text, done.reason) | {
-        "usage": usage(done.prompt_tokens, done.completion_tokens)
-    }
-
-
-def _completion(
-    req: GenerationRequest, handle: ModelHandle, text: str, finish: str | None
-) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    choices = await collect_choices(stream, request, req.n)
+    done = [c.done for c in choices if c.done is not None]
     return {
         "id": req.request_id,
         "object": "text_completion",
         "created": now(),
         "model": handle.card.id,
-        "choices": [choice],
+        "choices": [
+            _choice(
+                c.index,
+                echo + c.text,
+                c.done.reason if c.done else None,
+                completion_logprobs(tokenizer, c.logprobs, len(echo))
+                if sampling.logprobs is not None
+                else None,
+            )
+            for c in choices
+        ],
+        "usage": usage(*usage_of(done)),
+    }
+
+
+def _choice(
+    index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _completion(
+    req: GenerationRequest, handle: ModelHandle, choices: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "id": req.request_id,
+        "object": "text_completion",
+        "created": now(),
+        "model": handle.card.id,
+        "choices": choices,
     }
 
 
@@ -76,18 +100,23 @@ async def _chunks(
     echo: str,
     include_usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
+    tokenizer = handle.tokenizer
+    offsets = [len(echo)] * req.n  # text offsets of each choice's next token
+    ended: list[Finished] = []
     if echo:
-        yield _completion(req, handle, echo, None)
+        yield _completion(req, handle, [_choice(i, echo, None) for i in range(req.n)])
     try:
         async for event in events(stream):
             if isinstance(event, Finished):
-                yield _completion(req, handle, "", event.reason)
-                if include_usage:
-                    yield _completion(req, handle, "", None) | {
-                        "choices": [],
-                        "usage": usage(event.prompt_tokens, event.completion_tokens),
-                    }
-            elif event.text:
-                yield _completion(req, handle, event.text, None)
+                ended.append(event)
+                yield _completion(req, handle, [_choice(event.index, "", event.reason)])
+                if include_usage and len(ended) == req.n:
+                    yield _completion(req, handle, []) | {"usage": usage(*usage_of(ended))}
+            elif event.text or event.logprobs:
+                logprobs = None
+                if req.sampling.logprobs is not None:
+                    logprobs = completion_logprobs(tokenizer, event.logprobs, offsets[event.index])
+                    offsets[event.index] += len(event.text)
+                yield _completion(req, handle, [_choice(event.index, event.text, None, logprobs)])
     except ShoalError as exc:
         yield error_body(status_of(exc)[0], str(exc))

@@ -1,6 +1,9 @@
-"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}}, with the right status."""
+"""Errors in the shape of the dialect a route speaks, with the right status: OpenAI's
+{"error": {"message", "type", "param", "code"}}, Anthropic's {"type": "error", "error": {"type",
+"message"}} under /v1/messages, Ollama's {"error": "message"} under /api/."""
 
 import logging
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +23,8 @@ log = logging.getLogger(__name__)
 
 _TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -28,18 +33,53 @@ _TYPES = {
 }
 
 
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+Dialect = Literal["openai", "anthropic", "ollama"]
+
+
+def dialect_of(path: str) -> Dialect:
+    """Which API a path belongs to, so that its errors parse in that API's clients."""
+    if path.startswith("/api/"):
+        return "ollama"
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    return "openai"
+
+
 def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    dialect: Dialect = "openai",
 ) -> dict:
-    """The JSON body OpenAI clients parse."""
+    """The JSON body the dialect's clients parse (OpenAI's by default)."""
+    if dialect == "ollama":
+        return {"error": message}
+    if dialect == "anthropic":
+        kind = _ANTHROPIC_TYPES.get(status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    dialect: Dialect = "openai",
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+    return JSONResponse(error_body(status, message, param, code, dialect), status_code=status)
 
 
 def status_of(exc: ShoalError) -> tuple[int, str]:
@@ -70,10 +110,10 @@ def _describe(err: dict) -> str:
 
 
 def install(app: FastAPI) -> None:
-    """Route every error the app can raise to an OpenAI-shaped JSON response."""
+    """Route every error the app can raise to a JSON response in the route's dialect."""
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         param = _param(first.get("loc", ()))
@@ -81,21 +121,25 @@ def install(app: FastAPI) -> None:
         firsts = {_param(e.get("loc", ())): e for e in reversed(errors)}
         described = [_describe(e) for e in reversed(firsts.values())]
         message = "; ".join(described[:3]) or "invalid request"
-        return error_response(400, message, param=param, code="invalid_request")
+        dialect = dialect_of(request.url.path)
+        return error_response(400, message, param, "invalid_request", dialect)
 
     @app.exception_handler(ShoalError)
-    async def _shoal(_: Request, exc: ShoalError) -> JSONResponse:
+    async def _shoal(request: Request, exc: ShoalError) -> JSONResponse:
         status, code = status_of(exc)
-        response = error_response(status, str(exc), getattr(exc, "param", None), code)
+        param = getattr(exc, "param", None)
+        response = error_response(status, str(exc), param, code, dialect_of(request.url.path))
         if isinstance(exc, Overloaded):
             response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        dialect = dialect_of(request.url.path)
+        return error_response(exc.status_code, str(exc.detail), dialect=dialect)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        return error_response(500, message, dialect=dialect_of(request.url.path))

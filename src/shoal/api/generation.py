@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 import uuid
@@ -11,7 +12,15 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from shoal.errors import BadRequest, ContextOverflow
-from shoal.inference.request import Finished, GenerationEvent, TextDelta
+from shoal.inference.constraint import ConstraintFactory
+from shoal.inference.request import (
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from shoal.inference.sampling import GREEDY_BELOW
 from shoal.inference.scheduler import RequestStream
 from shoal.inference.service import ModelHandle
 from shoal.types.ids import RequestId
@@ -19,6 +28,8 @@ from shoal.types.ids import RequestId
 _T = TypeVar("_T")
 
 DISCONNECT_POLL_S = 0.5
+# What SamplingParams can say: a dialect maps its fields onto these, and refuses the rest
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 def new_request_id(prefix: str) -> RequestId:
@@ -62,8 +73,37 @@ def check_context(
         )
 
 
-async def collect(stream: RequestStream, request: Request) -> tuple[str, Finished]:
-    """Run to completion; a client that goes away cancels the generation."""
+def sampling_params(temperature: float, **fields: Any) -> SamplingParams:
+    """A dialect's sampling fields (None: SamplingParams' default) as SamplingParams; a
+    temperature below GREEDY_BELOW is greedy. The caller maps only fields in SAMPLING_FIELDS."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    return SamplingParams(temperature=0.0 if temperature < GREEDY_BELOW else temperature, **given)
+
+
+def start(
+    handle: ModelHandle,
+    prompt: Sequence[int],
+    sampling: SamplingParams,
+    prefix: str,
+    *,
+    param: str,
+    constraint: ConstraintFactory | None = None,
+) -> tuple[GenerationRequest, RequestStream]:
+    """Check the prompt (400s naming `param`) and admit it now: a full queue is a 429 here,
+    not a broken stream."""
+    if not prompt:
+        raise BadRequest("the prompt is empty", param=param)
+    check_context(handle, len(prompt), sampling.max_tokens, param=param)
+    rid = new_request_id(prefix)
+    req = GenerationRequest(rid, handle.card.id, tuple(prompt), sampling, constraint=constraint)
+    return req, handle.generate(req)
+
+
+async def collect(
+    stream: RequestStream, request: Request, token_ids: list[int] | None = None
+) -> tuple[str, Finished]:
+    """Run to completion (the ids generated appended to `token_ids`); a client that goes away
+    cancels the generation."""
 
     async def drain() -> tuple[str, Finished]:
         parts: list[str] = []
@@ -71,6 +111,8 @@ async def collect(stream: RequestStream, request: Request) -> tuple[str, Finishe
             async for event in events:
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
+                    if token_ids is not None:
+                        token_ids.extend(event.token_ids)
                 else:
                     return "".join(parts), event
         raise RuntimeError("generation ended without a Finished event")

@@ -1,8 +1,10 @@
-"""Server-sent events: one `data:` line per JSON object, `[DONE]` at the end."""
+"""Server-sent events: one `data:` line per JSON object, `[DONE]` at the end (chat and
+completions); or named events, `event: TYPE` before each object's data (Anthropic Messages and
+the Responses API), with no `[DONE]`."""
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from shoal.api.errors import error_body
@@ -24,3 +26,22 @@ async def sse_stream(objects: AsyncIterator[dict[str, Any]]) -> AsyncIterator[st
         log.exception("a stream failed")
         yield sse_event(error_body(500, f"internal error: {type(exc).__name__}: {exc}"))
     yield "data: [DONE]\n\n"
+
+
+def named_event(obj: dict[str, Any]) -> str:
+    """One event named by the object's own `type`."""
+    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {obj['type']}\ndata: {data}\n\n"
+
+
+async def named_sse_stream(
+    objects: AsyncIterator[dict[str, Any]], failed: Callable[[str], dict[str, Any]]
+) -> AsyncIterator[str]:
+    """Frame each object as a named event; a failure on the way (a bug: the endpoint says its
+    own errors in-band) becomes the dialect's error event, `failed(message)`."""
+    try:
+        async for obj in objects:
+            yield named_event(obj)
+    except Exception as exc:
+        log.exception("a stream failed")
+        yield named_event(failed(f"internal error: {type(exc).__name__}: {exc}"))

@@ -99,6 +99,7 @@ class Tokenizer:
         self.has_chat_template = chat_template is not None
         self.chat_template = chat_template if chat_template is not None else FALLBACK_CHAT_TEMPLATE
         self._template: jinja2.Template | None = None
+        self._special: dict[str, int] | None = None
 
     @property
     def backend(self) -> Backend:
@@ -147,14 +148,39 @@ class Tokenizer:
             raise BadRequest(f"chat template failed: {e}", param="messages") from e
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Token ids of the chat prompt, with BOS first when the model wants one and lacks it."""
-        ids = self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+        """Token ids of the chat prompt, with BOS first when the model wants one and lacks it;
+        tools (OpenAI's `tools` entries) go to the template only when given."""
+        extra = {} if tools is None else {"tools": tools}
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, **extra)
+        ids = self.encode(text)
         if self.add_bos and ids[:1] != [self.bos_token_id]:
             assert self.bos_token_id is not None
             ids = [self.bos_token_id, *ids]
         return ids
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template itself lays out `tools` (else api/tools.py writes them)."""
+        return self.has_chat_template and "tools" in self.chat_template
+
+    def special_token_id(self, text: str) -> int | None:
+        """The id of text when the vocabulary holds it as one special (added) token."""
+        if self._special is None:
+            added = self._backend.get_added_tokens_decoder().items()
+            self._special = {t.content: i for i, t in added if t.special}
+        return self._special.get(text)
+
+    def tokenizers_json(self) -> str:
+        """The vocabulary as `tokenizers` JSON (what llguidance reads); tiktoken's has none."""
+        if not isinstance(self._backend, Backend):
+            raise BadRequest("constrained decoding needs a tokenizers vocabulary, not tiktoken's")
+        return self._backend.to_str()
 
     def stream(self, *, skip_special_tokens: bool = True) -> "StreamDecoder":
         """A decoder for token ids arriving one at a time."""
