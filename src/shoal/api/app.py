@@ -1,6 +1,6 @@
-"""The FastAPI application: routers by resource, OpenAI-shaped errors, a body-size limit, API
-keys (api/auth.py), CORS for the origins it is given, /metrics (api/metrics.py) and the
-dashboard at / (api/dashboard.py)."""
+"""The FastAPI application: routers by resource and dialect (OpenAI, Anthropic Messages, Ollama),
+errors in each dialect's shape, a body-size limit, API keys (api/auth.py), CORS for the origins
+it is given, /metrics (api/metrics.py) and the dashboard at / (api/dashboard.py)."""
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -11,6 +11,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from shoal import __version__
 from shoal.api import (
+    anthropic,
     chat,
     completions,
     dashboard,
@@ -19,7 +20,10 @@ from shoal.api import (
     instances,
     metrics,
     models,
+    ollama,
+    ollama_models,
     pulls,
+    responses,
 )
 from shoal.api import cluster as cluster_routes
 from shoal.api.auth import ApiKeyAuth, ApiKeys
@@ -58,8 +62,10 @@ def create_app(
     app.state.hub_root = hub_root
     app.state.pulls = pull_files
     errors.install(app)
-    for module in (models, chat, completions, health, cluster_routes, instances, pulls, dashboard):
+    dialects = (responses, anthropic, ollama, ollama_models)
+    for module in (models, chat, completions, *dialects, health, cluster_routes, instances, pulls):
         app.include_router(module.router)
+    app.include_router(dashboard.router)
     registry = registry if registry is not None else CollectorRegistry()
     metrics.install(app, registry, cluster, loads, fetched)
     # outermost last: CORS answers preflights and marks 401s, the key check runs before a body
@@ -71,6 +77,9 @@ def create_app(
             CORSMiddleware,
             allow_origins=list(cors_origins),
             allow_methods=["*"],
-            allow_headers=["authorization", "x-api-key", "content-type"],
+            # every dialect's clients send their own headers (anthropic-version, x-stainless-…);
+            # no credentials are allowed, so any header may be
+            allow_headers=["*"],
+            expose_headers=["retry-after"],
         )
     return app

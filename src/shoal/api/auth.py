@@ -6,8 +6,8 @@ a line, `KEY` or `KEY user` or `KEY admin`, `#` comments. A request names its ke
 `Authorization: Bearer KEY` (what OpenAI clients send) or `x-api-key: KEY`.
 
 With no key configured the API is open (it binds 127.0.0.1 unless told otherwise). With keys,
-every route but `/healthz` and the dashboard's static files (`/`, `/dashboard/*`: they hold
-no data) needs one (401, OpenAI-shaped, `WWW-Authenticate: Bearer`), and a
+every route but `/healthz`, `/health` and the dashboard's static files (`/`, `/dashboard/*`:
+they hold no data) needs one (401 in the route's dialect, `WWW-Authenticate: Bearer`), and a
 route that changes what the cluster runs (any method but GET/HEAD/OPTIONS outside the inference
 routes below: placing and deleting instances) needs an admin key (403). Keys are compared in
 constant time (`hmac.compare_digest`), against every key, whatever matches first.
@@ -23,13 +23,14 @@ from typing import Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from shoal.api.errors import dialect_of, error_body
 from shoal.errors import BadRequest
 
 log = logging.getLogger(__name__)
 
 Role = Literal["user", "admin"]
 
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/health"})
 # The dashboard's page and static files (api/dashboard.py) hold no data: open to GET and HEAD.
 # Every call the page makes for data needs the key like any client's.
 DASHBOARD_PATHS = frozenset({"/"})
@@ -43,9 +44,11 @@ INFERENCE = frozenset(
         "/v1/completions",
         "/v1/responses",
         "/v1/messages",
+        "/v1/messages/count_tokens",
         "/v1/embeddings",
         "/api/chat",
         "/api/generate",
+        "/api/show",  # Ollama reads a model's details by POST
     }
 )
 
@@ -137,17 +140,15 @@ class ApiKeyAuth:
         if role is None:
             why = "no API key given" if key is None else "the API key is not valid"
             message = f"{why}: send `Authorization: Bearer KEY` (or `x-api-key: KEY`)"
-            return await _deny(send, 401, message, "invalid_request_error", "invalid_api_key")
+            return await _deny(send, scope["path"], 401, message, "invalid_api_key")
         if role != "admin" and needs_admin(scope["method"], scope["path"]):
             message = f"{scope['method']} {scope['path']} needs an admin key"
-            return await _deny(send, 403, message, "permission_error", "insufficient_permissions")
+            return await _deny(send, scope["path"], 403, message, "insufficient_permissions")
         await self.app(scope, receive, send)
 
 
-async def _deny(send: Send, status: int, message: str, kind: str, code: str) -> None:
-    body = json.dumps(
-        {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    ).encode()
+async def _deny(send: Send, path: str, status: int, message: str, code: str) -> None:
+    body = json.dumps(error_body(status, message, code=code, dialect=dialect_of(path))).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))

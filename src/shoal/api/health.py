@@ -1,4 +1,5 @@
-"""GET /healthz: the node is up and answering."""
+"""GET /healthz and /health (what vLLM, llama-server and load balancers probe): the node is up
+and answering. Both are open without an API key (api/auth.py)."""
 
 from typing import Any
 
@@ -11,6 +12,7 @@ router = APIRouter()
 
 
 @router.get("/healthz")
+@router.get("/health")
 async def healthz(request: Request) -> dict[str, Any]:
     service: InferenceService = request.app.state.service
     return {"status": "ok", "version": __version__, "active_requests": service.active_requests()}

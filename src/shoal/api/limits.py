@@ -9,7 +9,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from shoal.api.errors import error_body
+from shoal.api.errors import dialect_of, error_body
 
 
 class BodyLimit:
@@ -27,7 +27,7 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(
-                send, 413, f"request body is over the limit of {self.limit} bytes"
+                scope, send, 413, f"request body is over the limit of {self.limit} bytes"
             )
         chunks: list[bytes] = []
         size = 0
@@ -40,13 +40,13 @@ class BodyLimit:
                     size += len(message.get("body", b""))
                     if size > self.limit:
                         why = f"request body is over the limit of {self.limit} bytes"
-                        return await self._refuse(send, 413, why)
+                        return await self._refuse(scope, send, 413, why)
                     chunks.append(message.get("body", b""))
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
             why = f"the request body was not sent within {self.timeout_s:g} s"
-            return await self._refuse(send, 408, why)
+            return await self._refuse(scope, send, 408, why)
         replayed = False
 
         async def replay() -> Message:
@@ -58,8 +58,8 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send, status: int, message: str) -> None:
-        body = json.dumps(error_body(status, message)).encode()
+    async def _refuse(self, scope: Scope, send: Send, status: int, message: str) -> None:
+        body = json.dumps(error_body(status, message, dialect=dialect_of(scope["path"]))).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
