@@ -1,0 +1,128 @@
+"""Pipelined prefill through real runner processes: a long prompt's chunks sent at once through a
+3-stage chain give the logits (and tokens) that sending them one a step gives."""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from shoal.inference.pipeline import Pipeline, Step
+from shoal.inference.remote import RemotePipeline
+from shoal.inference.request import GenerationRequest, SamplingParams, TextDelta
+from shoal.inference.scheduler import Scheduler
+from shoal.types.ids import ModelId, RequestId
+from shoal.worker.supervisor import RunnerConfig, RunnerProcess
+from tests.helpers.dataplane import trust
+from tests.helpers.fakes import ByteTokenizer
+from tests.helpers.pipelines import Wrapping
+from tests.helpers.tiny import N_LAYERS, VOCAB
+
+pytest.importorskip("transformers")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180), pytest.mark.asyncio(loop_scope="module")]
+
+PROMPT = tuple(int(t) for t in np.random.default_rng(8).integers(3, VOCAB, 45))
+CHUNK = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.helpers.tiny import tiny_hf
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_hf("llama").save_pretrained(path)
+    return path
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chain(model_dir: Path) -> AsyncIterator[list[str]]:
+    cuts = [0, 1, 2, N_LAYERS]  # three stages
+    runners = [
+        RunnerProcess(
+            RunnerConfig(
+                model_path=str(model_dir),
+                model_id=ModelId("tiny"),
+                start=start,
+                end=end,
+                n_layers=N_LAYERS,
+                engine="torch",
+                device="cpu",
+                threads=1,
+                credentials=trust().runner_dir,
+            ),
+            stop_timeout_s=3.0,
+        )  # fmt: skip
+        for start, end in zip(cuts, cuts[1:], strict=False)
+    ]
+    try:
+        for r in runners:
+            await r.start()
+        addrs = await asyncio.gather(*(r.wait_ready(60) for r in runners))
+        for r, nxt in zip(runners, [*addrs[1:], None], strict=True):
+            await r.route(nxt)
+        yield list(addrs)
+    finally:
+        await asyncio.gather(*(r.stop() for r in runners))
+
+
+class Sends(Wrapping):
+    """Counts the batches each call sends at once."""
+
+    def __init__(self, inner: Pipeline, depth: int) -> None:
+        super().__init__(inner)
+        self.depth = depth
+        self.at_once: list[int] = []
+
+    async def forward(self, steps: Sequence[Step]) -> Sequence[int | None]:
+        self.at_once.append(1)
+        return await self.inner.forward(steps)
+
+    async def forward_all(self, batches: Sequence[Sequence[Step]]) -> list[Sequence[int | None]]:
+        self.at_once.append(len(batches))
+        return list(await self.inner.forward_all(batches))
+
+
+@contextlib.asynccontextmanager
+async def scheduler(pipeline: Pipeline) -> AsyncIterator[Scheduler]:
+    s = Scheduler(pipeline, ByteTokenizer(), context_length=256, prefill_chunk=CHUNK)
+    task = asyncio.create_task(s.run())
+    try:
+        yield s
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def first_tokens(s: Scheduler, rid: str) -> list[tuple[int, tuple[tuple[int, float], ...]]]:
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=5)
+    out = []
+    async for event in s.generate(GenerationRequest(RequestId(rid), ModelId("m"), PROMPT, params)):
+        if isinstance(event, TextDelta):
+            out += [(lp.token, lp.top) for lp in event.logprobs]
+    return out
+
+
+async def test_chunks_sent_at_once_give_the_logits_of_one_a_step(chain: list[str]) -> None:
+    results = {}
+    for depth in (1, 3):
+        remote = RemotePipeline(chain, tls=trust().client_ssl())
+        await remote.connect()
+        sends = Sends(remote, depth)
+        try:
+            async with scheduler(sends) as s:
+                results[depth] = await first_tokens(s, f"p{depth}")
+        finally:
+            await remote.close()
+        if depth == 1:
+            assert max(sends.at_once) == 1  # one chunk a step
+        else:  # 45 tokens in chunks of 8: two per stage at once, then the rest
+            assert sends.at_once[:2] == [6, 1] and sum(sends.at_once[:2]) >= 45 // CHUNK
+    (one, many) = results[1], results[3]
+    assert [t for t, _ in one] == [t for t, _ in many] and len(one) == 4
+    for (_, a), (_, b) in zip(one, many, strict=True):
+        assert [i for i, _ in a] == [i for i, _ in b]
+        np.testing.assert_allclose([p for _, p in a], [p for _, p in b], atol=1e-5)
