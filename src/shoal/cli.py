@@ -110,6 +110,13 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         "same way (the chat so far, a system prompt) skips that prefill (default 256; 0: off)",
     )
     p.add_argument(
+        "--speculate",
+        type=int,
+        metavar="N",
+        help="speculative decoding: up to N draft tokens (from earlier text: prompt lookup) "
+        "verified in one step, for greedy requests; output is unchanged (default 0: off)",
+    )
+    p.add_argument(
         "--http-timeout",
         dest="http_timeout_s",
         type=float,

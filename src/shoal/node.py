@@ -192,6 +192,7 @@ async def serve(settings: Settings) -> None:
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
         prefix_entries=DEFAULT_ENTRIES if settings.prefix_cache_mb else 0,
+        speculate=settings.speculate,
         tls=creds.client_ssl_context(),  # the data plane: runners take members only
         resolve=fetcher.card,
         tokenizer_files=lambda card: fetcher.stage(card, None, None),

@@ -40,6 +40,7 @@ ENV: dict[str, str] = {
     "max_queue": "SHOAL_MAX_QUEUE",
     "prefill_chunk": "SHOAL_PREFILL_CHUNK",
     "prefix_cache_mb": "SHOAL_PREFIX_CACHE_MB",
+    "speculate": "SHOAL_SPECULATE",
     "http_timeout_s": "SHOAL_HTTP_TIMEOUT_S",
     "max_body_bytes": "SHOAL_MAX_BODY_BYTES",
     "auto_load": "SHOAL_AUTO_LOAD",
@@ -98,6 +99,8 @@ class Settings(BaseModel):
     # finished requests' KV caches each stage keeps for later prompts that begin the same way
     # (inference/prefix.py); 0: none kept
     prefix_cache_mb: int = Field(default=256, ge=0)
+    # draft tokens a greedy request's decode step verifies at once (prompt lookup); 0: off
+    speculate: int = Field(default=0, ge=0, le=16)
     http_timeout_s: float = Field(default=30.0, gt=0)  # to send a request's headers, its body
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     auto_load: bool = True  # a request for a model not loaded loads it

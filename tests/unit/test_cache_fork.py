@@ -74,7 +74,17 @@ def test_an_engines_fork_continues_as_the_source_would(name: str) -> None:
     assert engine.cache_length(b) == 7
     with pytest.raises(ValueError, match="holds"):
         engine.fork(b, RequestId("c"), 9)
+    # truncate: drop positions from 4 on, then continue as a request of 4 positions would
+    engine.truncate(b, 4)
+    assert engine.cache_length(b) == 4
+    again = engine.forward([StepInput(b, prompt[4:], 4)])[0]
+    fresh = engines()[name]()
+    fresh.load(shard(), tiny_source("llama"))
+    np.testing.assert_allclose(again, fresh.forward([StepInput(a, prompt, 0)])[0], atol=1e-4)
+    with pytest.raises(ValueError, match="holds"):
+        engine.truncate(b, 99)
     engine.close()
+    fresh.close()
 
 
 def test_engines_that_cannot_copy_say_so() -> None:

@@ -93,7 +93,7 @@ def test_header_layout_is_fixed_little_endian() -> None:
     )
     assert (session, step, data_len) == (0x0102030405060708, 3, 0)
     assert raw[8:16] == bytes([8, 7, 6, 5, 4, 3, 2, 1])
-    assert json.loads(raw[36 : 36 + meta_len]) == {"tokens": [1], "logprobs": []}
+    assert json.loads(raw[36 : 36 + meta_len]) == {"tokens": [1], "logprobs": [], "following": []}
 
 
 def test_incremental_feeding_byte_by_byte() -> None:

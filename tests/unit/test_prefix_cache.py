@@ -106,6 +106,9 @@ class Counting:
     def fork(self, source: RequestId, target: RequestId, length: int) -> None:
         self.inner.fork(source, target, length)
 
+    def truncate(self, request_id: RequestId, length: int) -> None:
+        self.inner.truncate(request_id, length)
+
 
 class Ids:
     """A detokenizer over ids: each token is its id as text, so texts compare as token lists."""

@@ -92,6 +92,11 @@ class Engine(Protocol):
         its prompt's prefill); ValueError when source holds fewer or the engine cannot."""
         ...
 
+    def truncate(self, request_id: RequestId, length: int) -> None:
+        """Keep only the first `length` positions of the request's cache (a speculative step's
+        rejected drafts go); ValueError when it holds fewer or the engine cannot."""
+        ...
+
     def close(self) -> None:
         """Release every cache and the weights."""
         ...

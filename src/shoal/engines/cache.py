@@ -169,6 +169,14 @@ class CacheStore(Generic[A]):
         """Positions cached over all requests."""
         return sum(cache.length for cache in list(self._caches.values()))
 
+    def truncate(self, request_id: RequestId, length: int) -> None:
+        """Keep only the first `length` positions; ValueError if the request holds fewer."""
+        held = self.length(request_id)
+        if held < length:
+            raise ValueError(f"cannot keep {length} positions of {request_id}: it holds {held}")
+        if request_id in self._caches:
+            self._caches[request_id].length = length
+
     def fork(self, source: RequestId, target: RequestId, length: int) -> None:
         """Make target's cache a copy of source's first `length` positions (the choices of one
         request share its prompt's prefill); ValueError if source holds fewer."""

@@ -103,6 +103,12 @@ class FakeEngine:
         """Positions the caches of every request hold together."""
         return sum(state.length for state in list(self._states.values()))
 
+    def truncate(self, request_id: RequestId, length: int) -> None:
+        """Only to its whole length (its state is a running sum): ValueError otherwise."""
+        held = self.cache_length(request_id)
+        if length != held:
+            raise ValueError(f"the fake engine cannot drop positions ({request_id} holds {held})")
+
     def fork(self, source: RequestId, target: RequestId, length: int) -> None:
         """target := source, when `length` is all source holds (its state is a running sum, not
         per position: a shorter copy cannot be made)."""

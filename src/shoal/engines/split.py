@@ -69,6 +69,11 @@ class SplitEngine:
         for engine in self.engines:
             engine.fork(source, target, length)
 
+    def truncate(self, request_id: RequestId, length: int) -> None:
+        """Keep the first `length` positions, in every part."""
+        for engine in self.engines:
+            engine.truncate(request_id, length)
+
     def free(self, request_id: RequestId) -> None:
         for engine in self.engines:
             engine.free(request_id)

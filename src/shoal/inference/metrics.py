@@ -70,6 +70,12 @@ class RequestMetrics:
         self.prefix_hits = counter(
             "prefix_cache_hits", "Prompt tokens started from a kept cache instead of prefilled."
         )
+        self.spec_drafts = counter(
+            "spec_decode_num_draft_tokens", "Draft tokens speculative steps verified."
+        )
+        self.spec_accepted = counter(
+            "spec_decode_num_accepted_tokens", "Draft tokens the model agreed with (kept)."
+        )
         self.stream_replays = counter(
             "stream_replays", "Running requests replayed onto a new pipeline after a break."
         )
@@ -116,6 +122,11 @@ class ModelMetrics:
         self._replays = m.stream_replays.labels(name)
         self._prefix_queries = m.prefix_queries.labels(name)
         self._prefix_hits = m.prefix_hits.labels(name)
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        """A verify step checked `drafted` tokens and kept `accepted` of them."""
+        self.of.spec_drafts.labels(self.model_name).inc(drafted)
+        self.of.spec_accepted.labels(self.model_name).inc(accepted)
 
     def prefix(self, prompt_tokens: int, reused: int) -> None:
         """A prompt was looked up in the prefix cache; `reused` of its tokens were held."""

@@ -40,17 +40,32 @@ class Step:
     mask: np.ndarray | None = None  # uint32 bitmask of the tokens allowed (constrained decoding)
     # with penalties: the prompt's length, and the last stage keeps these token ids to count
     prompt_len: int | None = None
+    # speculative decoding: the data is the last token and drafts after it; the last stage
+    # answers the greedy token at every position (Sampled.following), greedy requests only
+    verify: bool = False
+    rewind: bool = False  # first drop what the caches hold from item.start on (rejected drafts)
 
 
 class Sampled(int):
-    """A sampled token id, with its logprobs when the request asked for them."""
+    """A sampled token id, with its logprobs when the request asked for them; for a verify
+    step, the greedy tokens at the positions after it (`following`)."""
 
     logprob: TokenLogprob | None
+    following: tuple[int, ...]
 
-    def __new__(cls, token: int, logprob: TokenLogprob | None = None) -> "Sampled":
+    def __new__(
+        cls, token: int, logprob: TokenLogprob | None = None, following: tuple[int, ...] = ()
+    ) -> "Sampled":
         self = super().__new__(cls, token)
         self.logprob = logprob
+        self.following = following
         return self
+
+
+def verified(logits: np.ndarray) -> Sampled:
+    """A verify step's answer from its logits [T, vocab]: the greedy token at each position."""
+    picks = np.argmax(logits, axis=-1)
+    return Sampled(int(picks[0]), following=tuple(int(t) for t in picks[1:]))
 
 
 class Pipeline(Protocol):
@@ -128,12 +143,15 @@ class Sampler:
         self._seen.pop(rid, None)
 
 
-def run_stages(engines: Sequence[Engine], batch: Sequence[StepInput]) -> list[np.ndarray]:
-    """Push a batch through every engine in order; the last one's outputs are logits."""
+def run_stages(
+    engines: Sequence[Engine], batch: Sequence[StepInput], *, all_logits: bool = False
+) -> list[np.ndarray]:
+    """Push a batch through every engine in order; the last one's outputs are logits (of
+    every position with all_logits)."""
     items = list(batch)
     outputs: list[np.ndarray] = []
-    for engine in engines:
-        outputs = engine.forward(items)
+    for i, engine in enumerate(engines):
+        outputs = engine.forward(items, all_logits=all_logits and i == len(engines) - 1)
         items = [
             StepInput(it.request_id, out, it.start) for it, out in zip(items, outputs, strict=True)
         ]
@@ -154,18 +172,28 @@ class LocalPipeline:
 
     def _step(self, steps: Sequence[Step]) -> list[Sampled | None]:
         for s in steps:
+            if s.rewind:
+                for engine in self._engines:
+                    engine.truncate(s.item.request_id, s.item.start)
             if s.fork is not None:
                 self._retained.touch(s.fork)
                 for engine in self._engines:
                     engine.fork(s.fork, s.item.request_id, s.item.start)
             if s.prompt_len is not None:
                 self._sampler.observe(s.item.request_id, s.item.start, s.item.data, s.prompt_len)
-        logits = run_stages(self._engines, [s.item for s in steps])
+        every = any(s.verify for s in steps)
+        logits = run_stages(self._engines, [s.item for s in steps], all_logits=every)
         return [
             None
             if s.sampling is None
+            else verified(out)
+            if s.verify
             else self._sampler(
-                s.item.request_id, out, s.sampling, s.item.start + s.item.length, s.mask
+                s.item.request_id,
+                out[-1] if every else out,
+                s.sampling,
+                s.item.start + s.item.length,
+                s.mask,
             )
             for s, out in zip(steps, logits, strict=True)
         ]

@@ -272,6 +272,8 @@ def _wire_item(s: Step) -> frames.WireItem:
         mask=None if s.mask is None else frames.encode_mask(s.mask),
         tokens=tuple(int(t) for t in s.item.data) if penalized else (),
         prompt_len=s.prompt_len,
+        verify=s.verify,
+        rewind=s.rewind,
     )
 
 
@@ -287,10 +289,13 @@ def _sampled(meta: frames.ResultMeta) -> list[Sampled | None]:
     logprobs = (
         meta.logprobs if len(meta.logprobs) == len(meta.tokens) else (None,) * len(meta.tokens)
     )
+    following = meta.following if len(meta.following) == len(meta.tokens) else ()
     out: list[Sampled | None] = []
-    for token, lp in zip(meta.tokens, logprobs, strict=True):
+    for i, (token, lp) in enumerate(zip(meta.tokens, logprobs, strict=True)):
         if token is None:
             out.append(None)
+        elif following and following[i]:
+            out.append(Sampled(token, following=following[i]))
         elif lp is None:
             out.append(Sampled(token))
         else:

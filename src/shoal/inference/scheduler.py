@@ -49,8 +49,9 @@ from shoal.inference.request import (
     TokenLogprob,
 )
 from shoal.inference.sampling import MAX_TOP_LOGPROBS
+from shoal.inference.speculate import SKIP_AFTER_MISS, prompt_lookup
 from shoal.inference.stops import StopMatcher
-from shoal.net.frames import MAX_LOGIT_BIAS
+from shoal.net.frames import MAX_LOGIT_BIAS, MAX_VERIFY
 from shoal.types.ids import RequestId
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class _Sequence:
     finished: bool = False
     failed: bool = False  # ended by an error: its caches are not worth keeping
     donor: RequestId | None = None  # a kept cache its first step starts from (prefix caching)
+    rewind: bool = False  # its caches hold rejected drafts: its next step drops them first
+    no_drafts: int = 0  # decode steps to take without drafting (after a verify that kept none)
     alone: bool = False  # in a step that failed: runs by itself until it samples again
 
     @property
@@ -126,6 +129,7 @@ class _Sequence:
         self.pending = [*self.req.prompt_tokens, *self.tokens]
         self.fed = 0
         self.donor = None
+        self.rewind = False
 
 
 class RequestStream:
@@ -191,10 +195,12 @@ class Scheduler:
         recover: Recover | None = None,
         metrics: ModelMetrics | None = None,  # counters and histograms, updated as things happen
         prefix: PrefixIndex | None = None,  # kept caches to start prompts from (None: none kept)
+        speculate: int = 0,  # draft tokens a greedy decode step verifies (inference/speculate.py)
     ) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
         self._prefix = prefix
+        self._speculate = max(0, min(speculate, MAX_VERIFY - 1))
         self._recover = recover
         self._tokenizer = tokenizer
         self._context = context_length
@@ -365,15 +371,17 @@ class Scheduler:
         prefilling = sorted((s for s in seqs if s not in decoding), key=lambda s: len(s.pending))
         batch: list[tuple[_Sequence, Step]] = []
         budget = float(self._prefill_chunk)
+        speculating = self._speculate > 0 and not prefilling  # logits at every position: small
         for seq in decoding + prefilling:
             take = 1 if seq in decoding else self._affordable(seq, budget)
+            drafts = self._drafts(seq) if speculating else []
             if seq.waiting_fork:  # stop before the last prompt token: the choices fork there
                 take = min(take, max(len(seq.req.prompt_tokens) - 1 - seq.fed, 1))
             if take == 0:
                 continue
             if seq not in decoding:
                 budget -= self._cost(seq.fed, take)
-            if (step := self._step_of(seq, take)) is not None:
+            if (step := self._step_of(seq, take, drafts=drafts)) is not None:
                 batch.append((seq, step))
             if seq.waiting_fork and seq.fed == len(seq.req.prompt_tokens) - 1:
                 for child in seq.waiting_fork:  # from a copy of seq's cache, before this step
@@ -381,10 +389,30 @@ class Scheduler:
                         batch.append((child, forked))
         return batch
 
-    def _step_of(self, seq: _Sequence, take: int, fork: RequestId | None = None) -> Step | None:
-        """The step feeding seq's next `take` tokens; None if its constraint allows nothing (it
-        is finished then)."""
-        data = np.asarray(seq.pending[:take], dtype=np.int64)
+    def _drafts(self, seq: _Sequence) -> list[int]:
+        """Tokens for seq's next step to verify (prompt lookup); [] when it should not."""
+        s = seq.sampling
+        plain = s.temperature == 0.0 and not (s.penalized or s.logit_bias or s.logprobs is not None)
+        if not plain or seq.constraint is not None or seq.children:
+            return []
+        if seq.no_drafts:
+            seq.no_drafts -= 1
+            return []
+        room = min(self._speculate, self._context - seq.fed - 2)
+        if s.max_tokens is not None:
+            room = min(room, s.max_tokens - len(seq.tokens) - 1)
+        return prompt_lookup([*seq.req.prompt_tokens, *seq.tokens], room) if room > 0 else []
+
+    def _step_of(
+        self,
+        seq: _Sequence,
+        take: int,
+        fork: RequestId | None = None,
+        drafts: Sequence[int] = (),
+    ) -> Step | None:
+        """The step feeding seq's next `take` tokens (and drafts to verify after them); None if
+        its constraint allows nothing (it is finished then)."""
+        data = np.asarray([*seq.pending[:take], *drafts], dtype=np.int64)
         wants_token = take == len(seq.pending)
         mask = None
         if wants_token and seq.constraint is not None:
@@ -398,6 +426,8 @@ class Scheduler:
             fork=fork or seq.donor,
             mask=mask,
             prompt_len=len(seq.req.prompt_tokens) if seq.sampling.penalized else None,
+            verify=bool(drafts),
+            rewind=seq.rewind,
         )
 
     def _cost(self, start: int, n: int) -> float:
@@ -423,6 +453,17 @@ class Scheduler:
         try:
             tokens = await self._pipeline.forward([step for _, step in batch])
         except Exception as exc:
+            speculative = any(s.verify or s.rewind for _, s in batch)
+            if speculative and not isinstance(exc, PipelineBroken):
+                # an engine that cannot drop positions, say: no more speculation here, and
+                # every request of the step is replayed alone (one at fault fails then)
+                log.warning("a speculative step failed (%s): speculating no more here", exc)
+                self._speculate = 0
+                for seq, _ in batch:
+                    await self._free(seq)
+                    seq.replay()
+                    seq.alone = True
+                return False
             await self._failed([seq for seq, _ in batch], exc)
             return False
         self._took(batch, tokens)
@@ -493,6 +534,10 @@ class Scheduler:
     def _took(self, batch: list[tuple[_Sequence, Step]], tokens: Sequence[int | None]) -> None:
         """A batch's step ran: advance each sequence, and take the tokens sampled."""
         for (seq, step), token in zip(batch, tokens, strict=True):
+            seq.rewind = False  # done at this step's start
+            if step.verify and isinstance(token, Sampled) and not seq.cancelled:
+                self._accept(seq, step, token)
+                continue
             seq.fed += step.item.length
             del seq.pending[: step.item.length]
             if seq.donor is not None:  # started from a kept cache: joins the batch from now on
@@ -501,6 +546,25 @@ class Scheduler:
             if token is not None and not seq.cancelled:
                 seq.alone = False
                 self._advance(seq, token)
+
+    def _accept(self, seq: _Sequence, step: Step, token: Sampled) -> None:
+        """A verify step's answer: the drafts up to the first the model disagrees with, and the
+        model's own token there (so the output is plain greedy's)."""
+        drafts = [int(t) for t in step.item.data[1:]]
+        picks = [int(token), *token.following]  # picks[i]: the greedy token after data[i]
+        kept = 0
+        while kept < len(drafts) and drafts[kept] == picks[kept]:
+            kept += 1
+        seq.fed += 1 + kept  # the fed token and the kept drafts are cached
+        seq.rewind = kept < len(drafts)  # and the rejected ones after them, until the next step
+        seq.no_drafts = 0 if kept else SKIP_AFTER_MISS
+        seq.alone = False
+        if self._metrics is not None:
+            self._metrics.speculated(len(drafts), kept)
+        for pick in picks[: kept + 1]:
+            if seq.finished:
+                break
+            self._advance(seq, pick)
 
     async def _isolate(self, seqs: list[_Sequence], exc: Exception) -> None:
         """A step failed: alone, the request is the cause; together, each is retried alone.

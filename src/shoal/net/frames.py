@@ -75,6 +75,9 @@ class FrameError(ShoalError):
 
 MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias
 MAX_LOGPROBS = 20  # top logprobs of one token
+# positions of one speculative verify step (the last token and its drafts): each gives a row of
+# logits, so the last stage's answer stays small
+MAX_VERIFY = 17
 
 
 class WireSampling(Message):
@@ -108,6 +111,8 @@ class WireItem(Message):
     mask: str | None = None
     tokens: tuple[int, ...] = ()
     prompt_len: int | None = Field(default=None, ge=0)
+    verify: bool = False  # the last stage answers the greedy token at every position
+    rewind: bool = False  # first drop what the caches hold from `start` on
 
 
 def encode_mask(mask: np.ndarray) -> str:
@@ -158,6 +163,8 @@ class ResultMeta(Message):
 
     tokens: tuple[int | None, ...]
     logprobs: tuple[WireLogprob | None, ...] = ()
+    # verify items: the greedy tokens at the positions after the first, per item (() for others)
+    following: tuple[tuple[int, ...], ...] = ()
 
 
 class FreeMeta(Message):
@@ -248,9 +255,11 @@ def result(
     step: int,
     tokens: Sequence[int | None],
     logprobs: Sequence[WireLogprob | None] = (),
+    following: Sequence[tuple[int, ...]] = (),
 ) -> Frame:
-    """The sampled tokens of one step (and their logprobs, if asked), in item order."""
-    meta = ResultMeta(tokens=tuple(tokens), logprobs=tuple(logprobs))
+    """The sampled tokens of one step (and their logprobs, if asked; a verify item's greedy
+    tokens after the first), in item order."""
+    meta = ResultMeta(tokens=tuple(tokens), logprobs=tuple(logprobs), following=tuple(following))
     return Frame(Kind.RESULT, meta, session, step)
 
 

@@ -71,6 +71,7 @@ async def open_handle(
     max_queue: int,
     prefill_chunk: int,
     prefix_entries: int = 0,
+    speculate: int = 0,
     metrics: RequestMetrics | None = None,
 ) -> InstanceHandle:
     """Connect to the record's stages and start a Scheduler over them (PipelineBroken if down)."""
@@ -92,6 +93,7 @@ async def open_handle(
         max_queue=max_queue,
         prefill_chunk=prefill_chunk,
         prefix=PrefixIndex(prefix_entries) if prefix_entries else None,
+        speculate=speculate,
         recover=on_broken,
         metrics=counts,
     )

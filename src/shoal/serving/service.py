@@ -68,6 +68,7 @@ class ClusterService:
         max_queue: int = 64,
         prefill_chunk: int = 256,
         prefix_entries: int = 0,  # kept caches an instance's scheduler starts prompts from
+        speculate: int = 0,  # draft tokens a greedy decode step verifies
         wire_dtype: WireDType = "float32",
         tls: ssl.SSLContext | None = None,  # the data plane's client context (RemotePipeline)
         ready_timeout_s: float = 300.0,
@@ -87,6 +88,7 @@ class ClusterService:
         self._max_queue = max_queue
         self._prefill_chunk = prefill_chunk
         self._prefix_entries = prefix_entries
+        self._speculate = speculate
         self._wire_dtype = wire_dtype
         self._tls = tls
         self._ready_timeout = ready_timeout_s
@@ -285,6 +287,7 @@ class ClusterService:
             max_queue=self._max_queue,
             prefill_chunk=self._prefill_chunk,
             prefix_entries=self._prefix_entries,
+            speculate=self._speculate,
             metrics=self._metrics,
         )
         self._handles[handle.instance_id] = handle

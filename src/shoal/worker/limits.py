@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from shoal.net.frames import (
     MAX_LOGIT_BIAS,
+    MAX_VERIFY,
     DType,
     Frame,
     FrameError,
@@ -100,6 +101,11 @@ class StageLimits:
                 raise LimitExceeded(
                     f"request {item.rid}: positions [{item.start}, {item.start + item.length}) "
                     f"run past the context length {self.context_length}"
+                )
+            if item.verify and item.length > MAX_VERIFY:  # its logits come out at every position
+                raise LimitExceeded(
+                    f"request {item.rid}: a verify step of {item.length} positions "
+                    f"(limit {MAX_VERIFY})"
                 )
             self._check_sampling(item)
         if self.first:

@@ -33,7 +33,7 @@ import numpy as np
 from shoal.engines.args import ModelArgs
 from shoal.engines.base import Engine, StepInput
 from shoal.engines.cache import cache_dims
-from shoal.inference.pipeline import Sampled, Sampler
+from shoal.inference.pipeline import Sampled, Sampler, verified
 from shoal.inference.prefix import Retained, budget_positions
 from shoal.inference.request import SamplingParams
 from shoal.net import frames
@@ -336,21 +336,26 @@ class StageServer:
             for item, data in zip(items, frame.arrays(), strict=True)
         ]
         for item in items:
+            if item.rewind:  # a speculative step's rejected drafts
+                self.engine.truncate(item.rid, item.start)
             if item.fork is not None:  # from its prompt's prefill (n choices), or a kept prefix
                 self._retained.touch(item.fork)
                 self.engine.fork(item.fork, item.rid, item.start)
             if self.shard.is_last and item.prompt_len is not None:
                 self._sampler.observe(item.rid, item.start, item.tokens, item.prompt_len)
-        outputs = self.engine.forward(inputs)
+        every = self.shard.is_last and any(item.verify for item in items)
+        outputs = self.engine.forward(inputs, all_logits=every)
         if not self.shard.is_last:
             hidden = np.concatenate(outputs)  # [sum T, hidden]
             return frames.forward(frame.session, frame.step, items, hidden, self.config.wire_dtype)
         tokens = [
             None
             if item.sampling is None
+            else verified(logits)
+            if item.verify
             else self._sampler(
                 item.rid,
-                logits,
+                logits[-1] if every else logits,
                 wire(item.sampling),
                 item.start + item.length,
                 None if item.mask is None else frames.decode_mask(item.mask),
@@ -360,7 +365,8 @@ class StageServer:
         logprobs = [wire_logprob(t) for t in tokens]
         if all(lp is None for lp in logprobs):
             logprobs = []
-        return frames.result(frame.session, frame.step, tokens, logprobs)
+        following = [t.following if t is not None else () for t in tokens] if every else []
+        return frames.result(frame.session, frame.step, tokens, logprobs, following)
 
     def _free(self, rid: RequestId, keep: bool = False) -> None:
         """Free the request's cache, or keep it for later requests to start from (it is then

@@ -306,6 +306,15 @@ class LlamaCppEngine:
         """Positions the caches of every request hold together."""
         return self._pool.total()
 
+    def truncate(self, request_id: RequestId, length: int) -> None:
+        """Drop the sequence's positions from `length` on (llama_memory_seq_rm)."""
+        held = self._pool.length(request_id)
+        if held < length:
+            raise ValueError(f"cannot keep {length} positions of {request_id}: it holds {held}")
+        if request_id in self._pool and held > length:
+            self._loaded().forget(self._pool.take(request_id), length)
+            self._pool.advance(request_id, length - held)
+
     def fork(self, source: RequestId, target: RequestId, length: int) -> None:
         """target := source's first `length` positions: llama.cpp copies them to target's
         sequence (in the unified cache the cells are shared, not duplicated)."""

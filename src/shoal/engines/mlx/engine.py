@@ -79,6 +79,15 @@ class MlxEngine:
         """Positions the caches of every request hold together."""
         return sum(int(c[0].offset) for c in list(self._caches.values()) if c)
 
+    def truncate(self, request_id: RequestId, length: int) -> None:
+        """mlx-lm's caches trim from the end."""
+        caches = self._caches.get(request_id)
+        held = int(caches[0].offset) if caches else 0
+        if held < length:
+            raise ValueError(f"cannot keep {length} positions of {request_id}: it holds {held}")
+        for cache in caches or []:
+            cache.trim(held - length)
+
     def fork(self, source: RequestId, target: RequestId, length: int) -> None:
         """Not for mlx-lm's caches: ValueError (the choice is prefilled on its own instead)."""
         raise ValueError("the mlx engine cannot copy a request's cache")

@@ -141,6 +141,11 @@ class NativeEngine:
         prefill); ValueError if source holds fewer."""
         self._loaded()[1].fork(source, target, length)
 
+    def truncate(self, request_id: RequestId, length: int) -> None:
+        """Keep only the first `length` positions of the request's cache (what a speculative
+        step wrote past its accepted tokens goes); ValueError if it holds fewer."""
+        self._loaded()[1].truncate(request_id, length)
+
     def _loaded(self) -> tuple[Model, CacheStore[np.ndarray]]:
         if self._model is None or self._caches is None:
             raise RuntimeError("NativeEngine.forward before load()")

@@ -155,6 +155,14 @@ class NumpyEngine:
             return
         self._loaded()[1].fork(source, target, length)
 
+    def truncate(self, request_id: RequestId, length: int) -> None:
+        """Keep only the first `length` positions of the request's cache (what a speculative
+        step wrote past its accepted tokens goes); ValueError if it holds fewer."""
+        if self._native is not None:
+            self._native.truncate(request_id, length)
+            return
+        self._loaded()[1].truncate(request_id, length)
+
     def _loaded(self) -> tuple[Model, CacheStore[np.ndarray]]:
         if self._model is None or self._caches is None:
             raise RuntimeError("NumpyEngine.forward before load()")

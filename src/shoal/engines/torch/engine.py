@@ -186,6 +186,14 @@ class TorchEngine:
             return
         self._loaded()[1].fork(source, target, length)
 
+    def truncate(self, request_id: RequestId, length: int) -> None:
+        """Keep only the first `length` positions of the request's cache (what a speculative
+        step wrote past its accepted tokens goes); ValueError if it holds fewer."""
+        if self._native is not None:
+            self._native.truncate(request_id, length)
+            return
+        self._loaded()[1].truncate(request_id, length)
+
     def _hands_to_native(self, args: ModelArgs) -> bool:
         """Whether the shard runs on the native engine: int8/int4 on the CPU in float32."""
         cpu = self.device.type == "cpu" and self.dtype == torch.float32

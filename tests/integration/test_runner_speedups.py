@@ -1,5 +1,7 @@
-"""Pipelined prefill through real runner processes: a long prompt's chunks sent at once through a
-3-stage chain give the logits (and tokens) that sending them one a step gives."""
+"""Speed-ups through real runner processes, a 3-stage chain of a tiny random llama: a long prompt's
+chunks sent at once give the logits (and tokens) of one chunk a step, and speculative decoding
+(drafts verified at the last stage, rejected ones dropped on every stage) gives plain greedy's
+tokens."""
 
 import asyncio
 import contextlib
@@ -69,15 +71,18 @@ async def chain(model_dir: Path) -> AsyncIterator[list[str]]:
 
 
 class Sends(Wrapping):
-    """Counts the batches each call sends at once."""
+    """Counts the batches each call sends at once, and the verify and rewind steps."""
 
     def __init__(self, inner: Pipeline, depth: int) -> None:
         super().__init__(inner)
         self.depth = depth
         self.at_once: list[int] = []
+        self.verifies = self.rewinds = 0
 
     async def forward(self, steps: Sequence[Step]) -> Sequence[int | None]:
         self.at_once.append(1)
+        self.verifies += sum(s.verify for s in steps)
+        self.rewinds += sum(s.rewind for s in steps)
         return await self.inner.forward(steps)
 
     async def forward_all(self, batches: Sequence[Sequence[Step]]) -> list[Sequence[int | None]]:
@@ -126,3 +131,35 @@ async def test_chunks_sent_at_once_give_the_logits_of_one_a_step(chain: list[str
     for (_, a), (_, b) in zip(one, many, strict=True):
         assert [i for i, _ in a] == [i for i, _ in b]
         np.testing.assert_allclose([p for _, p in a], [p for _, p in b], atol=1e-5)
+
+
+async def greedy(s: Scheduler, rid: str, prompt: tuple[int, ...]) -> list[int]:
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    out: list[int] = []
+    async for event in s.generate(GenerationRequest(RequestId(rid), ModelId("m"), prompt, params)):
+        if isinstance(event, TextDelta):
+            out += list(event.token_ids)
+    return out
+
+
+async def test_speculative_decoding_through_three_stages_is_plain_greedy(chain: list[str]) -> None:
+    prompt = PROMPT[:10] * 3  # repeats, so prompt lookup has drafts
+    got, seen = {}, {}
+    for speculate in (0, 4):
+        remote = RemotePipeline(chain, tls=trust().client_ssl())
+        await remote.connect()
+        sends = Sends(remote, 3)
+        try:
+            s = Scheduler(sends, ByteTokenizer(), context_length=256, speculate=speculate)
+            task = asyncio.create_task(s.run())
+            got[speculate] = await asyncio.gather(
+                greedy(s, f"a{speculate}", prompt), greedy(s, f"b{speculate}", prompt[3:])
+            )
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            seen[speculate] = (sends.verifies, sends.rewinds)
+        finally:
+            await remote.close()
+    assert got[4] == got[0]
+    assert seen[0] == (0, 0) and seen[4][0] > 0 and seen[4][1] > 0  # drafts, some rejected
