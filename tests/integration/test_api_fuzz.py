@@ -4,8 +4,9 @@ none may get a server error, then the node still answers a plain chat correctly.
 The schema is the app's own (the node serves it at /openapi.json). Generation is derandomized
 (seeded), so a run is the same run every time. Two things keep it short: the model id is set to
 the served one whenever a string was generated (so requests reach tokenizing and generation, not
-a 404), and token limits are folded into 1..MAX_TOKENS (chat with no limit gets one: it would
-run to EOS or the 8192-token context). Non-positive limits, wrong types, bad token ids and seeds
+a 404), and token limits are folded into 1..MAX_TOKENS in each dialect's field (chat, Responses,
+Anthropic and Ollama requests with no limit get one: they would run to EOS or the 8192-token
+context). Non-positive limits, wrong types, bad token ids and seeds
 stay as generated. Left out: GET /events (an endless stream) and /instance POST/DELETE (they place
 and stop model instances).
 
@@ -35,7 +36,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(170)]
 
 MODEL = "smollm2-135m"
 MAX_TOKENS = 4
-GENERATING = "/v1/(chat/)?completions$"  # 100 + 40 valid cases each; other operations 12 each
+# 100 + 40 valid cases over these; other operations 12 each
+GENERATING = "/v1/(chat/)?completions$|/v1/responses$|/v1/messages$|/api/(chat|generate)$"
 SEEN: Counter[tuple[str, int]] = Counter()  # (operation, status) of every generated request
 CONFIG = SchemathesisConfig.from_dict({"seed": 14, "phases": {"coverage": {"enabled": False}}})
 # valid bodies only: most generated bodies are invalid (and stop at validation); these reach
@@ -77,16 +79,26 @@ FUZZ: dict[str, Any] = {
 }
 
 
-def tame(body: dict[str, Any], chat: bool) -> None:
-    """The served model, and token limits folded into 1..MAX_TOKENS (see the module doc)."""
+def tame(body: dict[str, Any], path: str) -> None:
+    """The served model, and token limits folded into 1..MAX_TOKENS (see the module doc), in
+    each dialect's field: a request without one would run to EOS or the context."""
     if isinstance(body.get("model"), str):
         body["model"] = MODEL
-    for key in ("max_tokens", "max_completion_tokens"):
-        value = body.get(key)
+    where = body
+    if path.startswith("/api/"):  # Ollama's options.num_predict
+        if not isinstance(body.get("options"), dict):
+            body["options"] = {}
+        where, keys = body["options"], ("num_predict",)
+    elif path == "/v1/responses":
+        keys = ("max_output_tokens",)
+    else:
+        keys = ("max_tokens", "max_completion_tokens")
+    for key in keys:
+        value = where.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
-            body[key] = value % MAX_TOKENS + 1
-    if chat and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = MAX_TOKENS
+            where[key] = value % MAX_TOKENS + 1
+    if path != "/v1/completions" and all(where.get(k) is None for k in keys):
+        where[keys[0]] = MAX_TOKENS
 
 
 def in_band_errors(text: str) -> list[dict[str, Any]]:
@@ -104,7 +116,7 @@ def in_band_errors(text: str) -> list[dict[str, Any]]:
 def check(case: Any, node: NodeProcess) -> None:
     """Send one generated case; no 5xx, documented bodies conform, streams end well."""
     if case.method == "POST" and isinstance(case.body, dict):
-        tame(case.body, chat=case.path.endswith("/chat/completions"))
+        tame(case.body, case.path)
     response = case.call(base_url=node.url, timeout=60)
     SEEN[(f"{case.method} {case.path}", response.status_code)] += 1
     case.validate_response(

@@ -21,7 +21,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     tmp: Path = tmp_path_factory.mktemp("metrics")
-    proc = start_node(tmp, ["--model", MODEL, "--log-format", "json", "--no-microbench"])
+    # no prefix cache: a finished request's caches are freed, not kept (they would count)
+    args = ["--model", MODEL, "--log-format", "json", "--no-microbench", "--prefix-cache-mb", "0"]
+    proc = start_node(tmp, args)
     try:
         proc.wait_ready(MODEL, timeout=180)
         yield proc

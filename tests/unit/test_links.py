@@ -34,9 +34,10 @@ async def test_the_monitor_keeps_each_answering_peers_median() -> None:
 
 @pytest.mark.parametrize(
     ("old", "new", "moved"),
-    [([(A, 0.4)], [(A, 0.6)], False),  # noise: under 0.5 ms
-     ([(A, 2.0)], [(A, 2.9)], False),  # under half
-     ([(A, 2.0)], [(A, 3.5)], True),
+    [([(A, 0.4)], [(A, 1.9)], False),  # noise: under 2 ms
+     ([(A, 3.0)], [(A, 5.5)], False),  # not doubled
+     ([(A, 3.0)], [(A, 6.5)], True),
+     ([(A, 8.0)], [(A, 3.0)], True),  # more than halved
      ([(A, 0.4)], [(A, 0.4), (B, 0.4)], True),  # a new peer
      ([(A, 0.4)], [], True)],
 )  # fmt: skip

@@ -666,8 +666,8 @@ class Scheduler:
     def _finish(self, seq: _Sequence, reason: FinishReason, *, flush: bool = True) -> None:
         if flush:
             held = seq.text.flush()
-            if reason == "length":  # a character the limit cut is left out, not sent as U+FFFD
-                held = held.rstrip("\ufffd")
+            if reason == "length" and held.endswith("\ufffd") and not held.endswith("\ufffd" * 2):
+                held = held[:-1]  # the character the limit cut is left out, not sent as U+FFFD
             tail, _ = seq.stops.push(held)
             tail += seq.stops.flush()
             if tail or seq.unsent:
