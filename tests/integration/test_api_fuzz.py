@@ -85,6 +85,7 @@ def tame(body: dict[str, Any], path: str) -> None:
     if isinstance(body.get("model"), str):
         body["model"] = MODEL
     where = body
+    keys: tuple[str, ...]
     if path.startswith("/api/"):  # Ollama's options.num_predict
         if not isinstance(body.get("options"), dict):
             body["options"] = {}
