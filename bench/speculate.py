@@ -8,6 +8,7 @@ round), --rounds times; reported: median decode tok/s, its ratio to no speculati
 of drafts kept. The outputs must be identical to the plain ones.
 
     python bench/speculate.py --drafts 4 8
+    python bench/speculate.py --model-path DIR   # any model directory shoal reads
 """
 
 import argparse
@@ -91,12 +92,13 @@ def kept_share(metrics: object) -> float:
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-path", type=Path, help="a GGUF file or model directory (SmolLM2)")
     p.add_argument("--drafts", type=int, nargs="+", default=[4, 8])
     p.add_argument("--quant", default="int4", choices=["none", "int8", "int4"])
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    path = default_model()
+    path = args.model_path or default_model()
     tokenizer = open_weights(path).tokenizer()
     prompts = {
         k: tokenizer.encode_chat([{"role": "user", "content": v}]) for k, v in PROMPTS.items()
