@@ -8,6 +8,7 @@ model's answers are checked once, end to end, in tests/integration/test_openai_e
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -301,17 +302,22 @@ async def test_a_stream_whose_step_fails_ends_in_band_and_its_neighbour_streams_
     forward = engine.forward
 
     shared: list[bool] = []  # whether a failing step also held the victim
+    scheduler = fake_scheduler(engine, context_length=8192)
 
     def poisoned(batch, **kw):
         if any(item.request_id.startswith("cmpl") for item in batch):  # completions fail here
             shared.append(any(item.request_id.startswith("chatcmpl") for item in batch))
             raise RuntimeError("engine fault")
+        if not shared:  # the victim alone waits for the bad request, however slow this host is
+            for _ in range(100):
+                if scheduler._waiting:
+                    break
+                time.sleep(0.005)
         return forward(batch, **kw)
 
-    scheduler = fake_scheduler(engine, context_length=8192)
     async with served(scheduler) as client:
         alone = await client.post(CHAT, json={**GOOD, "max_tokens": 30})
-        engine.forward = poisoned  # type: ignore[method-assign]
+        engine.forward = poisoned
         victim = asyncio.create_task(client.post(CHAT, json={**GOOD, "max_tokens": 30}))
         for _ in range(1000):  # the victim is decoding when the bad request comes
             if any(seq.tokens for seq in scheduler._active):
