@@ -4,10 +4,6 @@ node it is pointed at is down."""
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +13,7 @@ import psutil
 import pytest
 
 from shoal.bench.nodes import free_port
+from tests.helpers.cli import shoal
 from tests.helpers.nodes import running_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -27,24 +24,6 @@ SMALL = [
 ]  # fmt: skip
 MEASURED = ("cluster", "api", "availability", "rtt", "inference", "failover", "comparison")
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def shoal(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """`shoal ...` in its own process group: on a timeout, the group (the bench and the nodes it
-    started) is killed by its id."""
-    script = Path(sys.executable).with_name("shoal")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "shoal.cli"]
-    proc = subprocess.Popen(
-        [*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"shoal {' '.join(args)} ran over {timeout} s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def leftover_nodes() -> list[psutil.Process]:

@@ -17,11 +17,12 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "suite",
         nargs="?",
-        choices=["full", "engines", "cluster", "noisy"],
+        choices=["full", "engines", "cluster", "noisy", "speedups"],
         default="full",
         help="full (default): everything; engines: in-process engines against llama.cpp and "
         "transformers; cluster: API latency, RTT, inference, splits, failover; noisy: a short "
-        "chat beside a long prompt's prefill on one node (not in full)",
+        "chat beside a long prompt's prefill on one node; speedups: prefix caching, pipelined "
+        "prefill and speculative decoding, each against without (the last two not in full)",
     )
     p.add_argument(
         "--url",
@@ -52,7 +53,35 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "--prefill-chunk",
         type=int,
         default=256,
-        help="noisy: the node's --prefill-chunk (256, its default), to time one chunk",
+        help="noisy: the node's --prefill-chunk (256, its default), to time one chunk; "
+        "speedups: the chunk pipelined prefill sends",
+    )
+    p.add_argument(
+        "--quant",
+        default="int4",
+        choices=["none", "int8", "int4"],
+        help="speedups: the torch engine's weights (int4: the native kernels)",
+    )
+    p.add_argument("--turns", type=int, default=8, help="speedups: turns of the chat (8)")
+    p.add_argument(
+        "--turn-tokens", type=int, default=48, help="speedups: tokens each answer of the chat (48)"
+    )
+    p.add_argument(
+        "--pipeline-tokens",
+        type=int,
+        default=4096,
+        help="speedups: the prompt sent through 3 stages and 1 (4096)",
+    )
+    p.add_argument(
+        "--drafts", type=int, nargs="+", default=[4, 8], help="speedups: draft sizes (4 8)"
+    )
+    p.add_argument("--spec-tokens", type=int, default=96, help="speedups: tokens each decode (96)")
+    p.add_argument(
+        "--widen",
+        type=int,
+        default=8,
+        help="speedups: speculation also on the model with its FFN this many times as wide, "
+        "made here (8: 0.69 B parameters from SmolLM2's 0.13 B; 0: not)",
     )
     p.add_argument("--out-dir", type=Path, default=Path("."), help="where the report goes (.)")
     p.add_argument("--out", type=Path, help="the JSON's path (report and plots beside it)")
@@ -72,10 +101,17 @@ def _check(args: argparse.Namespace) -> None:
         "--noisy-prompt-tokens": [args.noisy_prompt_tokens],
         "--noisy-gen-tokens": [args.noisy_gen_tokens],
         "--prefill-chunk": [args.prefill_chunk],
+        "--turns": [args.turns],
+        "--turn-tokens": [args.turn_tokens],
+        "--pipeline-tokens": [args.pipeline_tokens],
+        "--drafts": args.drafts,
+        "--spec-tokens": [args.spec_tokens],
     }
     for flag, values in counts.items():
         if min(values) < 1:
             raise BadRequest(f"{flag} must be at least 1")
+    if args.widen and (args.widen < 2 or args.widen & (args.widen - 1)):
+        raise BadRequest(f"--widen must be 0 or a power of two from 2, not {args.widen}")
     if args.failover_tokens <= 8:
         raise BadRequest("--failover-tokens must be more than 8 (the kill comes after 8)")
 

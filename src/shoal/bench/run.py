@@ -11,7 +11,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shoal.bench import engines, failover, inference, noisy, seed
+from shoal.bench import engines, failover, inference, noisy, seed, speedups
 from shoal.bench.cluster import Loopback, delete, loopback, place, ready, until
 from shoal.bench.errors import BenchError
 from shoal.bench.target import Endpoint, discover, parse_urls
@@ -245,6 +245,9 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with _progress() as progress:
         steps = Steps(progress)
+        if args.suite == "speedups":
+            gguf_path = args.gguf or engines.gguf_for(args.model)
+            return {"speedups": speedups.measure(args, gguf_path, steps.phase)}
         if gguf is not None:
             with steps.phase("peers", len(peers)) as tick:
                 grid = (args.prompt_tokens, args.gen_tokens)

@@ -285,6 +285,61 @@ def noisy_section(report: dict[str, Any]) -> Section:
     return Section(title, ("", "alone", "with the prefill", "ratio"), rows)
 
 
+def prefix_section(report: dict[str, Any]) -> Section:
+    n = report["speedups"]["prefix"]
+    rows = [
+        (
+            str(t["turn"]),
+            str(t["prompt_tokens"]),
+            str(t["reused_tokens"]),
+            _f(t["cached_ttft_ms"], 1),
+            _f(t["plain_ttft_ms"], 1),
+            _f(t["ratio"]),
+        )
+        for t in n["turns"]
+    ]
+    title = (
+        f"Prefix cache: TTFT of turn N of a chat (ms), {n['max_tokens']}-token answers, "
+        f"{n['quant']}; answers identical"
+    )
+    headers = ("turn", "prompt tokens", "reused", "cached", "plain", "cached ÷ plain")
+    return Section(title, headers, rows)
+
+
+def pipelined_section(report: dict[str, Any]) -> Section:
+    n = report["speedups"]["pipelined"]
+    rows = [(r["setting"], _f(r["ttft_s"]), _f(r["ratio_to_1_stage"])) for r in n["rows"]]
+    runs = len(n["rows"][0]["samples_s"])
+    title = (
+        f"Pipelined prefill: TTFT of a {n['prompt_tokens']}-token prompt (s), chunks of "
+        f"{n['chunk']}, stages {', '.join(n['layers'])}, {n['cores']} cores, median of {runs}"
+    )
+    return Section(title, ("", "TTFT", "÷ 1 stage"), rows)
+
+
+def speculation_sections(report: dict[str, Any]) -> list[Section]:
+    out = []
+    for model in report["speedups"]["speculation"]:
+        rows = [
+            (
+                f"{p['prompt']} ({p['prompt_tokens']} tokens)",
+                str(r["drafts"]) if r["drafts"] else "none",
+                _f(r["tok_s"], 1),
+                _f(r["ratio"]),
+                "—" if r["kept_share"] is None else f"{r['kept_share']:.0%}",
+            )
+            for p in model["prompts"]
+            for r in p["rows"]
+        ]
+        title = (
+            f"Speculative decoding (prompt lookup): decode tok/s, {model['model']} "
+            f"({model['parameters'] / 1e9:.2f} B parameters, {model['quant']}), "
+            f"{model['tokens']} tokens; outputs identical"
+        )
+        out.append(Section(title, ("prompt", "drafts", "tok/s", "÷ none", "drafts kept"), rows))
+    return out
+
+
 BUILDERS: list[tuple[Callable[[dict[str, Any]], bool], Callable[[dict[str, Any]], Section]]] = [
     (lambda r: bool(r.get("comparison")), comparison_section),
     (lambda r: "api" in r, api_section),
@@ -297,12 +352,15 @@ BUILDERS: list[tuple[Callable[[dict[str, Any]], bool], Callable[[dict[str, Any]]
     (lambda r: bool(r.get("peers", {}).get("streams")), streams_section),
     (lambda r: "failover" in r, failover_section),
     (lambda r: "noisy" in r, noisy_section),
+    (lambda r: "speedups" in r, prefix_section),
+    (lambda r: "speedups" in r, pipelined_section),
 ]
 
 
 def sections(report: dict[str, Any]) -> list[Section]:
     """Every table the report has data for, in reading order."""
-    return [build(report) for present, build in BUILDERS if present(report)]
+    built = [build(report) for present, build in BUILDERS if present(report)]
+    return built + (speculation_sections(report) if "speedups" in report else [])
 
 
 def to_rich(section: Section) -> Table:
