@@ -4,6 +4,7 @@ the real model are in tests/integration/test_dialects_e2e.py."""
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -475,3 +476,39 @@ async def test_a_missing_key_is_refused_in_the_dialects_shape() -> None:
     assert list(ollama) == ["error"] and "API key" in ollama["error"]
     assert openai["error"]["code"] == "invalid_api_key"
     assert answered.status_code == 200
+
+
+# --- usage: prompt tokens the prefix cache held ---------------------------------------------------
+
+
+class Cached(SchedulerHandle):
+    """Answers "Fine." as if the prefix cache held the first 8 tokens of every prompt."""
+
+    def generate(self, req: GenerationRequest) -> Any:
+        script = Script("Fine.", len(req.prompt_tokens))
+        script.events[-1] = dataclasses.replace(script.events[-1], cached_tokens=8)
+        return script
+
+
+async def test_every_dialect_reports_the_prompt_tokens_the_cache_held() -> None:
+    handle = Cached(Catalog().get(MODEL), ByteTokenizer(), fake_scheduler(), 8192)
+    transport = httpx.ASGITransport(app=create_app(OneModelService(handle)))
+    chat = {"model": MODEL, "messages": HI, "max_tokens": 5}
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+        whole = (await c.post("/v1/chat/completions", json=chat)).json()["usage"]
+        assert whole["prompt_tokens_details"] == {"cached_tokens": 8}
+        assert whole["prompt_tokens"] > 8  # OpenAI counts cached tokens in prompt_tokens
+        streamed = chat | {"stream": True, "stream_options": {"include_usage": True}}
+        text = (await c.post("/v1/chat/completions", json=streamed)).text
+        chunks = [json.loads(f[6:]) for f in text.split("\n\n") if f.startswith("data: {")]
+        assert chunks[-1]["usage"] == whole
+        done = (await c.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})).json()
+        assert done["usage"]["prompt_tokens_details"] == {"cached_tokens": 8}
+        # Anthropic counts cache reads apart from input_tokens
+        usage = (await c.post("/v1/messages", json=ANTHROPIC)).json()["usage"]
+        assert usage["cache_read_input_tokens"] == 8 and usage["cache_creation_input_tokens"] == 0
+        assert usage["input_tokens"] + 8 == whole["prompt_tokens"]
+        events = sse((await c.post("/v1/messages", json=ANTHROPIC | {"stream": True})).text)
+        assert dict(events)["message_delta"]["usage"] == usage
+        usage = (await c.post("/v1/responses", json=RESPONSES)).json()["usage"]
+        assert usage["input_tokens_details"] == {"cached_tokens": 8}

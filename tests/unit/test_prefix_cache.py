@@ -151,6 +151,12 @@ async def scheduler(
 
 
 async def answer(s: Scheduler, rid: str, prompt: list[int], tokens: int = 8) -> list[int]:
+    return (await answered(s, rid, prompt, tokens))[0]
+
+
+async def answered(
+    s: Scheduler, rid: str, prompt: list[int], tokens: int = 8
+) -> tuple[list[int], Finished]:
     params = SamplingParams(temperature=0.0, max_tokens=tokens)
     out: list[int] = []
     async for event in s.generate(GenerationRequest(R(rid), ModelId("m"), tuple(prompt), params)):
@@ -158,7 +164,7 @@ async def answer(s: Scheduler, rid: str, prompt: list[int], tokens: int = 8) -> 
             out += list(event.token_ids)
         assert not isinstance(event, BaseException)
     assert isinstance(event, Finished)
-    return out
+    return out, event
 
 
 TURN_1 = [int(t) for t in np.random.default_rng(3).integers(1, 120, 80)]
@@ -178,11 +184,13 @@ async def test_turn_two_prefills_only_its_new_tokens_and_answers_the_same() -> N
     async with scheduler(cached, keep=10_000, index=index) as s:
         assert await answer(s, "t1", TURN_1) == first
         before = cached.positions
-        assert await answer(s, "t2", turn_2) == want  # exactly the same tokens
+        got, done = await answered(s, "t2", turn_2)
+        assert got == want  # exactly the same tokens
         warm = cached.positions - before
     held = len(TURN_1) + len(first) - 1  # turn 1's caches: its prompt and answer, bar the last
     assert cold == len(turn_2) + len(want) - 1
     assert warm == cold - held  # the new tokens (and the answer's last) only
+    assert done.cached_tokens == held  # what usage reports as cached
     assert R("t1") in index and R("t2") in index
 
 
@@ -194,8 +202,9 @@ async def test_a_prefix_the_stage_let_go_of_is_prefilled_and_answers_the_same() 
         assert R("t1") in index  # the index believes it is kept: a hint, not the truth
         turn_2 = [*TURN_1, *first, *NEW]
         before = engine.positions
-        got = await answer(s, "t2", turn_2)
+        got, done = await answered(s, "t2", turn_2)
         assert engine.positions - before >= len(turn_2)  # all of it prefilled after the miss
+        assert done.cached_tokens == 0
         assert R("t1") not in index  # forgotten on the miss
     async with scheduler(Counting(torch_engine()), keep=0, index=None) as s:
         assert await answer(s, "t1", TURN_1) == first

@@ -257,8 +257,15 @@ def _stop(
     return "end_turn", None
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"input_tokens": prompt_tokens, "output_tokens": completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, int]:
+    """Anthropic counts tokens read from a cache apart from input_tokens (shoal's prefix cache
+    is automatic: nothing is ever written on request, so cache_creation_input_tokens is 0)."""
+    return {
+        "input_tokens": prompt_tokens - cached_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached_tokens,
+        "output_tokens": completion_tokens,
+    }
 
 
 def _message(req: GenerationRequest, content: list[dict[str, Any]]) -> dict[str, Any]:
@@ -305,7 +312,7 @@ async def messages(
     return _message(req, _blocks(content, calls)) | {
         "stop_reason": reason,
         "stop_sequence": hit,
-        "usage": _usage(done.prompt_tokens, done.completion_tokens),
+        "usage": _usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens),
     }
 
 
@@ -377,7 +384,7 @@ async def _events(
             yield {
                 "type": "message_delta",
                 "delta": {"stop_reason": reason, "stop_sequence": hit},
-                "usage": _usage(event.prompt_tokens, event.completion_tokens),
+                "usage": _usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens),
             }
             yield {"type": "message_stop"}
     except ShoalError as exc:  # mid-stream: the status is sent already, so say it in-band

@@ -69,9 +69,12 @@ async def collect_choices(stream: RequestStream, request: Request, n: int) -> li
         await stream.aclose()
 
 
-def usage_of(done: Sequence[Finished]) -> tuple[int, int]:
-    """(prompt tokens, completion tokens) of a request's choices: the prompt counts once."""
-    return (done[0].prompt_tokens if done else 0), sum(d.completion_tokens for d in done)
+def usage_of(done: Sequence[Finished]) -> tuple[int, int, int]:
+    """(prompt tokens, completion tokens, cached prompt tokens) of a request's choices: the
+    prompt counts once (the first choice prefills it; the others fork its cache)."""
+    if not done:
+        return 0, 0, 0
+    return done[0].prompt_tokens, sum(d.completion_tokens for d in done), done[0].cached_tokens
 
 
 def _text(tokenizer: ChatTokenizer, token: int) -> str:

@@ -204,10 +204,10 @@ def _text(content: str | list[Part] | None, param: str) -> str:
     return "".join(part.text or "" for part in content)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {
         "input_tokens": prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached_tokens},
         "output_tokens": completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt_tokens + completion_tokens,
@@ -285,7 +285,9 @@ class _Answer:
             "truncation": "disabled",
             "store": False,
             "metadata": body.metadata or {},
-            "usage": None if done is None else _usage(done.prompt_tokens, done.completion_tokens),
+            "usage": None
+            if done is None
+            else _usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens),
         }
 
 

@@ -80,6 +80,7 @@ class Finished:
     ttft_s: float
     decode_tok_s: float
     index: int = 0  # the choice; a request of n choices ends with n Finished events
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not prefilled
 
 
 GenerationEvent = TextDelta | Finished

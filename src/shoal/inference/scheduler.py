@@ -112,6 +112,7 @@ class _Sequence:
     finished: bool = False
     failed: bool = False  # ended by an error: its caches are not worth keeping
     donor: RequestId | None = None  # a kept cache its first step starts from (prefix caching)
+    cached: int = 0  # prompt tokens it took from a kept cache instead of prefilling
     rewind: bool = False  # its caches hold rejected drafts: its next step drops them first
     no_drafts: int = 0  # decode steps to take without drafting (after a verify that kept none)
     alone: bool = False  # in a step that failed: runs by itself until it samples again
@@ -128,6 +129,8 @@ class _Sequence:
             return
         self.pending = [*self.req.prompt_tokens, *self.tokens]
         self.fed = 0
+        if self.donor is not None:  # its kept cache was never used: it prefills it all
+            self.cached = 0
         self.donor = None
         self.rewind = False
 
@@ -339,7 +342,7 @@ class Scheduler:
         reused = 0
         if hit is not None:
             seq.donor, reused = hit
-            seq.fed, seq.pending = reused, list(prompt[reused:])
+            seq.fed, seq.pending, seq.cached = reused, list(prompt[reused:]), reused
             seq.alone = True  # if the stages let go of it, this step alone fails
         if self._metrics is not None:
             self._metrics.prefix(len(prompt), reused)
@@ -682,6 +685,7 @@ class Scheduler:
             first - seq.started,
             rate,
             seq.index,
+            seq.cached,
         )
         seq.queue.put_nowait(done)
         seq.finished = True  # retired after this step
