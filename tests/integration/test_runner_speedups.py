@@ -17,7 +17,7 @@ from shoal.inference.remote import RemotePipeline
 from shoal.inference.request import GenerationRequest, SamplingParams, TextDelta
 from shoal.inference.scheduler import Scheduler
 from shoal.types.ids import ModelId, RequestId
-from shoal.worker.supervisor import RunnerConfig, RunnerProcess
+from shoal.worker.supervisor import RunnerConfig, runner_chain
 from tests.helpers.dataplane import trust
 from tests.helpers.fakes import ByteTokenizer
 from tests.helpers.pipelines import Wrapping
@@ -41,33 +41,21 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def chain(model_dir: Path) -> AsyncIterator[list[str]]:
-    cuts = [0, 1, 2, N_LAYERS]  # three stages
-    runners = [
-        RunnerProcess(
-            RunnerConfig(
-                model_path=str(model_dir),
-                model_id=ModelId("tiny"),
-                start=start,
-                end=end,
-                n_layers=N_LAYERS,
-                engine="torch",
-                device="cpu",
-                threads=1,
-                credentials=trust().runner_dir,
-            ),
-            stop_timeout_s=3.0,
-        )  # fmt: skip
-        for start, end in zip(cuts, cuts[1:], strict=False)
-    ]
-    try:
-        for r in runners:
-            await r.start()
-        addrs = await asyncio.gather(*(r.wait_ready(60) for r in runners))
-        for r, nxt in zip(runners, [*addrs[1:], None], strict=True):
-            await r.route(nxt)
-        yield list(addrs)
-    finally:
-        await asyncio.gather(*(r.stop() for r in runners))
+    config = RunnerConfig(
+        model_path=str(model_dir),
+        model_id=ModelId("tiny"),
+        start=0,
+        end=N_LAYERS,
+        n_layers=N_LAYERS,
+        engine="torch",
+        device="cpu",
+        threads=1,
+        credentials=trust().runner_dir,
+    )
+    async with runner_chain(
+        config, [0, 1, 2, N_LAYERS], ready_s=60, stop_timeout_s=3.0
+    ) as addrs:  # 3 stages
+        yield addrs
 
 
 class Sends(Wrapping):

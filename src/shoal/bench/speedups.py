@@ -42,7 +42,8 @@ from shoal.inference.scheduler import Scheduler
 from shoal.models.source import GGUFSource, SafetensorsSource, open_weights
 from shoal.types.ids import ModelId, RequestId
 from shoal.types.shard import Shard
-from shoal.worker.supervisor import RunnerConfig, RunnerProcess
+from shoal.worker.pipe import RunnerConfig
+from shoal.worker.supervisor import runner_chain
 
 Tick = Callable[[str], None]
 MODEL = ModelId("bench")
@@ -89,14 +90,36 @@ class Local:
         )
 
 
+Source = GGUFSource | SafetensorsSource
+
+
 @contextlib.asynccontextmanager
-async def local(
-    source: GGUFSource | SafetensorsSource, quant: str, *, cached: bool = False, speculate: int = 0
-) -> AsyncIterator[Local]:
+async def one_engine(source: Source, quant: str) -> AsyncIterator[LocalPipeline]:
+    """The one torch engine, on the one pipeline thread, that every scheduler of a part shares
+    (they take turns: one request at a time). Engines side by side in one process would each
+    bring an OpenMP team, more threads than cores, which libgomp answers by hardly spinning: every
+    figure would be the slower passive one (0.4x on 2 cores), unlike a runner's one engine."""
     n = source.config.num_hidden_layers
     engine = create_engine("torch", device="cpu", quant=quant)
-    pipeline = LocalPipeline([engine], keep_positions=100_000 if cached else 0)
-    await pipeline.call(engine.load, Shard(model_id=MODEL, start=0, end=n, n_layers=n), source)
+    pipeline = LocalPipeline([engine], keep_positions=100_000)  # kept only for a prefix index
+    try:
+        await pipeline.call(engine.load, Shard(model_id=MODEL, start=0, end=n, n_layers=n), source)
+        yield pipeline
+    finally:
+        await pipeline.close()
+
+
+@contextlib.asynccontextmanager
+async def scheduled(
+    pipeline: Pipeline,
+    source: Source,
+    *,
+    cached: bool = False,
+    speculate: int = 0,
+    chunk: int = 256,
+) -> AsyncIterator[Local]:
+    """A scheduler over `pipeline`, stepping until the block ends; with `cached`, it keeps its
+    finished requests' caches and starts prompts from them."""
     registry = CollectorRegistry()
     scheduler = Scheduler(
         pipeline,
@@ -105,21 +128,25 @@ async def local(
         prefix=PrefixIndex() if cached else None,
         speculate=speculate,
         metrics=RequestMetrics(registry).model(MODEL),
+        prefill_chunk=chunk,
     )
-    async with _running(scheduler, pipeline):
-        yield Local(scheduler, registry)
-
-
-@contextlib.asynccontextmanager
-async def _running(scheduler: Scheduler, pipeline: Pipeline) -> AsyncIterator[None]:
     task = asyncio.create_task(scheduler.run())
     try:
-        yield
+        yield Local(scheduler, registry)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await pipeline.close()
+
+
+@contextlib.asynccontextmanager
+async def local(source: Source, quant: str, *, speculate: int = 0) -> AsyncIterator[Local]:
+    """A scheduler over an engine of its own."""
+    async with (
+        one_engine(source, quant) as pipeline,
+        scheduled(pipeline, source, speculate=speculate) as served,
+    ):
+        yield served
 
 
 async def generate(
@@ -149,7 +176,11 @@ async def prefix_turns(path: Path, quant: str, turns: int, max_tokens: int, tick
     tokenizer = source.tokenizer()
     history: list[dict[str, str]] = [{"role": "system", "content": "You are a travel guide."}]
     rows = []
-    async with local(source, quant, cached=True) as cached, local(source, quant) as plain:
+    async with (
+        one_engine(source, quant) as pipeline,
+        scheduled(pipeline, source, cached=True) as cached,
+        scheduled(pipeline, source) as plain,
+    ):
         for turn in range(turns):
             history.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
             prompt = tokenizer.encode_chat(history)
@@ -178,40 +209,23 @@ async def prefix_turns(path: Path, quant: str, turns: int, max_tokens: int, tick
 # --- pipelined prefill ----------------------------------------------------------------------------
 
 
-async def _chain(
-    path: Path, cuts: list[int], layers: int, cache: str, context: int, threads: int
-) -> tuple[list[RunnerProcess], list[str]]:
-    """Runner processes holding layers cuts[i]..cuts[i+1], each routed to the next."""
-    runners = [
-        RunnerProcess(
-            RunnerConfig(
-                model_path=str(path),
-                model_id=MODEL,
-                start=start,
-                end=end,
-                n_layers=layers,
-                engine="torch",
-                device="cpu",
-                quant="int4",
-                threads=threads,
-                log_level="ERROR",  # the progress bars are the output
-                cache_dir=cache,
-                credentials=None,
-                max_step_tokens=max(8192, context),
-            )
-        )
-        for start, end in zip(cuts, cuts[1:], strict=False)
-    ]
-    try:
-        for r in runners:
-            await r.start()
-        addrs = await asyncio.gather(*(r.wait_ready(600) for r in runners))
-        for r, nxt in zip(runners, [*addrs[1:], None], strict=True):
-            await r.route(nxt)
-    except BaseException:
-        await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
-        raise
-    return runners, list(addrs)
+def _runner(path: Path, layers: int, cache: str, context: int, threads: int) -> RunnerConfig:
+    """A runner of the whole model (runner_chain cuts it): int4, plain TCP."""
+    return RunnerConfig(
+        model_path=str(path),
+        model_id=MODEL,
+        start=0,
+        end=layers,
+        n_layers=layers,
+        engine="torch",
+        device="cpu",
+        quant="int4",
+        threads=threads,
+        log_level="ERROR",  # the progress bars are the output
+        cache_dir=cache,
+        credentials=None,
+        max_step_tokens=max(8192, context),
+    )
 
 
 async def pipelined_prefill(
@@ -234,23 +248,19 @@ async def pipelined_prefill(
     }
     times: dict[str, list[float]] = {name: [] for name in chains}
     answers: set[int] = set()
-    runners: list[RunnerProcess] = []
     async with contextlib.AsyncExitStack() as stack:
         cache = stack.enter_context(tempfile.TemporaryDirectory())
-        stack.push_async_callback(
-            lambda: asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
-        )
         schedulers: dict[str, Scheduler] = {}
         for name, (cuts, threads, depth) in chains.items():
-            started, addrs = await _chain(path, cuts, layers, cache, context, threads)
-            runners += started
+            runner = _runner(path, layers, cache, context, threads)
+            addrs = await stack.enter_async_context(runner_chain(runner, cuts, ready_s=600))
             pipeline = RemotePipeline(addrs, tls=None)
             if depth is not None:  # 1: the scheduler sends one chunk a step, as beside others
                 pipeline.depth = depth
+            stack.push_async_callback(pipeline.close)
             await pipeline.connect()
-            s = Scheduler(pipeline, source.tokenizer(), context_length=context, prefill_chunk=chunk)
-            await stack.enter_async_context(_running(s, pipeline))
-            schedulers[name] = s
+            served = await stack.enter_async_context(scheduled(pipeline, source, chunk=chunk))
+            schedulers[name] = served.scheduler
         for r in range(runs + 1):  # the first round warms up
             for name in _rotated(list(schedulers), r):
                 done, out = await generate(schedulers[name], f"{r}-{name}", prompt, 1)
@@ -294,8 +304,10 @@ async def speculation(
     ]
     out: dict[str, Any] = {"model": label, "quant": quant, "tokens": tokens, "prompts": []}
     async with contextlib.AsyncExitStack() as stack:
+        pipeline = await stack.enter_async_context(one_engine(source, quant))
         by = {
-            d: await stack.enter_async_context(local(source, quant, speculate=d)) for d in settings
+            d: await stack.enter_async_context(scheduled(pipeline, source, speculate=d))
+            for d in settings
         }
         for name, prompt in prompts:
             rates: dict[int, list[float]] = {d: [] for d in settings}

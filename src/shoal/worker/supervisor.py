@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import IO, Any
 
 from shoal.errors import ShoalError
@@ -169,3 +169,24 @@ class RunnerProcess:
         if self._proc is None:
             raise RuntimeError("RunnerProcess used before start()")
         return self._proc
+
+
+@contextlib.asynccontextmanager
+async def runner_chain(
+    base: RunnerConfig, cuts: Sequence[int], *, ready_s: float = 300.0, stop_timeout_s: float = 5.0
+) -> AsyncIterator[list[str]]:
+    """Runners of `base` holding layers cuts[i]..cuts[i+1], each routed to the next, outside a
+    node (benchmarks, tests); their data addresses, first stage first. All stop on exit."""
+    runners = [
+        RunnerProcess(base.model_copy(update={"start": a, "end": b}), stop_timeout_s=stop_timeout_s)
+        for a, b in zip(cuts, cuts[1:], strict=False)
+    ]
+    try:
+        for r in runners:
+            await r.start()
+        addrs = await asyncio.gather(*(r.wait_ready(ready_s) for r in runners))
+        for r, nxt in zip(runners, [*addrs[1:], None], strict=True):
+            await r.route(nxt)
+        yield list(addrs)
+    finally:
+        await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
