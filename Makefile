@@ -78,7 +78,7 @@ typecheck: $(TEST_STAMP)
 
 # Everything, as CI runs it.
 test: lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 # The inner loop: lint, types and the fast tier (tests/unit without the `slow` ones), ~2 min.
 check: lint typecheck unit
