@@ -317,7 +317,7 @@ async def test_a_stream_whose_step_fails_ends_in_band_and_its_neighbour_streams_
 
     async with served(scheduler) as client:
         alone = await client.post(CHAT, json={**GOOD, "max_tokens": 30})
-        engine.forward = poisoned
+        engine.forward = poisoned  # type: ignore[method-assign]
         victim = asyncio.create_task(client.post(CHAT, json={**GOOD, "max_tokens": 30}))
         for _ in range(1000):  # the victim is decoding when the bad request comes
             if any(seq.tokens for seq in scheduler._active):

@@ -2,8 +2,9 @@
 each side by side with the same thing without it, in one run, in this process.
 
 - prefix: the TTFT of turn N of a chat, with the prefix cache and without, against N. Two
-  schedulers over one engine (one_engine says why one) answer each turn in turns (which goes first alternates), so
-  a shared machine's load falls on both alike; the cached answer must equal the plain one.
+  schedulers over one engine (one_engine says why one) answer each turn in turns (which goes
+  first alternates), so a shared machine's load falls on both alike; the cached answer must
+  equal the plain one.
 - pipelined: the TTFT of a long prompt through 3 stages (real runner processes on loopback,
   plain TCP, one thread each) with its chunks pipelined and sent one a step, against 1 stage
   with one thread and with a thread per core. On a machine with fewer cores than stages the
