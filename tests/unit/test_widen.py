@@ -74,3 +74,39 @@ def test_a_factor_that_is_not_a_power_of_two_is_refused(tmp_path: Path, factor: 
     with pytest.raises(BadRequest, match="power of two"):
         widen_ffn(SMOLLM, tmp_path / "x.gguf", factor)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def tiny_gguf(path: Path, *, experts: int = 0, down: str = "F32") -> Path:
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_feed_forward_length(256)
+    if experts:
+        writer.add_expert_count(experts)
+    if down == "F32":
+        writer.add_tensor("blk.0.ffn_down.weight", np.ones((4, 256), np.float32))
+    else:  # Q4_K: 144 bytes a block of 256
+        q4k = gguf.GGMLQuantizationType.Q4_K
+        writer.add_tensor("blk.0.ffn_down.weight", np.zeros((4, 144), np.uint8), raw_dtype=q4k)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [({"experts": 8}, "mixture of experts"), ({"down": "Q4_K"}, "Q4_K; only F32")],
+)
+def test_what_cannot_be_widened_exactly_is_refused_before_writing(
+    tmp_path: Path, kind: dict, message: str
+) -> None:
+    source = tiny_gguf(tmp_path / "in.gguf", **kind)
+    with pytest.raises(BadRequest, match=message):
+        widen_ffn(source, tmp_path / "out.gguf", 2)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_a_float_ffn_is_widened_with_its_columns_scaled(tmp_path: Path) -> None:
+    out = widen_ffn(tiny_gguf(tmp_path / "in.gguf"), tmp_path / "out.gguf", 2)
+    (down,) = gguf.GGUFReader(out).tensors
+    assert np.asarray(down.data).shape == (4, 512) and np.all(np.asarray(down.data) == 0.5)

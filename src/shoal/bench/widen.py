@@ -41,6 +41,11 @@ def widen_ffn(source: Path, dest: Path, factor: int) -> Path:
     key = f"{arch}.feed_forward_length"
     if key not in reader.fields:
         raise BadRequest(f"{source.name}: no {key}, so not a model whose FFN can be widened")
+    if f"{arch}.expert_count" in reader.fields:
+        raise BadRequest(f"{source.name} is a mixture of experts; only dense FFNs are widened")
+    for tensor in reader.tensors:  # before writing anything
+        if tensor.name.endswith(".ffn_down.weight"):
+            _check(tensor.tensor_type, tensor.name)
     writer = gguf.GGUFWriter(dest, arch)
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
@@ -71,13 +76,20 @@ def _scaled(
     data: np.ndarray, kind: gguf.GGMLQuantizationType, name: str, factor: int
 ) -> np.ndarray:
     """`data` (rows of one tensor, as the reader holds them) times 1/factor."""
-    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+    _check(kind, name)
+    if kind in _FLOAT:
         return (data / factor).astype(data.dtype)
-    if kind not in _SCALED:
-        raise BadRequest(f"{name} is {kind.name}; only F32, F16, Q4_0, Q4_1 and Q8_0 are widened")
     offsets, size = _SCALED[kind]
     rows = data.reshape(data.shape[0], -1, size).copy()
     for at in offsets:
         scale = rows[:, :, at : at + 2].copy().view(np.float16)
         rows[:, :, at : at + 2] = (scale / np.float16(factor)).view(np.uint8)
     return rows.reshape(data.shape)
+
+
+_FLOAT = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+
+
+def _check(kind: gguf.GGMLQuantizationType, name: str) -> None:
+    if kind not in _FLOAT and kind not in _SCALED:
+        raise BadRequest(f"{name} is {kind.name}; only F32, F16, Q4_0, Q4_1 and Q8_0 are widened")
