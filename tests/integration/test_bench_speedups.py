@@ -74,7 +74,9 @@ def test_the_tables_are_printed_and_written(run: dict[str, Any]) -> None:
     assert md.count("Speculative decoding") == 2
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--widen", "3"), ("--drafts", "0")])
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--widen", "3"), ("--drafts", "0"), ("--pipeline-tokens", "9000")]
+)
 def test_a_bad_setting_is_one_line(tmp_path: Path, flag: str, value: str) -> None:
     done = shoal("bench", "speedups", flag, value, "--out-dir", str(tmp_path), timeout=60)
     assert done.returncode != 0

@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from shoal.bench.errors import BenchError
 from shoal.bench.widen import widen_ffn, widened_path
 from shoal.engines.registry import create_engine
+from shoal.errors import BadRequest
 from shoal.inference.metrics import RequestMetrics
 from shoal.inference.pipeline import LocalPipeline, Pipeline
 from shoal.inference.prefix import PrefixIndex
@@ -191,7 +193,7 @@ async def prefix_turns(path: Path, quant: str, turns: int, max_tokens: int, tick
                 runs[name] = await generate(s.scheduler, f"{name}-{turn}", prompt, max_tokens)
             (warm, answer), (cold, other) = runs["cached"], runs["plain"]
             if answer != other:
-                raise AssertionError(f"turn {turn + 1}: the cached answer differs from the plain")
+                raise BenchError(f"turn {turn + 1}: the cached answer differs from the plain one")
             history.append({"role": "assistant", "content": tokenizer.decode(answer)})
             rows.append(
                 {
@@ -235,8 +237,6 @@ async def pipelined_prefill(
     source = open_weights(path)
     layers = source.config.num_hidden_layers
     context = source.config.max_position_embeddings
-    if tokens + 1 > context:
-        raise ValueError(f"a {tokens}-token prompt does not fit {path.name}'s {context}")
     rng = np.random.default_rng(0)
     prompt = tuple(int(t) for t in rng.integers(100, source.config.vocab_size, tokens))
     cores = os.cpu_count() or 1
@@ -270,7 +270,7 @@ async def pipelined_prefill(
                     times[name].append(done.ttft_s)
             tick(f"round {r + 1}" if r else "warm-up")
     if len(answers) != 1:
-        raise AssertionError(f"the pipelines answered differently: {sorted(answers)}")
+        raise BenchError(f"the pipelines answered differently: {sorted(answers)}")
     base = statistics.median(times["1 stage"])
     return {
         "prompt_tokens": tokens,
@@ -319,7 +319,7 @@ async def speculation(
                     done, got = await generate(by[d].scheduler, f"{name}-{d}-{r}", prompt, tokens)
                     first = got if first is None else first
                     if got != first:
-                        raise AssertionError(f"{label}, {name}: the output with {d} drafts differs")
+                        raise BenchError(f"{label}, {name}: the output with {d} drafts differs")
                     if r:
                         rates[d].append(done.decode_tok_s)
                 tick(f"{label}, {name}, round {r + 1}" if r else f"{label}, {name}, warm-up")
@@ -350,6 +350,12 @@ async def speculation(
 
 def measure(args: argparse.Namespace, gguf: Path, phase: Callable[..., Any]) -> dict[str, Any]:
     """Every part, each in its own event loop; `phase(name, total)` gives a progress tick."""
+    context = open_weights(gguf).config.max_position_embeddings
+    if args.pipeline_tokens >= context:  # checked before anything runs
+        raise BadRequest(
+            f"--pipeline-tokens {args.pipeline_tokens} does not fit {gguf.name}'s context of "
+            f"{context}"
+        )
     out: dict[str, Any] = {"model": args.model, "gguf": gguf.name}
     with phase("prefix cache: turns", args.turns) as tick:
         out["prefix"] = asyncio.run(
