@@ -1,8 +1,6 @@
 """Real hosts in network namespaces join by invitation; a host without a token stays out (root)."""
 
-import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,17 +14,6 @@ pytestmark = [
     pytest.mark.timeout(180),
     pytest.mark.skipif(_reason is not None, reason=_reason or ""),
 ]
-
-
-@pytest.fixture
-def lan() -> Iterator[Lan]:
-    network = Lan()
-    try:
-        yield network
-    finally:
-        network.close()
-        for host in network.hosts:  # captured: pytest shows it only when the test fails
-            logging.getLogger(__name__).warning("%s log:\n%s", host.ns, host.log()[-3000:])
 
 
 def members(host: Host) -> list[str]:

@@ -1,7 +1,5 @@
 """Real hosts in network namespaces: multicast discovery, static peers, a pulled cable (root)."""
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,17 +23,6 @@ def one_cluster(hosts: list[Host]) -> bool:
         and len(states[0]["nodes"]) == len(hosts)
         and all(r["connected"] for r in states[0]["nodes"].values())
     )
-
-
-@pytest.fixture
-def lan(tmp_path: Path) -> Iterator[Lan]:
-    network = Lan()
-    try:
-        yield network
-    finally:
-        network.close()
-        for host in network.hosts:  # captured: pytest shows it only when the test fails
-            logging.getLogger(__name__).warning("%s log:\n%s", host.ns, host.log()[-3000:])
 
 
 def test_multicast_static_peers_and_a_pulled_cable(lan: Lan, tmp_path: Path) -> None:

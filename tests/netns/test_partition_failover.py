@@ -3,7 +3,7 @@
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,15 +70,6 @@ def stream(host: Host, model: str, on_piece: Callable[[int], None] | None = None
     finally:
         proc.wait(timeout=60)
     raise AssertionError("the stream ended without its text")
-
-
-@pytest.fixture
-def lan() -> Iterator[Lan]:
-    network = Lan()
-    try:
-        yield network
-    finally:
-        network.close()
 
 
 def test_pulled_cable_mid_stream(lan: Lan, tmp_path: Path) -> None:
