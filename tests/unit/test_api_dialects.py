@@ -512,3 +512,7 @@ async def test_every_dialect_reports_the_prompt_tokens_the_cache_held() -> None:
         assert dict(events)["message_delta"]["usage"] == usage
         usage = (await c.post("/v1/responses", json=RESPONSES)).json()["usage"]
         assert usage["input_tokens_details"] == {"cached_tokens": 8}
+        # Ollama counts the whole prompt in prompt_eval_count, the cached part apart
+        last = (await c.post("/api/chat", json=OLLAMA_CHAT | {"stream": False})).json()
+        assert last["prompt_eval_cached_count"] == 8
+        assert last["prompt_eval_count"] == whole["prompt_tokens"]

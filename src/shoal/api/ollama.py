@@ -251,7 +251,8 @@ def _done(handle: ModelHandle, done: Finished, started_ns: int) -> dict[str, Any
         "done_reason": done.reason,
         "total_duration": time.perf_counter_ns() - started_ns,
         "load_duration": 0,
-        "prompt_eval_count": done.prompt_tokens,
+        "prompt_eval_count": done.prompt_tokens,  # the whole prompt, cached part included
+        "prompt_eval_cached_count": done.cached_tokens,  # of those, read from the prefix cache
         "prompt_eval_duration": int(done.ttft_s * 1e9),
         "eval_count": done.completion_tokens,
         "eval_duration": eval_ns,
