@@ -1,6 +1,7 @@
 """Real `shoal node` processes on loopback (benchmarks and tests); always stopped by pid."""
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,28 +19,43 @@ from shoal.net import enrol
 from shoal.net.credentials import Credentials
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (the kernel picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to connections on its own (Linux's default range
+    starts at 32768; other systems' at 49152 or above)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_ports(count: int, avoid: int = 0) -> list[int]:
-    """`count` distinct free ports, none equal to avoid (all held open while the kernel picks)."""
-    held: list[socket.socket] = []
-    try:
-        while len(held) < count:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            if s.getsockname()[1] == avoid:
-                s.close()
+    """`count` distinct ports nothing listens on now, none equal to avoid.
+
+    Drawn below the kernel's ephemeral range: a port the kernel picked could be given to some
+    outgoing connection's local end before the node binds it, a port below the range only to
+    another process that asks for it by number. Each is checked by binding it."""
+    low = 10000
+    high = max(low + 1000, _ephemeral_low())
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    for _ in range(1000 * count):
+        port = rng.randrange(low, high)
+        if port == avoid or port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
                 continue
-            held.append(s)
-        return [int(s.getsockname()[1]) for s in held]
-    finally:
-        for s in held:
-            s.close()
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise OSError(f"no {count} free ports on loopback in {low}..{high - 1}")
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (see free_ports)."""
+    return free_ports(1)[0]
 
 
 @dataclass
