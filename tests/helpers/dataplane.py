@@ -9,8 +9,12 @@ import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shoal.net.credentials import Credentials
+from shoal.types.ids import ModelId
+from shoal.worker.supervisor import RunnerConfig
+from tests.helpers.tiny import N_LAYERS
 from tests.helpers.trust import members
 
 
@@ -46,3 +50,20 @@ def trust() -> DataPlaneTrust:
 @functools.cache
 def _tmp() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="shoal-tls-")
+
+
+def tiny_runner(model_dir: Path | str, **fields: Any) -> RunnerConfig:
+    """A whole-model runner of the tiny llama in model_dir on torch, one thread, with the test
+    cluster's credentials; fields override any of it (start and end for a stage)."""
+    defaults: dict[str, Any] = {
+        "model_path": str(model_dir),
+        "model_id": ModelId("tiny"),
+        "start": 0,
+        "end": N_LAYERS,
+        "n_layers": N_LAYERS,
+        "engine": "torch",
+        "device": "cpu",
+        "threads": 1,
+        "credentials": trust().runner_dir,
+    }
+    return RunnerConfig(**(defaults | fields))

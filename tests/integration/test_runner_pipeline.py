@@ -23,8 +23,8 @@ from shoal.inference.request import SamplingParams
 from shoal.models.source import open_weights
 from shoal.types.ids import ModelId, RequestId
 from shoal.types.shard import Shard
-from shoal.worker.supervisor import RunnerConfig, RunnerProcess, RunnerStartFailed
-from tests.helpers.dataplane import trust
+from shoal.worker.supervisor import RunnerProcess, RunnerStartFailed
+from tests.helpers.dataplane import tiny_runner, trust
 from tests.helpers.tiny import N_LAYERS, VOCAB
 
 pytest.importorskip("transformers")
@@ -41,29 +41,8 @@ PROMPTS = [
 DECODE_STEPS = 10
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny llama as a safetensors directory (config.json + model.safetensors)."""
-    from tests.helpers.tiny import tiny_hf
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_hf("llama").save_pretrained(path)
-    return path
-
-
 def runner(model_dir: Path | str, start: int, end: int, inline_tokens: int = 16) -> RunnerProcess:
-    config = RunnerConfig(
-        model_path=str(model_dir),
-        model_id=ModelId("tiny"),
-        start=start,
-        end=end,
-        n_layers=N_LAYERS,
-        engine="torch",
-        device="cpu",
-        threads=1,
-        inline_tokens=inline_tokens,
-        credentials=trust().runner_dir,
-    )
+    config = tiny_runner(model_dir, start=start, end=end, inline_tokens=inline_tokens)
     return RunnerProcess(config, stop_timeout_s=3.0)
 
 
@@ -82,14 +61,14 @@ async def stop_all(runners: Sequence[RunnerProcess]) -> None:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stages(model_dir: Path) -> AsyncIterator[dict[str, list[str]]]:
+async def stages(tiny_llama_dir: Path) -> AsyncIterator[dict[str, list[str]]]:
     """A two-stage chain and a whole-model runner, shared by the tests of this module.
 
     The whole-model runner runs every step on its engine thread, the others run small steps on
     their event loop: both paths are checked.
     """
-    split = [runner(model_dir, 0, 2), runner(model_dir, 2, N_LAYERS)]
-    whole = [runner(model_dir, 0, N_LAYERS, inline_tokens=0)]
+    split = [runner(tiny_llama_dir, 0, 2), runner(tiny_llama_dir, 2, N_LAYERS)]
+    whole = [runner(tiny_llama_dir, 0, N_LAYERS, inline_tokens=0)]
     try:
         split_addrs = await start_chain(split)
         whole_addrs = await start_chain(whole)
@@ -104,9 +83,9 @@ async def connected(addrs: list[str]) -> RemotePipeline:
     return pipeline
 
 
-def local(model_dir: Path) -> LocalPipeline:
+def local(tiny_llama_dir: Path) -> LocalPipeline:
     engine = create_engine("torch", device="cpu")
-    engine.load(Shard.whole(ModelId("tiny"), N_LAYERS), open_weights(model_dir))
+    engine.load(Shard.whole(ModelId("tiny"), N_LAYERS), open_weights(tiny_llama_dir))
     return LocalPipeline([engine])
 
 
@@ -132,9 +111,9 @@ async def greedy(pipeline: Pipeline, rid: str, prompt: np.ndarray) -> list[int |
 
 @pytest.mark.parametrize("layout", ["split", "whole"])
 async def test_greedy_tokens_equal_the_local_pipeline(
-    stages: dict[str, list[str]], model_dir: Path, layout: str
+    stages: dict[str, list[str]], tiny_llama_dir: Path, layout: str
 ) -> None:
-    reference, remote = local(model_dir), await connected(stages[layout])
+    reference, remote = local(tiny_llama_dir), await connected(stages[layout])
     try:
         for i, prompt in enumerate(PROMPTS):
             expected = await greedy(reference, f"ref-{i}", prompt)
@@ -147,8 +126,8 @@ async def test_greedy_tokens_equal_the_local_pipeline(
         await reference.close()
 
 
-async def test_a_batch_of_two_lengths(stages: dict[str, list[str]], model_dir: Path) -> None:
-    reference, remote = local(model_dir), await connected(stages["split"])
+async def test_a_batch_of_two_lengths(stages: dict[str, list[str]], tiny_llama_dir: Path) -> None:
+    reference, remote = local(tiny_llama_dir), await connected(stages["split"])
     try:
         a, b = PROMPTS[0], PROMPTS[1]
         for pipeline in (reference, remote):
@@ -181,8 +160,8 @@ async def test_free_lets_a_request_start_again(stages: dict[str, list[str]], lay
         await remote.close()
 
 
-async def test_lost_stages_raise_stage_lost_promptly(model_dir: Path) -> None:
-    chain = [runner(model_dir, 0, 1), runner(model_dir, 1, 3), runner(model_dir, 3, N_LAYERS)]
+async def test_lost_stages_raise_stage_lost_promptly(tiny_llama_dir: Path) -> None:
+    chain = [runner(tiny_llama_dir, a, b) for a, b in ((0, 1), (1, 3), (3, N_LAYERS))]
     try:
         addrs = await start_chain(chain)
         dead = "127.0.0.1:9"  # discard port: nothing listens

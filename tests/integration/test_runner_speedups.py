@@ -17,8 +17,8 @@ from shoal.inference.remote import RemotePipeline
 from shoal.inference.request import GenerationRequest, SamplingParams, TextDelta
 from shoal.inference.scheduler import Scheduler
 from shoal.types.ids import ModelId, RequestId
-from shoal.worker.supervisor import RunnerConfig, runner_chain
-from tests.helpers.dataplane import trust
+from shoal.worker.supervisor import runner_chain
+from tests.helpers.dataplane import tiny_runner, trust
 from tests.helpers.fakes import ByteTokenizer
 from tests.helpers.pipelines import Wrapping
 from tests.helpers.tiny import N_LAYERS, VOCAB
@@ -30,30 +30,10 @@ PROMPT = tuple(int(t) for t in np.random.default_rng(8).integers(3, VOCAB, 45))
 CHUNK = 8
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.helpers.tiny import tiny_hf
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_hf("llama").save_pretrained(path)
-    return path
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def chain(model_dir: Path) -> AsyncIterator[list[str]]:
-    config = RunnerConfig(
-        model_path=str(model_dir),
-        model_id=ModelId("tiny"),
-        start=0,
-        end=N_LAYERS,
-        n_layers=N_LAYERS,
-        engine="torch",
-        device="cpu",
-        threads=1,
-        credentials=trust().runner_dir,
-    )
+async def chain(tiny_llama_dir: Path) -> AsyncIterator[list[str]]:
     async with runner_chain(
-        config, [0, 1, 2, N_LAYERS], ready_s=60, stop_timeout_s=3.0
+        tiny_runner(tiny_llama_dir), [0, 1, 2, N_LAYERS], ready_s=60, stop_timeout_s=3.0
     ) as addrs:  # 3 stages
         yield addrs
 

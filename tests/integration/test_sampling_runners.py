@@ -24,8 +24,8 @@ from shoal.inference.scheduler import Scheduler
 from shoal.models.source import open_weights
 from shoal.types.ids import ModelId, RequestId
 from shoal.types.shard import Shard
-from shoal.worker.supervisor import RunnerConfig, runner_chain
-from tests.helpers.dataplane import trust
+from shoal.worker.supervisor import runner_chain
+from tests.helpers.dataplane import tiny_runner, trust
 from tests.helpers.fakes import ByteTokenizer
 from tests.helpers.pipelines import Wrapping
 from tests.helpers.tiny import N_LAYERS, VOCAB
@@ -40,28 +40,9 @@ pytestmark = [
 PROMPT = tuple(int(t) for t in np.random.default_rng(5).integers(3, VOCAB, 11))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.helpers.tiny import tiny_hf
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_hf("llama").save_pretrained(path)
-    return path
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def chain(model_dir: Path) -> AsyncIterator[list[str]]:
-    config = RunnerConfig(
-        model_path=str(model_dir),
-        model_id=ModelId("tiny"),
-        start=0,
-        end=N_LAYERS,
-        n_layers=N_LAYERS,
-        engine="torch",
-        device="cpu",
-        threads=1,
-        credentials=trust().runner_dir,
-    )
+async def chain(tiny_llama_dir: Path) -> AsyncIterator[list[str]]:
+    config = tiny_runner(tiny_llama_dir)
     async with runner_chain(config, [0, 2, N_LAYERS], ready_s=60, stop_timeout_s=3.0) as addrs:
         yield addrs
 
@@ -78,9 +59,9 @@ class Recording(Wrapping):
         return await self.inner.forward(steps)
 
 
-def local_engine(model_dir: Path) -> Engine:
+def local_engine(tiny_llama_dir: Path) -> Engine:
     engine = create_engine("torch", device="cpu")
-    engine.load(Shard.whole(ModelId("tiny"), N_LAYERS), open_weights(model_dir))
+    engine.load(Shard.whole(ModelId("tiny"), N_LAYERS), open_weights(tiny_llama_dir))
     return engine
 
 
@@ -165,7 +146,7 @@ class OnlyTokens:
 
 
 async def test_a_constraint_mask_holds_through_the_runners(
-    chain: list[str], model_dir: Path
+    chain: list[str], tiny_llama_dir: Path
 ) -> None:
     allowed = {40, 77, 101, 126}
     made: list[OnlyTokens] = []
@@ -180,13 +161,13 @@ async def test_a_constraint_mask_holds_through_the_runners(
     for choice in made:
         assert len(choice.seen) == 6 and set(choice.seen) <= allowed
     assert [d.reason for d in done] == ["stop", "stop"]
-    async with scheduling(LocalPipeline([local_engine(model_dir)])) as scheduler:
+    async with scheduling(LocalPipeline([local_engine(tiny_llama_dir)])) as scheduler:
         here, _ = await generate(scheduler, n=2, constraint=factory, **ask)
     assert [ids(d) for d in deltas] == [ids(d) for d in here]
 
 
 async def test_logprobs_from_the_runners_are_the_engine_logits_log_softmax(
-    chain: list[str], model_dir: Path
+    chain: list[str], tiny_llama_dir: Path
 ) -> None:
     async with scheduling(await remote(chain)) as scheduler:
         deltas, _ = await generate(scheduler, max_tokens=6, logprobs=4)
@@ -194,7 +175,8 @@ async def test_logprobs_from_the_runners_are_the_engine_logits_log_softmax(
     tokens = ids(deltas[0])
     assert [lp.token for lp in lps] == tokens and len(tokens) == 6
     seq = np.array([*PROMPT, *tokens], dtype=np.int64)
-    logits = local_engine(model_dir).forward([StepInput(RequestId("x"), seq, 0)], all_logits=True)
+    engine = local_engine(tiny_llama_dir)
+    logits = engine.forward([StepInput(RequestId("x"), seq, 0)], all_logits=True)
     for i, lp in enumerate(lps):
         expected = log_softmax(logits[0][len(PROMPT) - 1 + i])
         assert lp.logprob == pytest.approx(expected[lp.token], abs=1e-4)
@@ -203,17 +185,17 @@ async def test_logprobs_from_the_runners_are_the_engine_logits_log_softmax(
 
 
 async def test_penalties_and_logit_bias_on_the_runners_act_as_in_process(
-    chain: list[str], model_dir: Path
+    chain: list[str], tiny_llama_dir: Path
 ) -> None:
     penalized: Any = {"max_tokens": 30, "frequency_penalty": 1.5, "repetition_penalty": 1.3}
-    banned = ids((await _local(model_dir, max_tokens=3))[0])[0]
+    banned = ids((await _local(tiny_llama_dir, max_tokens=3))[0])[0]
     biased: Any = {"max_tokens": 10, "logit_bias": ((banned, -100.0),)}
     async with scheduling(await remote(chain)) as scheduler:
         plain, _ = await generate(scheduler, max_tokens=30)
         pen, _ = await generate(scheduler, **penalized)
         bias, _ = await generate(scheduler, **biased)
-    assert ids(pen[0]) == ids((await _local(model_dir, **penalized))[0])
-    assert ids(bias[0]) == ids((await _local(model_dir, **biased))[0])
+    assert ids(pen[0]) == ids((await _local(tiny_llama_dir, **penalized))[0])
+    assert ids(bias[0]) == ids((await _local(tiny_llama_dir, **biased))[0])
     assert banned not in ids(bias[0])
 
     def repeats(tokens: list[int]) -> int:
@@ -222,7 +204,7 @@ async def test_penalties_and_logit_bias_on_the_runners_act_as_in_process(
     assert repeats(ids(pen[0])) < repeats(ids(plain[0]))
 
 
-async def _local(model_dir: Path, **sampling: Any) -> list[list[TextDelta]]:
-    async with scheduling(LocalPipeline([local_engine(model_dir)])) as scheduler:
+async def _local(tiny_llama_dir: Path, **sampling: Any) -> list[list[TextDelta]]:
+    async with scheduling(LocalPipeline([local_engine(tiny_llama_dir)])) as scheduler:
         deltas, _ = await generate(scheduler, **sampling)
     return deltas
