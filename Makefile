@@ -21,6 +21,7 @@ TORCH := torch==2.13.0
 # were checked with; multimodal (LLAVA_BUILD) is off because shoal does not use it. The x86
 # build compiles ggml's CPU code 14 times: about 16 CPU-minutes (so 8 or more on 2 cores).
 LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_WHEELS ?= $(HOME)/.cache/shoal/llama-cpp-wheels
 ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF
 LLAMA_DIR = -DGGML_BACKEND_DIR=$$lib
@@ -44,8 +45,12 @@ $(RUN_STAMP): pyproject.toml Makefile
 	touch $(RUN_STAMP)
 
 # pip caches the wheels it builds by version, not by CMAKE_ARGS: a native wheel built before
-# would satisfy a portable request. So the build is redone (uncached) whenever the stamp's
-# version + flags differ from these, and skipped when they match.
+# would satisfy a portable request. So pip's cache is not used: the wheel is built once per
+# version + flags + venv path (baked in as GGML_BACKEND_DIR) + compiler + Python and kept under
+# LLAMA_WHEELS by a hash of those, so a fresh clone at the same path (CI's) or a rebuilt venv
+# installs it in seconds. The CPU variants are not in the wheel: ggml's build installs them
+# straight into GGML_BACKEND_DIR, so they are kept beside it (backends/) and copied back.
+# The stamp skips even that while the installed one matches.
 $(TEST_STAMP): $(RUN_STAMP) pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[torch,dev,mlx,bench]"
 	@command -v cmake >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q cmake; } || true
@@ -53,10 +58,22 @@ $(TEST_STAMP): $(RUN_STAMP) pyproject.toml Makefile
 	@lib=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')/llama_cpp/lib; \
 	want="$(LLAMA_CPP) $(LLAMA_CMAKE) $(LLAMA_DIR)"; \
 	if [ "$$(cat $(LLAMA_STAMP) 2>/dev/null)" != "$$want" ]; then \
-	  echo "building $(LLAMA_CPP) for any CPU ($(LLAMA_CMAKE)), minutes"; \
-	  rm -f $$lib/libggml-cpu-*.so; \
-	  CMAKE_ARGS="$(LLAMA_CMAKE) $(LLAMA_DIR)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) \
-	    $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps "$(LLAMA_CPP)" && \
+	  key=$$( { echo "$$want"; uname -m; c++ --version | head -n 1; \
+	    $(BIN)/python -c 'import sys; print(sys.implementation.cache_tag)'; } | sha256sum | cut -c1-16); \
+	  wheels=$(LLAMA_WHEELS)/$$key; \
+	  if ! ls $$wheels/*.whl >/dev/null 2>&1; then \
+	    echo "building $(LLAMA_CPP) for any CPU ($(LLAMA_CMAKE)), minutes"; \
+	    rm -rf $$wheels $$wheels.part $$lib/libggml-cpu-*.so && \
+	    CMAKE_ARGS="$(LLAMA_CMAKE) $(LLAMA_DIR)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) \
+	      $(BIN)/pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python \
+	        -w $$wheels.part "$(LLAMA_CPP)" && \
+	    mkdir -p $$wheels.part/backends && \
+	    { [ -z "$(LLAMA_DIR)" ] || cp $$lib/libggml-cpu-*.so $$wheels.part/backends/; } && \
+	    mv $$wheels.part $$wheels || exit 1; \
+	  fi; \
+	  $(BIN)/pip install -q --force-reinstall --no-deps $$wheels/*.whl && \
+	  rm -f $$lib/libggml-cpu-*.so && \
+	  { [ -z "$(LLAMA_DIR)" ] || cp $$wheels/backends/libggml-cpu-*.so $$lib/; } && \
 	  $(BIN)/pip install -q "$(LLAMA_CPP)" && \
 	  rm -f $$lib/libggml-cpu-sapphirerapids.so && \
 	  echo "$$want" > $(LLAMA_STAMP); \
