@@ -108,7 +108,8 @@ def _transport(
         creds.node_id,
         creds.cluster,
         listen=[f"tls/{bind}:{settings.control_port}"],
-        connect=[f"tls/{peer}" for peer in settings.peers] + endpoints,
+        # a joiner's seed endpoints often repeat a --peers entry: one connector each
+        connect=list(dict.fromkeys([f"tls/{peer}" for peer in settings.peers] + endpoints)),
         multicast=settings.discovery == "multicast",
         lease_ms=settings.lease_ms,
         tls=creds,
