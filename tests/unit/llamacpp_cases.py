@@ -149,6 +149,20 @@ def test_free_then_reuse(engine: LlamaCppEngine, source: GGUFSource) -> None:
     engine.free(rid("r"))
 
 
+def test_new_threads_keep_the_logits(engine: LlamaCppEngine, source: GGUFSource) -> None:
+    tokens = encode(source, PROMPT)
+    before = engine.forward([StepInput(rid("t"), tokens, 0)])[0]
+    engine.free(rid("t"))
+    engine.set_threads(2)
+    try:
+        assert engine.n_threads == 2
+        again = engine.forward([StepInput(rid("t"), tokens, 0)])[0]
+        np.testing.assert_allclose(again, before, atol=1e-3)
+    finally:
+        engine.free(rid("t"))
+        engine.set_threads(1)  # the module's engine runs on one thread
+
+
 def test_a_fork_continues_as_the_source_would(engine: LlamaCppEngine, source: GGUFSource) -> None:
     tokens = encode(source, [{"role": "user", "content": "Name a colour."}])
     k = len(tokens) - 1

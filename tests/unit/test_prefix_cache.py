@@ -109,6 +109,9 @@ class Counting:
     def truncate(self, request_id: RequestId, length: int) -> None:
         self.inner.truncate(request_id, length)
 
+    def set_threads(self, threads: int) -> None:
+        self.inner.set_threads(threads)
+
 
 class Ids:
     """A detokenizer over ids: each token is its id as text, so texts compare as token lists."""

@@ -97,6 +97,12 @@ class Engine(Protocol):
         rejected drafts go); ValueError when it holds fewer or the engine cannot."""
         ...
 
+    def set_threads(self, threads: int) -> None:
+        """Run the next steps' CPU work on this many threads (a node shares its cores among its
+        runners). Call it on the thread that runs the steps: torch's and OpenMP's thread counts
+        are the calling thread's."""
+        ...
+
     def close(self) -> None:
         """Release every cache and the weights."""
         ...

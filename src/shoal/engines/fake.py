@@ -43,6 +43,7 @@ class FakeEngine:
         self.hidden_size = hidden_size
         self.seed = seed
         self.delay_s = delay_s  # slept per forward, to play a slow engine
+        self.threads: int | None = None  # what set_threads was last told
         self._shard: Shard | None = None
         self._embed: np.ndarray | None = None
         self._layers: list[np.ndarray] = []
@@ -88,6 +89,10 @@ class FakeEngine:
     def free(self, request_id: RequestId) -> None:
         """Drop the request's cache; unknown ids are ignored."""
         self._states.pop(request_id, None)
+
+    def set_threads(self, threads: int) -> None:
+        """Kept to be read back: the fake model runs on the calling thread alone."""
+        self.threads = threads
 
     def close(self) -> None:
         """Release every cache and the weights."""

@@ -78,6 +78,11 @@ class SplitEngine:
         for engine in self.engines:
             engine.free(request_id)
 
+    def set_threads(self, threads: int) -> None:
+        """Every part's (a GPU part's few CPU threads included)."""
+        for engine in self.engines:
+            engine.set_threads(threads)
+
     def close(self) -> None:
         for engine in self.engines:
             engine.close()

@@ -291,6 +291,12 @@ class LlamaCppEngine:
         if seq is not None and self._native is not None:
             self._native.forget(seq)
 
+    def set_threads(self, threads: int) -> None:
+        """llama.cpp's threads for decoding and for prompts, from the next llama_decode on."""
+        self.n_threads = max(1, threads)
+        if self._native is not None:
+            llama_cpp.llama_set_n_threads(self._native.ctx, self.n_threads, self.n_threads)
+
     def close(self) -> None:
         """Release every cache, the context and the model."""
         if self._native is not None:

@@ -64,6 +64,9 @@ class MlxEngine:
         """Drop the request's cache; unknown ids are ignored."""
         self._caches.pop(request_id, None)
 
+    def set_threads(self, threads: int) -> None:
+        """Nothing to set: MLX chooses its own (Metal on a Mac, its CPU backend elsewhere)."""
+
     def close(self) -> None:
         """Release every cache and the weights."""
         self._model = None

@@ -82,6 +82,12 @@ class NativeEngine:
         )
         log.info("loaded %s on native (%s blocks, %d threads)", shard, blocks.kind, self.threads)
 
+    def set_threads(self, threads: int) -> None:
+        """The kernels' OpenMP threads from the next call on (each call names its count)."""
+        self.threads = max(1, threads)
+        if self._model is not None:
+            self._model.threads = self.threads
+
     def forward(self, batch: Sequence[StepInput], *, all_logits: bool = False) -> list[np.ndarray]:
         """Run every item after its cached prefix, all their rows in one native pass."""
         model, caches = self._loaded()

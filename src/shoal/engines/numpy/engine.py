@@ -3,7 +3,7 @@
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -48,6 +48,7 @@ class NumpyEngine:
         self.quant = cast(Quant, quant)
         self.threads = threads
         self._blas: ThreadpoolController | None = None  # held to one thread around native calls
+        self._blas_limit: Any = None  # set_threads' limit on BLAS (threadpoolctl's), while held
         self._model: Model | None = None
         self._caches: CacheStore[np.ndarray] | None = None
         self._native: native.NativeEngine | None = None  # the int8/int4 shard, where it runs
@@ -127,8 +128,23 @@ class NumpyEngine:
         if self._caches is not None:
             self._caches.free(request_id)
 
+    def set_threads(self, threads: int) -> None:
+        """The native kernels' threads where the shard runs there; otherwise BLAS's (the block
+        projections of numpy's own path keep the count they were loaded with)."""
+        self.threads = max(1, threads)
+        if self._native is not None:
+            self._native.set_threads(self.threads)
+            return
+        if self._blas_limit is not None:
+            self._blas_limit.restore_original_limits()
+        self._blas_limit = ThreadpoolController().limit(limits=self.threads, user_api="blas")
+
     def close(self) -> None:
-        """Release every cache and the weights."""
+        """Release every cache and the weights (and BLAS's threads, if set_threads limited them:
+        the limit is the process's)."""
+        if self._blas_limit is not None:
+            self._blas_limit.restore_original_limits()
+            self._blas_limit = None
         if self._native is not None:
             self._native.close()
         self._native = None

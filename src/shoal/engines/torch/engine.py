@@ -155,6 +155,13 @@ class TorchEngine:
         if self._caches is not None:
             self._caches.free(request_id)
 
+    def set_threads(self, threads: int) -> None:
+        """torch's intra-op threads of the calling thread, and the native kernels' if it runs
+        there."""
+        torch.set_num_threads(max(1, threads))
+        if self._native is not None:
+            self._native.set_threads(threads)
+
     def close(self) -> None:
         """Release every cache and the weights."""
         if self._native is not None:
