@@ -93,7 +93,12 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         choices=QUANTS,
         help="weight format (default: the model card's, int4 for smollm2; SHOAL_QUANT)",
     )
-    p.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="compute threads of each runner (default: the cores, split evenly among the runners "
+        "that compute on them)",
+    )
     p.add_argument("--max-batch", type=int, help="requests decoded together (default 8)")
     p.add_argument(
         "--max-queue", type=int, help="requests waiting per instance before a 429 (default 64)"

@@ -15,6 +15,7 @@ from shoal.worker.pipe import (
     RunnerLoading,
     RunnerReady,
     Stop,
+    Threads,
     down_decoder,
     parse_down,
     up_decoder,
@@ -35,6 +36,7 @@ DOWN: list[Message] = [
     Route(next_addr="10.0.0.2:7"),
     Route(next_addr=None),
     Revoke(node_ids=(NodeId("a"), NodeId("b"))),
+    Threads(threads=3),
     Stop(),
 ]
 UP: list[Message] = [

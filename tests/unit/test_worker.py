@@ -123,3 +123,115 @@ async def test_a_crashing_runner_is_retried_with_backoff_then_given_up(
     failed = reports[-1]
     assert isinstance(failed, RunnerStatusChanged)
     assert "crashed 3 times" in failed.status.reason  # type: ignore[union-attr]
+
+
+class RecordingRunner:
+    """A runner process that loads nothing and records the threads it is given."""
+
+    made: list["RecordingRunner"] = []
+
+    def __init__(self, **_: Any) -> None:
+        self.config: Any = None
+        self.told: list[int] = []
+        self.stopped = asyncio.Event()
+        RecordingRunner.made.append(self)
+
+    async def spawn(self, **_: Any) -> None:
+        pass
+
+    async def configure(self, config: Any) -> None:
+        self.config = config
+
+    async def statuses(self):
+        await self.stopped.wait()
+        return
+        yield
+
+    async def set_threads(self, threads: int) -> None:
+        self.told.append(threads)
+
+    async def stop(self) -> int:
+        self.stopped.set()
+        return 0
+
+    async def route(self, addr: str | None) -> None:
+        pass
+
+
+def instances(*placed: tuple[str, str | None]) -> State:
+    """One whole-model instance per (id, device) on A."""
+    records = {}
+    for iid, device in placed:
+        instance = Instance(
+            instance_id=InstanceId(iid),
+            model_id=ModelId("m"),
+            n_layers=30,
+            stages=(StagePlan(node_id=A, start=0, end=30, device=device),),
+        )
+        records[instance.instance_id] = InstanceRecord(instance=instance)
+    return State(instances=records)
+
+
+async def settle(worker: Worker, wanted: int) -> None:
+    """Reconcile until `wanted` runners were made and the launches are done."""
+    async with asyncio.timeout(5):
+        while len(RecordingRunner.made) < wanted or worker._fetching:
+            await worker._reconcile()
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.timeout(20)
+async def test_runners_on_the_cpu_share_the_cores_and_get_them_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_module, "RunnerProcess", RecordingRunner)
+    monkeypatch.setattr(worker_module, "node_cores", lambda: 8)
+    RecordingRunner.made = []
+    current = instances(("one", None))
+
+    async def report(_event: Event) -> None:
+        pass
+
+    async def never(_index: int) -> None:
+        await asyncio.Event().wait()
+
+    options = RunnerOptions(keep_spare=False)
+    worker = Worker(A, lambda: current, never, report, fetch_here, options=options)
+    try:
+        await settle(worker, 1)
+        first = RecordingRunner.made[0]
+        assert first.config.threads is None and first.told == []  # alone: the engine's default
+        current = instances(("one", None), ("two", "cpu"), ("gpu", "cuda:0"))
+        await settle(worker, 3)
+        by_device = {r.config.device: r for r in RecordingRunner.made[1:]}
+        second, gpu = by_device["cpu"], by_device["cuda:0"]
+        assert second.config.threads == 4 and first.told == [4]  # halves; the GPU takes none
+        assert gpu.config.threads is None and gpu.told == []
+        current = instances(("two", "cpu"), ("gpu", "cuda:0"))
+        await worker._reconcile()
+        await asyncio.gather(*worker._stopping)  # stopped in the background
+        assert second.told == [8] and first.stopped.is_set()  # alone again: every core
+    finally:
+        await worker.shutdown()
+
+
+@pytest.mark.timeout(20)
+async def test_threads_the_user_chose_are_never_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker_module, "RunnerProcess", RecordingRunner)
+    monkeypatch.setattr(worker_module, "node_cores", lambda: 8)
+    RecordingRunner.made = []
+
+    async def report(_event: Event) -> None:
+        pass
+
+    async def never(_index: int) -> None:
+        await asyncio.Event().wait()
+
+    both = instances(("one", None), ("two", None))
+    options = RunnerOptions(keep_spare=False, threads=3)
+    worker = Worker(A, lambda: both, never, report, fetch_here, options=options)
+    try:
+        await settle(worker, 2)
+        assert [(r.config.threads, r.told) for r in RecordingRunner.made] == [(3, []), (3, [])]
+    finally:
+        await worker.shutdown()

@@ -66,7 +66,7 @@ class NodeProcess:
     port: int
     args: Sequence[str]
     control_port: int = 0
-    threads: int = 1
+    threads: int | None = 1  # None: no --threads, the node shares its cores among its runners
     python: str = sys.executable
     enrol_port: int = 0
     files_port: int = 0
@@ -102,8 +102,7 @@ class NodeProcess:
             str(self.port),
             "--data-dir",
             str(self.data),
-            "--threads",
-            str(self.threads),
+            *(["--threads", str(self.threads)] if self.threads is not None else []),
             *(["--control-port", str(self.control_port)] if self.control_port else []),
             *(["--enrol-port", str(self.enrol_port)] if self.enrol_port else []),
             *(["--files-port", str(self.files_port)] if self.files_port else []),
@@ -166,7 +165,7 @@ def start_node(
     tmp: Path,
     args: Sequence[str] = (),
     *,
-    threads: int = 1,
+    threads: int | None = 1,
     python: str = sys.executable,
     env: dict[str, str] | None = None,
 ) -> NodeProcess:
@@ -178,7 +177,7 @@ def _node_at(
     data: Path,
     port: int,
     args: Sequence[str],
-    threads: int = 1,
+    threads: int | None = 1,
     python: str = sys.executable,
     env: dict[str, str] | None = None,
 ) -> NodeProcess:

@@ -1,9 +1,10 @@
 """The worker ↔ runner pipe: one JSON message a line, each a tagged, frozen, strict model.
 
-Down (the runner's stdin): a `RunnerConfig` first, then `Route`, `Revoke` and `Stop`; EOF also
-means stop (the parent died). Up (its stdout): `RunnerLoading` per layer, then `RunnerReady` or
-`RunnerFailed` (exit 1). A line that is not a message is dropped, logged once per pipe and then at
-debug. When the up pipe closes without a failure, the runner exited: `RunnerExited(code)`.
+Down (the runner's stdin): a `RunnerConfig` first, then `Route`, `Revoke`, `Threads` and `Stop`;
+EOF also means stop (the parent died). Up (its stdout): `RunnerLoading` per layer, then
+`RunnerReady` or `RunnerFailed` (exit 1). A line that is not a message is dropped, logged once per
+pipe and then at debug. When the up pipe closes without a failure, the runner exited:
+`RunnerExited(code)`.
 """
 
 import logging
@@ -104,13 +105,22 @@ class Revoke(Message):
     node_ids: tuple[NodeId, ...]
 
 
+class Threads(Message):
+    """Run the engine's CPU work on this many threads from its next step on: the worker shares
+    the node's cores among the runners that compute on them."""
+
+    kind: Literal["threads"] = "threads"
+    threads: int = Field(gt=0)
+
+
 class Stop(Message):
     """Stop serving and exit 0."""
 
     kind: Literal["stop"] = "stop"
 
 
-ToRunner = Annotated[RunnerConfig | Route | Revoke | Stop, Field(discriminator="kind")]
+Down = RunnerConfig | Route | Revoke | Threads | Stop
+ToRunner = Annotated[Down, Field(discriminator="kind")]
 
 
 # ---- up: the runner to its worker ----
@@ -166,7 +176,7 @@ class RunnerExited:
 
 # ---- decoding ----
 
-_DOWN: TypeAdapter[RunnerConfig | Route | Revoke | Stop] = TypeAdapter(ToRunner)
+_DOWN: TypeAdapter[Down] = TypeAdapter(ToRunner)
 _UP: TypeAdapter[RunnerLoading | RunnerReady | RunnerUsage | RunnerFailed] = TypeAdapter(FromRunner)
 
 
@@ -193,12 +203,12 @@ class LineDecoder(Generic[T]):
             return None
 
 
-def parse_down(line: bytes) -> RunnerConfig | Route | Revoke | Stop:
+def parse_down(line: bytes) -> Down:
     """One message for a runner; ValidationError if the line is none."""
     return _DOWN.validate_json(line)
 
 
-def down_decoder(log: logging.Logger) -> LineDecoder[RunnerConfig | Route | Revoke | Stop]:
+def down_decoder(log: logging.Logger) -> LineDecoder[Down]:
     """Decodes what the worker sends a runner."""
     return LineDecoder(_DOWN, log, "command")
 
@@ -214,7 +224,7 @@ def brief(exc: ValidationError) -> str:
     """The first error as "field.path: message", the message's tag left out."""
     error = exc.errors()[0]
     loc = error["loc"]
-    tags = ("config", "route", "revoke", "stop", "loading", "ready", "failed")
+    tags = ("config", "route", "revoke", "threads", "stop", "loading", "ready", "failed")
     if len(loc) > 1 and loc[0] in tags:
         loc = loc[1:]  # the discriminated union's tag
     where = ".".join(str(part) for part in loc) or "line"

@@ -15,7 +15,7 @@ import os
 import ssl
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from shoal.worker.pipe import (
     RunnerReady,
     RunnerUsage,
     Stop,
+    Threads,
     brief,
     down_decoder,
     parse_down,
@@ -158,7 +159,42 @@ async def report_usage(engine: Engine, every_s: float = USAGE_EVERY_S) -> None:
             last = positions
 
 
-async def read_commands(stdin: asyncio.StreamReader, control: Control) -> None:
+class EngineThreads:
+    """The engine's CPU threads as the worker last asked. Applied on the engine thread, between
+    steps (torch's and OpenMP's thread counts are the calling thread's); asked during the load,
+    once it is done."""
+
+    def __init__(self, executor: ThreadPoolExecutor, loaded_with: int | None) -> None:
+        self._executor = executor
+        self._engine: Engine | None = None
+        self.wanted = loaded_with
+
+    def set(self, threads: int) -> None:
+        changed, self.wanted = threads != self.wanted, threads
+        if changed and self._engine is not None:
+            self._apply(self._engine, threads)
+
+    def attach(self, engine: Engine, loaded_with: int | None) -> None:
+        self._engine = engine
+        if self.wanted is not None and self.wanted != loaded_with:
+            self._apply(engine, self.wanted)
+
+    def _apply(self, engine: Engine, threads: int) -> None:
+        def apply() -> None:
+            engine.set_threads(threads)
+            log.info("the engine runs on %d threads", threads)
+
+        def failed(done: "Future[None]") -> None:
+            if done.exception() is not None:
+                log.warning("could not set the engine's threads: %s", done.exception())
+
+        with contextlib.suppress(RuntimeError):  # the executor is shut down: stopping
+            self._executor.submit(apply).add_done_callback(failed)
+
+
+async def read_commands(
+    stdin: asyncio.StreamReader, control: Control, threads: EngineThreads
+) -> None:
     """Apply the parent's commands until stop or EOF; bad lines are dropped (logged once)."""
     decode = down_decoder(log)
     while line := await stdin.readline():
@@ -171,6 +207,8 @@ async def read_commands(stdin: asyncio.StreamReader, control: Control) -> None:
             case Revoke(node_ids=node_ids):
                 control.revoke(node_ids)
                 log.info("refusing %d revoked nodes", len(node_ids))
+            case Threads(threads=count):
+                threads.set(count)
             case RunnerConfig():
                 log.warning("ignoring a second runner config")
     control.stopped.set()
@@ -197,8 +235,9 @@ async def serve() -> int:
     config = message
     logging.getLogger().setLevel(config.log_level)
     control = Control(revoked=frozenset(config.revoked))
-    commands = asyncio.create_task(read_commands(stdin, control))
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+    threads = EngineThreads(executor, config.threads)
+    commands = asyncio.create_task(read_commands(stdin, control, threads))
     emit(RunnerLoading(done=0, total=config.end - config.start))
     loading = asyncio.ensure_future(loop.run_in_executor(executor, load_engine, config))
     stopped = asyncio.create_task(control.stopped.wait())
@@ -210,6 +249,7 @@ async def serve() -> int:
         os._exit(0)
     try:
         engine, model = loading.result()
+        threads.attach(engine, config.threads)
         server_ssl, client_ssl = tls_contexts(config)
         limits = stage_limits(config, model)
         stage = StageServer(engine, config, control, executor, limits, client_ssl=client_ssl)

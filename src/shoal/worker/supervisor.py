@@ -26,6 +26,7 @@ from shoal.worker.pipe import (
     RunnerFailed,
     RunnerReady,
     Stop,
+    Threads,
     up_decoder,
 )
 
@@ -137,6 +138,10 @@ class RunnerProcess:
     async def revoke(self, node_ids: tuple[NodeId, ...]) -> None:
         """Every revoked node: the runner refuses them and closes their connections."""
         await self._send(Revoke(node_ids=node_ids))
+
+    async def set_threads(self, threads: int) -> None:
+        """The CPU threads the runner's engine computes on, from its next step."""
+        await self._send(Threads(threads=threads))
 
     async def stop(self) -> int | None:
         """Ask the runner to stop; terminate, then kill it by pid if it does not. Its exit code."""

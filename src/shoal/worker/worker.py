@@ -9,6 +9,7 @@ crashed runner is an event in the log, never a dead node.
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -89,6 +90,33 @@ class _Running:
     process: RunnerProcess
     route: str | None = None
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    on_cpu: bool = False  # its engine computes on the node's cores (shared: Worker._share_cores)
+    threads: int | None = None  # what it was last told to compute on
+
+
+def node_cores() -> int:
+    """The cores this process may run on (a cgroup's or taskset's cpuset, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def cpu_share(runners: int, cores: int) -> int | None:
+    """Each of `runners` CPU runners' threads: the cores split evenly, at least one each; None
+    for a runner alone (its engine's own default). Two runners that each took every core
+    decoded ~5x slower together than one alone, on 2 cores: each OpenMP team spins on the
+    cores the other needs."""
+    return None if runners <= 1 else max(1, cores // runners)
+
+
+def computes_on_cpu(device: str | None, engine: str, cpu_layers: int) -> bool:
+    """Whether a stage's runner computes on the node's cores: a CPU stage, or a GPU stage's
+    CPU part (engines/split.py). MLX and GPU stages need a thread at most."""
+    if cpu_layers > 0:
+        return True
+    if engine == "mlx":
+        return False
+    return device is None or device == "cpu"
 
 
 class Worker:
@@ -166,11 +194,14 @@ class Worker:
         for key in [k for k in self._fetching if k not in wanted]:
             log.info("stopping the download for %s: no longer placed here", key)
             self._fetching.pop(key).cancel()
-        for key in [k for k in self._running if k not in wanted]:
+        gone = [k for k in self._running if k not in wanted]
+        for key in gone:
             log.info("stopping runner %s: no longer placed here", key)
             stopping = asyncio.create_task(self._stop(self._running.pop(key)))
             self._stopping.add(stopping)  # in the background: new runners need not wait
             stopping.add_done_callback(self._stopping.discard)
+        if gone:
+            await self._share_cores()
         self._done &= set(wanted)
         now = time.monotonic()
         for key, assignment in wanted.items():
@@ -236,6 +267,11 @@ class Worker:
     async def _launch(self, assignment: Assignment, path: Path) -> None:
         key, stage = assignment.key, assignment.plan
         options = self._options
+        device = self._device(stage)
+        on_cpu = computes_on_cpu(device, stage.engine, stage.cpu_layers)
+        threads = options.threads
+        if threads is None and on_cpu:  # its share, counting itself
+            threads = cpu_share(1 + sum(r.on_cpu for r in self._running.values()), node_cores())
         config = RunnerConfig(
             model_path=str(path),
             model_id=assignment.instance.model_id,
@@ -243,13 +279,13 @@ class Worker:
             end=stage.end,
             n_layers=assignment.instance.n_layers,
             engine=stage.engine,
-            device=self._device(stage),
+            device=device,
             cpu_layers=stage.cpu_layers,
             gpu_split=stage.gpu_split,
             dtype=options.dtype,
             quant=self._quant(assignment.instance),
             host=options.host,
-            threads=options.threads,
+            threads=threads,
             wire_dtype=options.wire_dtype,
             cache_dir=str(options.cache_dir) if options.cache_dir is not None else None,
             credentials=str(options.credentials) if options.credentials is not None else None,
@@ -270,12 +306,31 @@ class Worker:
             await process.spawn(threads=self._options.threads)
         await process.configure(config)
         await self._spawn_spare(stage.engine)
-        item = _Running(assignment, process)
+        item = _Running(assignment, process, on_cpu=on_cpu, threads=threads)
         self._running[key] = item
+        await self._share_cores()  # the others give up what this one takes
         await self._status(assignment, Loading(done=0, total=stage.layers))
         item.watcher = asyncio.create_task(self._watch(item), name=f"runner {key}")
         if key not in plan(self._state(), self._me):  # unplaced while it started
             await self._stop(self._running.pop(key))
+            await self._share_cores()
+
+    async def _share_cores(self) -> None:
+        """Split the node's cores evenly among the runners that compute on them, telling each
+        whose share changed (a runner started or ended). --threads turns this off."""
+        if self._options.threads is not None:
+            return
+        on_cpu = [item for item in self._running.values() if item.on_cpu]
+        cores = node_cores()
+        share = cpu_share(len(on_cpu), cores)
+        for item in on_cpu:
+            if item.threads == share:
+                continue  # also a runner alone that was never cut: its engine's default
+            item.threads = share
+            threads = share or cores  # alone again after sharing: every core
+            log.info("runner %s computes on %d threads now", item.assignment.key, threads)
+            with contextlib.suppress(ConnectionError, RuntimeError):  # an exiting runner
+                await item.process.set_threads(threads)
 
     def kv_usage(self) -> list[StageUsage]:
         """The positions each running stage's KV caches hold, as its runner last said."""
@@ -318,6 +373,7 @@ class Worker:
             code = await item.process.stop()  # reaps it (it has exited, or is made to)
             if self._running.get(a.key) is item:  # not stopped on purpose: a crash or failure
                 del self._running[a.key]
+                await self._share_cores()
                 await self._crashed(a, failed or RunnerExited(code))
 
     async def _crashed(self, a: Assignment, outcome: RunnerFailed | RunnerExited) -> None:
