@@ -55,6 +55,22 @@ async def _local_files(card: ModelCard) -> Path:
     return found[1]
 
 
+def least_loaded(
+    ready: list[InstanceRecord], load: Callable[[InstanceId], int], turn: int
+) -> InstanceRecord:
+    """The instance with the fewest requests; among equals, the turn-th (by id). A burst of
+    requests all sees the same loads (each counts only once its prompt reaches the scheduler),
+    so ties going to one id sent a burst to one instance while the others idled."""
+    loads = {r.instance.instance_id: load(r.instance.instance_id) for r in ready}
+    least = min(loads.values())
+    tied = sorted((r for r in ready if loads[r.instance.instance_id] == least), key=_by_id)
+    return tied[turn % len(tied)]
+
+
+def _by_id(record: InstanceRecord) -> str:
+    return record.instance.instance_id
+
+
 class ClusterService:
     """InferenceService for a node of a cluster."""
 
@@ -93,6 +109,7 @@ class ClusterService:
         self._tls = tls
         self._ready_timeout = ready_timeout_s
         self._handles: dict[InstanceId, InstanceHandle] = {}
+        self._turn = 0  # requests routed: ties between instances go round in turn
         self._tokenizers: dict[ModelId, Tokenizer] = {}
         self._connecting: dict[InstanceId, asyncio.Task[InstanceHandle]] = {}
         self._orphans: list[InstanceHandle] = []  # moved onto an instance another handle serves
@@ -259,10 +276,8 @@ class ClusterService:
         ]
 
     def _least_loaded(self, ready: list[InstanceRecord]) -> InstanceRecord:
-        def load(r: InstanceRecord) -> tuple[int, str]:
-            return (self.instance_load(r.instance.instance_id), r.instance.instance_id)
-
-        return min(ready, key=load)
+        self._turn += 1
+        return least_loaded(ready, self.instance_load, self._turn)
 
     async def _handle(self, card: ModelCard, record: InstanceRecord) -> InstanceHandle:
         iid = record.instance.instance_id
