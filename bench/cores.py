@@ -50,16 +50,8 @@ def chat(node: NodeProcess, tokens: int) -> tuple[int, str]:
 
 def two_instances(node: NodeProcess) -> None:
     """Place the model twice, whole, on this node; wait until both answer."""
-    deadline = time.monotonic() + 60
-    while not node.get("/state")["nodes"].get(node.node_id, {}).get("profile"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no profile:\n{node.log()[-3000:]}")
-        time.sleep(0.2)
-    for _ in range(2):
-        layers = f"{node.node_id}:0-30"
-        r = httpx.post(f"{node.url}/instance", json={"model": MODEL, "layers": layers}, timeout=60)
-        if r.status_code != 200:
-            raise SystemExit(f"placing {MODEL}: {r.status_code} {r.text}")
+    node.place_here(MODEL)
+    node.place_here(MODEL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         ready = [i for i in node.get("/v1/instances")["data"] if i["ready"]]

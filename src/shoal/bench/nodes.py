@@ -146,6 +146,20 @@ class NodeProcess:
             time.sleep(0.2)
         raise TimeoutError(f"node not ready after {timeout}s:\n{self.log()}")
 
+    def place_here(self, model: str, timeout: float = 60.0) -> str:
+        """Place the whole model on this node (`POST /instance`), once it has profiled itself;
+        the new instance's id. Called twice, two instances."""
+        deadline = time.monotonic() + timeout
+        while not self.get("/state")["nodes"].get(self.node_id, {}).get("profile"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node never profiled itself:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        layers = f"{self.node_id}:0-{self.get(f'/v1/models/{model}')['layers']}"
+        r = httpx.post(f"{self.url}/instance", json={"model": model, "layers": layers}, timeout=60)
+        if r.status_code != 200:
+            raise RuntimeError(f"placing {model}: {r.status_code} {r.text}")
+        return str(r.json()["instance_id"])
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it lingers; by pid only."""
         if self.proc.poll() is None:
