@@ -15,7 +15,6 @@ settings in one run, each its own node:
 
 import argparse
 import concurrent.futures
-import os
 import statistics
 import sys
 import tempfile
@@ -23,11 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from shoal.bench.nodes import CLUSTER_FLAGS, NodeProcess, start_node  # noqa: E402
+from shoal.worker.worker import node_cores  # noqa: E402
 
 MODEL = "smollm2-135m"
 PROMPT = "Write a long story about a lighthouse keeper and the ships she guided home."
@@ -35,15 +33,7 @@ PROMPT = "Write a long story about a lighthouse keeper and the ships she guided 
 
 def chat(node: NodeProcess, tokens: int) -> tuple[int, str]:
     """One greedy request; its completion tokens and its text."""
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": tokens,
-        "temperature": 0,
-    }
-    r = httpx.post(f"{node.url}/v1/chat/completions", json=body, timeout=600)
-    r.raise_for_status()
-    answer: dict[str, Any] = r.json()
+    answer = node.chat(MODEL, PROMPT, tokens)
     text = str(answer["choices"][0]["message"]["content"])
     return int(answer["usage"]["completion_tokens"]), text
 
@@ -87,7 +77,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = node_cores()
     settings: dict[str, int | None] = {"shared": None, "every core each": cores}
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:

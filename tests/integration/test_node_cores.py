@@ -5,7 +5,6 @@ import concurrent.futures
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from shoal.bench.nodes import CLUSTER_FLAGS, NodeProcess, start_node
@@ -27,15 +26,7 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
 
 
 def ask(node: NodeProcess) -> str:
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Name three colours."}],
-        "max_tokens": 24,
-        "temperature": 0,
-    }
-    r = httpx.post(f"{node.url}/v1/chat/completions", json=body, timeout=120)
-    assert r.status_code == 200, r.text
-    return str(r.json()["choices"][0]["message"]["content"])
+    return str(node.chat(MODEL, "Name three colours.", 24)["choices"][0]["message"]["content"])
 
 
 def ready(node: NodeProcess) -> int:

@@ -146,6 +146,19 @@ class NodeProcess:
             time.sleep(0.2)
         raise TimeoutError(f"node not ready after {timeout}s:\n{self.log()}")
 
+    def chat(self, model: str, content: str, max_tokens: int) -> dict[str, Any]:
+        """One greedy, whole chat completion of one user message; the response's JSON."""
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+        r = httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=600)
+        if r.status_code != 200:
+            raise RuntimeError(f"chat with {model}: {r.status_code} {r.text}")
+        return dict(r.json())
+
     def place_here(self, model: str, timeout: float = 60.0) -> str:
         """Place the whole model on this node (`POST /instance`), once it has profiled itself;
         the new instance's id. Called twice, two instances."""

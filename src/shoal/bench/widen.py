@@ -63,7 +63,7 @@ def widen_ffn(source: Path, dest: Path, factor: int) -> Path:
         if tensor.name.endswith((".ffn_gate.weight", ".ffn_up.weight")):
             data = np.tile(data, (factor, 1))  # rows are the intermediate dimension
         elif tensor.name.endswith(".ffn_down.weight"):
-            data = np.tile(_scaled(data, tensor.tensor_type, tensor.name, factor), (1, factor))
+            data = np.tile(_scaled(data, tensor.tensor_type, factor), (1, factor))
         writer.add_tensor(tensor.name, data, raw_dtype=tensor.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -72,11 +72,9 @@ def widen_ffn(source: Path, dest: Path, factor: int) -> Path:
     return dest
 
 
-def _scaled(
-    data: np.ndarray, kind: gguf.GGMLQuantizationType, name: str, factor: int
-) -> np.ndarray:
-    """`data` (rows of one tensor, as the reader holds them) times 1/factor."""
-    _check(kind, name)
+def _scaled(data: np.ndarray, kind: gguf.GGMLQuantizationType, factor: int) -> np.ndarray:
+    """`data` (rows of one tensor, as the reader holds them) times 1/factor; `kind` is one
+    widen_ffn checked before writing (`_check`)."""
     if kind in _FLOAT:
         return (data / factor).astype(data.dtype)
     offsets, size = _SCALED[kind]
